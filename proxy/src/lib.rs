@@ -1,0 +1,1 @@
+//! pgmesh node library: the wire-protocol proxy and its CLI.

@@ -1,0 +1,2 @@
+//! The `pgmesh` binary.
+fn main() {}

@@ -1,0 +1,1 @@
+//! pgmesh replication core. Filled in by the capture and replication work.

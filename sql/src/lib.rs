@@ -1,0 +1,1 @@
+//! pgmesh SQL helpers: statement classification and catalog migrations.

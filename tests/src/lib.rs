@@ -1,0 +1,1 @@
+//! End-to-end harness: real PostgreSQL clusters and pgmesh nodes for tests.
