@@ -1,2 +1,29 @@
-//! The `pgmesh` binary.
-fn main() {}
+//! The `pgmesh` binary: parses the command line, sets up logging and the runtime,
+//! and hands over to `pgmesh_proxy::cli`.
+
+use clap::Parser;
+use pgmesh_proxy::cli::{self, Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::CheckConfig { file } => cli::check_config(&file),
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(cli::run(args))),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgmesh: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

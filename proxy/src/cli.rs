@@ -1,0 +1,154 @@
+//! Command-line interface: clap definitions and the commands they run.
+//!
+//! Flags override values from `--config`. This module wires commands to the library;
+//! it holds no protocol or replication logic of its own.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tracing::info;
+
+use crate::config::Config;
+use crate::server;
+
+/// pgmesh: active-active PostgreSQL across regions, with nothing installed inside
+/// PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "pgmesh", version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter, e.g. `info` or `pgmesh_proxy=debug`.
+    #[arg(long, global = true, env = "PGMESH_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node: the wire-protocol proxy in front of one regional PostgreSQL.
+    Run(RunArgs),
+    /// Validate a config file and print the effective settings.
+    CheckConfig {
+        /// Path to a pgmesh.toml.
+        file: PathBuf,
+    },
+}
+
+/// Flags of `pgmesh run`. Each overrides the same setting of `--config`.
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// Config file (TOML). Flags override its values.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to accept clients on, HOST:PORT.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Upstream PostgreSQL URL, postgres://USER@HOST:PORT/DB[?sslmode=..&sslrootcert=..].
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// Region name of this node.
+    #[arg(long)]
+    pub region: Option<String>,
+    /// PEM certificate chain for client TLS (needs --tls-key).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for client TLS (needs --tls-cert).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Maximum concurrent client connections [default: 1000].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Seconds a client has to finish startup and authentication [default: 60].
+    #[arg(long)]
+    pub login_timeout_secs: Option<u64>,
+    /// Seconds open sessions may keep running after SIGTERM [default: 30].
+    #[arg(long)]
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+impl RunArgs {
+    /// The config file (or defaults) with every given flag applied.
+    pub fn to_config(&self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        if let Some(v) = &self.listen {
+            c.listen = Some(v.clone());
+        }
+        if let Some(v) = &self.upstream {
+            c.upstream = Some(v.clone());
+        }
+        if let Some(v) = &self.region {
+            c.region = v.clone();
+        }
+        if let Some(v) = &self.tls_cert {
+            c.tls.cert = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_key {
+            c.tls.key = Some(v.clone());
+        }
+        if let Some(v) = self.max_connections {
+            c.max_connections = v;
+        }
+        if let Some(v) = self.login_timeout_secs {
+            c.login_timeout_secs = v;
+        }
+        if let Some(v) = self.shutdown_grace_secs {
+            c.shutdown_grace_secs = v;
+        }
+        Ok(c)
+    }
+}
+
+/// Runs a node until SIGTERM or Ctrl-C, then drains.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let validated = args.to_config()?.validate()?;
+    let grace = Duration::from_secs(validated.config.shutdown_grace_secs);
+    let handle = server::start(validated).await?;
+    wait_for_signal().await?;
+    info!(grace_secs = grace.as_secs(), "shutdown requested, draining");
+    tokio::select! {
+        _ = handle.shutdown(grace) => {}
+        _ = wait_for_signal() => info!("second signal, exiting now"),
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+    }
+    Ok(())
+}
+
+/// Validates a config file; prints the effective settings.
+pub fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let v = Config::from_file(file)?.validate()?;
+    println!("{}: ok", file.display());
+    println!("  listen             = {}", v.listen);
+    println!(
+        "  upstream           = {} (sslmode {:?})",
+        v.upstream.addr(),
+        v.upstream.sslmode
+    );
+    println!("  region             = {}", v.config.region);
+    println!("  max_connections    = {}", v.config.max_connections);
+    println!("  login_timeout_secs = {}", v.config.login_timeout_secs);
+    println!("  shutdown_grace_secs= {}", v.config.shutdown_grace_secs);
+    println!(
+        "  client tls         = {}",
+        if v.config.tls.cert.is_some() {
+            "on"
+        } else {
+            "off"
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! Node configuration: a documented serde struct read from `pgmesh.toml`, with CLI
+//! flags layered on top.
+//!
+//! Every field states its default and unit. Unknown fields are rejected so a typo in
+//! a config file is an error, not a silently ignored setting. This module validates;
+//! it never opens sockets or files other than the config and TLS files it checks.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::upstream::{UpstreamError, UpstreamTarget};
+
+/// Errors in a configuration.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("missing required setting `{0}` (set it in the config file or with --{0})")]
+    Missing(&'static str),
+    #[error("invalid listen address {addr:?}: {source}")]
+    Listen {
+        addr: String,
+        source: std::net::AddrParseError,
+    },
+    #[error("invalid upstream: {0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("tls: `cert` and `key` must be set together")]
+    TlsHalf,
+    #[error("tls file {path} is not readable: {source}")]
+    TlsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{0}` must be greater than zero")]
+    Zero(&'static str),
+}
+
+/// `pgmesh.toml`. All fields are optional in the file; `listen` and `upstream` must be
+/// set by the file or by flags. None of the fields can be reloaded without a restart.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the proxy listens on for clients, `HOST:PORT`. Default: none (required).
+    pub listen: Option<String>,
+    /// Upstream PostgreSQL, `postgres://USER@HOST:PORT/DB?sslmode=..&sslrootcert=..`.
+    /// Clients choose their own user and database; the relay uses host, port and TLS
+    /// settings from here. Default: none (required).
+    pub upstream: Option<String>,
+    /// Region name of this node. Default: `local`.
+    pub region: String,
+    /// Maximum concurrent client connections; more are refused with SQLSTATE 53300.
+    /// Default: 1000.
+    pub max_connections: usize,
+    /// Time a client has to finish startup and authentication, in seconds. Default: 60.
+    pub login_timeout_secs: u64,
+    /// After SIGTERM, how long open sessions may keep running, in seconds. Default: 30.
+    pub shutdown_grace_secs: u64,
+    /// Largest client message body accepted for messages that carry data (queries,
+    /// Bind parameters, COPY data), in bytes. Default: 1073741823 (PostgreSQL's own).
+    pub max_message_bytes: usize,
+    /// TLS termination for clients. Default: off (SSLRequest is answered `N`).
+    pub tls: TlsConfig,
+}
+
+/// Client-facing TLS. Both files are PEM.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Certificate chain presented to clients. Default: none.
+    pub cert: Option<PathBuf>,
+    /// Private key of `cert`. Default: none.
+    pub key: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            upstream: None,
+            region: "local".into(),
+            max_connections: 1000,
+            login_timeout_secs: 60,
+            shutdown_grace_secs: 30,
+            max_message_bytes: crate::net::frame::PG_LARGE_MESSAGE_LIMIT,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+/// A configuration that passed validation, with parsed addresses.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub listen: SocketAddr,
+    pub upstream: UpstreamTarget,
+    pub config: Config,
+}
+
+impl Config {
+    /// Reads and parses a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.into(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Checks every field and parses addresses; reads TLS files to prove they exist.
+    pub fn validate(self) -> Result<Validated, ConfigError> {
+        let listen_s = self.listen.clone().ok_or(ConfigError::Missing("listen"))?;
+        let listen = listen_s.parse().map_err(|source| ConfigError::Listen {
+            addr: listen_s.clone(),
+            source,
+        })?;
+        let upstream = UpstreamTarget::parse(
+            self.upstream
+                .as_deref()
+                .ok_or(ConfigError::Missing("upstream"))?,
+        )?;
+        if self.max_connections == 0 {
+            return Err(ConfigError::Zero("max_connections"));
+        }
+        if self.login_timeout_secs == 0 {
+            return Err(ConfigError::Zero("login_timeout_secs"));
+        }
+        if self.max_message_bytes == 0 {
+            return Err(ConfigError::Zero("max_message_bytes"));
+        }
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(c), Some(k)) => {
+                for p in [c, k] {
+                    std::fs::metadata(p).map_err(|source| ConfigError::TlsFile {
+                        path: p.clone(),
+                        source,
+                    })?;
+                }
+            }
+            (None, None) => {}
+            _ => return Err(ConfigError::TlsHalf),
+        }
+        Ok(Validated {
+            listen,
+            upstream,
+            config: self,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::from_toml(
+            "listen = \"127.0.0.1:6432\"\nupstream = \"postgres://u@localhost:5432/db\"\nmax_connections = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_connections, 5);
+        assert_eq!(c.login_timeout_secs, 60);
+        let v = c.validate().unwrap();
+        assert_eq!(v.listen.port(), 6432);
+        assert_eq!(v.upstream.port, 5432);
+    }
+
+    #[test]
+    fn unknown_fields_rejected() {
+        let e = Config::from_toml("listn = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("listn"), "{e}");
+    }
+
+    #[test]
+    fn missing_and_bad_values() {
+        assert!(matches!(
+            Config::default().validate(),
+            Err(ConfigError::Missing("listen"))
+        ));
+        let c = Config {
+            listen: Some("nope".into()),
+            upstream: Some("postgres://h/db".into()),
+            ..Config::default()
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::Listen { .. })));
+        let c = Config {
+            listen: Some("127.0.0.1:1".into()),
+            upstream: Some("postgres://h/db".into()),
+            tls: TlsConfig {
+                cert: Some("/nonexistent".into()),
+                key: None,
+            },
+            ..Config::default()
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::TlsHalf)));
+    }
+}
