@@ -1,1 +1,4 @@
 //! pgmesh replication core. Filled in by the capture and replication work.
+
+pub mod hlc;
+pub mod pgoutput;
