@@ -52,6 +52,12 @@ pub struct RunArgs {
     /// Region name of this node.
     #[arg(long)]
     pub region: Option<String>,
+    /// Node name carried in write stamps [default: the host name].
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Do not stamp write transactions (they are still captured, as unstamped).
+    #[arg(long)]
+    pub no_stamping: bool,
     /// PEM certificate chain for client TLS (needs --tls-key).
     #[arg(long)]
     pub tls_cert: Option<PathBuf>,
@@ -84,6 +90,12 @@ impl RunArgs {
         }
         if let Some(v) = &self.region {
             c.region = v.clone();
+        }
+        if let Some(v) = &self.node {
+            c.node = Some(v.clone());
+        }
+        if self.no_stamping {
+            c.stamping = false;
         }
         if let Some(v) = &self.tls_cert {
             c.tls.cert = Some(v.clone());

@@ -59,6 +59,10 @@ pub struct Config {
     pub upstream: Option<String>,
     /// Region name of this node. Default: `local`.
     pub region: String,
+    /// Node name, carried in write stamps. Default: the host name.
+    pub node: Option<String>,
+    /// Stamp write transactions with the node's HLC and origin tags. Default: true.
+    pub stamping: bool,
     /// Maximum concurrent client connections; more are refused with SQLSTATE 53300.
     /// Default: 1000.
     pub max_connections: usize,
@@ -89,6 +93,8 @@ impl Default for Config {
             listen: None,
             upstream: None,
             region: "local".into(),
+            node: None,
+            stamping: true,
             max_connections: 1000,
             login_timeout_secs: 60,
             shutdown_grace_secs: 30,
@@ -107,6 +113,17 @@ pub struct Validated {
 }
 
 impl Config {
+    /// The node name: `node`, else the host name, else `pgmesh`.
+    pub fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "pgmesh".into())
+        })
+    }
+
     /// Reads and parses a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

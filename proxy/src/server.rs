@@ -24,6 +24,7 @@ use crate::cancel::CancelRegistry;
 use crate::config::{Config, Validated};
 use crate::net::messages::{error_response, Severity};
 use crate::session;
+use crate::session::stamp::Stamper;
 use crate::tls;
 use crate::upstream::UpstreamTarget;
 
@@ -54,6 +55,7 @@ pub struct Shared {
     validated: Validated,
     tls: Option<TlsAcceptor>,
     cancels: Arc<CancelRegistry>,
+    stamper: Option<Arc<Stamper>>,
     shutdown: watch::Receiver<ShutdownState>,
 }
 
@@ -75,6 +77,10 @@ impl Shared {
     }
     pub fn cancels(&self) -> &Arc<CancelRegistry> {
         &self.cancels
+    }
+    /// The node's stamper, unless stamping is off.
+    pub fn stamper(&self) -> Option<&Arc<Stamper>> {
+        self.stamper.as_ref()
     }
     pub fn tls_acceptor(&self) -> Option<&TlsAcceptor> {
         self.tls.as_ref()
@@ -138,10 +144,15 @@ pub async fn start(validated: Validated) -> Result<ProxyHandle, ServerError> {
         source,
     })?;
     let (tx, rx) = watch::channel(ShutdownState::Running);
+    let c = &validated.config;
+    let stamper = c
+        .stamping
+        .then(|| Arc::new(Stamper::new(&c.region, &c.node_name())));
     let shared = Arc::new(Shared {
         validated,
         tls,
         cancels: Arc::new(CancelRegistry::default()),
+        stamper,
         shutdown: rx,
     });
     info!(listen = %local_addr, upstream = %shared.upstream().addr(), "proxy listening");

@@ -1,4 +1,6 @@
 //! pgmesh replication core. Filled in by the capture and replication work.
 
+pub mod event;
 pub mod hlc;
 pub mod pgoutput;
+pub mod replconn;

@@ -23,8 +23,8 @@ pub enum Kind {
     Rollback { chain: bool },
     /// `PREPARE TRANSACTION`: ends the transaction like a commit does.
     PrepareTransaction,
-    /// `SET [LOCAL] pgmesh.replicate = on|off`.
-    SetReplicate { on: bool },
+    /// `SET [LOCAL] pgmesh.replicate = on|off`; `local` for `SET LOCAL`.
+    SetReplicate { on: bool, local: bool },
     /// Must not run inside a transaction block (VACUUM, CREATE DATABASE, ...).
     NoTxBlock,
     /// Neutral: savepoints, SET, LISTEN, prepared-statement management ...
@@ -210,8 +210,8 @@ fn concurrently_or_bare(first: &str, rest: &[Token<'_>]) -> bool {
 
 fn classify_set(rest: &[Token<'_>]) -> Kind {
     let mut i = 0;
-    if matches!(rest.first(), Some(Token::Word(w)) if w.eq_ignore_ascii_case("local") || w.eq_ignore_ascii_case("session"))
-    {
+    let local = matches!(rest.first(), Some(Token::Word(w)) if w.eq_ignore_ascii_case("local"));
+    if local || matches!(rest.first(), Some(Token::Word(w)) if w.eq_ignore_ascii_case("session")) {
         i = 1;
     }
     let is_name = matches!(
@@ -229,8 +229,8 @@ fn classify_set(rest: &[Token<'_>]) -> Kind {
         _ => None,
     });
     match value.as_deref() {
-        Some("off" | "false" | "no" | "0") => Kind::SetReplicate { on: false },
-        Some("on" | "true" | "yes" | "1" | "default") => Kind::SetReplicate { on: true },
+        Some("off" | "false" | "no" | "0") => Kind::SetReplicate { on: false, local },
+        Some("on" | "true" | "yes" | "1" | "default") => Kind::SetReplicate { on: true, local },
         _ => Kind::Neutral,
     }
 }
@@ -356,22 +356,14 @@ mod tests {
 
     #[test]
     fn replicate_setting() {
-        assert_eq!(
-            classify("SET pgmesh.replicate = off"),
-            Kind::SetReplicate { on: false }
-        );
+        let set = |on, local| Kind::SetReplicate { on, local };
+        assert_eq!(classify("SET pgmesh.replicate = off"), set(false, false));
         assert_eq!(
             classify("set local pgmesh.replicate to 'off'"),
-            Kind::SetReplicate { on: false }
+            set(false, true)
         );
-        assert_eq!(
-            classify("SET pgmesh.replicate = on"),
-            Kind::SetReplicate { on: true }
-        );
-        assert_eq!(
-            classify("SET pgmesh.replicate = 'on'"),
-            Kind::SetReplicate { on: true }
-        );
+        assert_eq!(classify("SET pgmesh.replicate = on"), set(true, false));
+        assert_eq!(classify("SET pgmesh.replicate = 'on'"), set(true, false));
         assert_eq!(classify("set work_mem = '4MB'"), Kind::Neutral);
     }
 

@@ -9,6 +9,8 @@
 
 pub mod pump;
 pub mod relay;
+pub mod stamp;
+pub mod track;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -119,7 +121,12 @@ async fn run(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<(
     };
     let mut pump = Pump::new(client, server, cin);
     pump.to_server.extend_from_slice(&raw);
-    let relay = Relay::new(shared.config().max_message_bytes, shared.cancels().clone());
+    let relay = Relay::new(
+        shared.config().max_message_bytes,
+        shared.cancels().clone(),
+        info,
+        shared.stamper().cloned(),
+    );
     relay_loop(shared, pump, relay, login_deadline).await
 }
 

@@ -3,16 +3,23 @@
 //! It consumes bytes read from either side, splits them at frame boundaries, and
 //! appends what must go to the other side. Frames it does not act on are forwarded as
 //! the original bytes, streamed even before they are complete, so a large COPY or
-//! DataRow never has to fit in memory. Only the few frames it acts on are buffered
-//! whole: from the server `Z` (transaction status), `K` (cancel key rewrite), `E`
-//! (fatal errors), `R` (SASL mechanism list); from the client `X`, `S`, `Q`, `F`
-//! (request accounting). It must never re-encode a frame it does not change.
+//! DataRow never has to fit in memory. The frames it acts on are read whole: from the
+//! client the requests (`Q P B E S C D F X`), from the server the answers that end a
+//! request plus `K` (cancel key rewrite), `E` (fatal errors), `R` (SASL mechanisms)
+//! and `S` (application_name). It stamps write transactions (see `stamp`) and
+//! swallows exactly the answers to what it injected (see `track`). It must never
+//! re-encode a frame it does not change.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
+use pgmesh_sql::{lexer::split_statements, Kind};
 use thiserror::Error;
 
+use super::stamp::{self, read_cstr, Stamper};
+use super::track::{Awaiting, Expectations, TxTrack};
+use super::ClientInfo;
 use crate::cancel::{CancelGuard, CancelRegistry};
 use crate::net::frame::{self, FrameError};
 use crate::net::messages::{self, BackendKey, TxStatus};
@@ -22,6 +29,8 @@ use crate::net::messages::{self, BackendKey, TxStatus};
 pub enum RelayError {
     #[error("{0}")]
     ClientFrame(#[from] FrameError),
+    #[error("malformed {tag:?} message from client")]
+    ClientMessage { tag: char },
     #[error("upstream sent an unframeable message: {0}")]
     ServerFrame(FrameError),
     #[error("upstream sent a malformed BackendKeyData")]
@@ -45,29 +54,49 @@ pub struct Relay {
     max_message: usize,
     cancels: Arc<CancelRegistry>,
     cancel_guard: Option<CancelGuard>,
+    info: ClientInfo,
+    stamper: Option<Arc<Stamper>>,
     /// Bytes of a passthrough client frame still to stream.
     client_skip: usize,
     /// Bytes of a passthrough server frame still to stream.
     server_skip: usize,
     tx: TxStatus,
     logged_in: bool,
-    /// Requests (Sync, Query, FunctionCall) not yet answered by ReadyForQuery.
-    outstanding: usize,
     server_fatal: bool,
+    track: TxTrack,
+    expect: Expectations,
+    statements: HashMap<Vec<u8>, Kind>,
+    portals: HashMap<Vec<u8>, Kind>,
+    /// Stamp statements spliced into simple queries whose answers are still due.
+    simple_stamps: usize,
+    /// Inside the answer (RowDescription .. CommandComplete) of a spliced stamp.
+    in_stamp_answer: bool,
 }
 
 impl Relay {
-    pub fn new(max_message: usize, cancels: Arc<CancelRegistry>) -> Self {
+    pub fn new(
+        max_message: usize,
+        cancels: Arc<CancelRegistry>,
+        info: ClientInfo,
+        stamper: Option<Arc<Stamper>>,
+    ) -> Self {
         Self {
             max_message,
             cancels,
             cancel_guard: None,
+            info,
+            stamper,
             client_skip: 0,
             server_skip: 0,
             tx: TxStatus::Idle,
             logged_in: false,
-            outstanding: 0,
             server_fatal: false,
+            track: TxTrack::default(),
+            expect: Expectations::default(),
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            simple_stamps: 0,
+            in_stamp_answer: false,
         }
     }
 
@@ -84,7 +113,7 @@ impl Relay {
     /// Whether the session is between transactions with nothing in flight, so it can
     /// be closed without losing work.
     pub fn is_idle(&self) -> bool {
-        self.logged_in && self.outstanding == 0 && self.tx == TxStatus::Idle
+        self.logged_in && self.expect.is_empty() && self.tx == TxStatus::Idle
     }
 
     /// Whether a frame from the client is only partly forwarded.
@@ -130,21 +159,174 @@ impl Relay {
             let Some(h) = frame::peek_header(input, limit)? else {
                 return Ok(ClientAction::Continue);
             };
-            match tag {
-                b'S' | b'Q' | b'F' => self.outstanding += 1,
-                b'X' => {
-                    if input.len() < h.total {
-                        return Ok(ClientAction::Continue);
-                    }
-                    move_bytes(input, out, h.total);
-                    return Ok(ClientAction::Terminate);
-                }
-                _ => {}
+            if !matches!(
+                tag,
+                b'Q' | b'P' | b'B' | b'E' | b'S' | b'C' | b'D' | b'F' | b'X'
+            ) {
+                let n = h.total.min(input.len());
+                move_bytes(input, out, n);
+                self.client_skip = h.total - n;
+                continue;
             }
-            let n = h.total.min(input.len());
-            move_bytes(input, out, n);
-            self.client_skip = h.total - n;
+            if input.len() < h.total {
+                return Ok(ClientAction::Continue);
+            }
+            if tag == b'X' {
+                move_bytes(input, out, h.total);
+                return Ok(ClientAction::Terminate);
+            }
+            let msg = input.split_to(h.total);
+            self.client_request(tag, msg, out)?;
         }
+    }
+
+    /// Handles one whole client request message.
+    fn client_request(
+        &mut self,
+        tag: u8,
+        msg: BytesMut,
+        out: &mut BytesMut,
+    ) -> Result<(), RelayError> {
+        let body = &msg[5..];
+        let bad = || RelayError::ClientMessage { tag: tag as char };
+        match tag {
+            b'Q' => {
+                let text = body.strip_suffix(&[0]).ok_or_else(bad)?;
+                self.expect.push(Awaiting::Query, false);
+                match self.rewrite_query(text) {
+                    Some(q) => stamp::message(out, b'Q', |b| {
+                        b.extend_from_slice(q.as_bytes());
+                        b.extend_from_slice(&[0]);
+                    }),
+                    None => out.extend_from_slice(&msg),
+                }
+                return Ok(());
+            }
+            b'P' => {
+                let (name, rest) = read_cstr(body).ok_or_else(bad)?;
+                let (query, _) = read_cstr(rest).ok_or_else(bad)?;
+                let kind = combined_kind(&String::from_utf8_lossy(query));
+                self.statements.insert(name.to_vec(), kind);
+                self.expect.push(Awaiting::Parse, false);
+            }
+            b'B' => {
+                let (portal, rest) = read_cstr(body).ok_or_else(bad)?;
+                let (stmt, _) = read_cstr(rest).ok_or_else(bad)?;
+                let kind = self.statements.get(stmt).copied().unwrap_or(Kind::MayWrite);
+                self.portals.insert(portal.to_vec(), kind);
+                self.expect.push(Awaiting::Bind, false);
+            }
+            b'E' => {
+                let (portal, _) = read_cstr(body).ok_or_else(bad)?;
+                let kind = self.portals.get(portal).copied().unwrap_or(Kind::MayWrite);
+                if self.track.statement(kind) {
+                    self.inject_extended_stamp(out);
+                }
+                self.expect.push(Awaiting::Execute, false);
+            }
+            b'S' => {
+                if self.track.end_implicit() {
+                    self.inject_extended_stamp(out);
+                }
+                self.expect.push(Awaiting::Sync, false);
+            }
+            b'C' => {
+                let (&kind, rest) = body.split_first().ok_or_else(bad)?;
+                let (name, _) = read_cstr(rest).ok_or_else(bad)?;
+                match kind {
+                    b'S' => self.statements.remove(name),
+                    _ => self.portals.remove(name),
+                };
+                self.expect.push(Awaiting::Close, false);
+            }
+            b'D' => self.expect.push(Awaiting::Describe, false),
+            _ => {
+                // FunctionCall: may write (large objects); stampable only in a block.
+                if self.track.in_block {
+                    self.track.statement(Kind::MayWrite);
+                }
+                self.expect.push(Awaiting::FunctionCall, false);
+            }
+        }
+        out.extend_from_slice(&msg);
+        Ok(())
+    }
+
+    fn payload(&self) -> Option<(Arc<Stamper>, String)> {
+        let stamper = self.stamper.clone()?;
+        match stamper.payload(&self.info, self.track.local_only()) {
+            Ok(p) => Some((stamper, p)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot stamp transaction; it will be captured unstamped");
+                None
+            }
+        }
+    }
+
+    fn inject_extended_stamp(&mut self, out: &mut BytesMut) {
+        let Some((stamper, payload)) = self.payload() else {
+            return;
+        };
+        stamper.extended(&payload, out);
+        for w in [
+            Awaiting::Parse,
+            Awaiting::Bind,
+            Awaiting::Execute,
+            Awaiting::Close,
+        ] {
+            self.expect.push(w, true);
+        }
+    }
+
+    /// Tracks the statements of a simple query and splices stamp statements in
+    /// where transactions that wrote end. Returns the new text if it changed.
+    fn rewrite_query(&mut self, text: &[u8]) -> Option<String> {
+        let sql = String::from_utf8_lossy(text);
+        let ranges = split_statements(&sql);
+        let kinds: Vec<Kind> = ranges
+            .iter()
+            .map(|r| pgmesh_sql::classify(&sql[r.clone()]))
+            .collect();
+        // Statements that cannot run in a transaction block must not gain company.
+        let may_splice = self.stamper.is_some() && !kinds.contains(&Kind::NoTxBlock);
+        let mut cuts = Vec::new();
+        for (r, &k) in ranges.iter().zip(&kinds) {
+            let before_local = self.track.local_only();
+            if self.track.statement(k) && may_splice {
+                cuts.push((r.start, before_local));
+            }
+        }
+        let local_at_end = self.track.local_only();
+        if self.track.end_implicit() && may_splice {
+            cuts.push((sql.len(), local_at_end));
+        }
+        if cuts.is_empty() {
+            return None;
+        }
+        let stamper = self.stamper.clone()?;
+        let mut outq = String::with_capacity(sql.len() + 256 * cuts.len());
+        let mut at = 0;
+        for (pos, local) in cuts {
+            let payload = match stamper.payload(&self.info, local) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot stamp transaction");
+                    continue;
+                }
+            };
+            outq.push_str(&sql[at..pos]);
+            if pos == sql.len() {
+                outq.push(';');
+            }
+            outq.push_str(&stamper.statement(&payload));
+            if pos < sql.len() {
+                outq.push(';');
+            }
+            at = pos;
+            self.simple_stamps += 1;
+        }
+        outq.push_str(&sql[at..]);
+        Some(outq)
     }
 
     /// Moves server frames from `input` to `out`, acting on the few it must read.
@@ -168,7 +350,24 @@ impl Relay {
             else {
                 return Ok(());
             };
-            if !matches!(h.tag, b'Z' | b'K' | b'E' | b'R') {
+            let whole = self.expect.injected_next()
+                || self.in_stamp_answer
+                || matches!(
+                    h.tag,
+                    b'1' | b'2'
+                        | b'3'
+                        | b'C'
+                        | b'I'
+                        | b's'
+                        | b'n'
+                        | b'T'
+                        | b'Z'
+                        | b'E'
+                        | b'K'
+                        | b'R'
+                        | b'S'
+                );
+            if !whole {
                 let n = h.total.min(input.len());
                 move_bytes(input, out, n);
                 self.server_skip = h.total - n;
@@ -178,35 +377,114 @@ impl Relay {
                 return Ok(());
             }
             let msg = input.split_to(h.total);
-            let body = &msg[5..];
-            match h.tag {
-                b'Z' => {
-                    if let Some(s) = body.first().and_then(|&b| TxStatus::from_byte(b)) {
-                        if s != self.tx {
-                            tracing::trace!(tx_status = ?s, "transaction status");
-                        }
-                        self.tx = s;
+            self.server_message(h.tag, msg, out)?;
+        }
+    }
+
+    fn server_message(
+        &mut self,
+        tag: u8,
+        msg: BytesMut,
+        out: &mut BytesMut,
+    ) -> Result<(), RelayError> {
+        let body = &msg[5..];
+        let verdict = self.expect.on_server(tag);
+        if self.simple_stamp_answer(tag, body) {
+            return Ok(());
+        }
+        match tag {
+            b'Z' => {
+                if let Some(s) = body.first().and_then(|&b| TxStatus::from_byte(b)) {
+                    if s != self.tx {
+                        tracing::trace!(tx_status = ?s, "transaction status");
                     }
-                    self.logged_in = true;
-                    self.outstanding = self.outstanding.saturating_sub(1);
-                    out.extend_from_slice(&msg);
+                    self.tx = s;
+                    if verdict.settled {
+                        self.track.sync(s);
+                    }
                 }
-                b'K' => {
-                    let upstream = BackendKey::decode(body).ok_or(RelayError::ServerKey)?;
-                    let (mine, guard) = self.cancels.register(upstream);
-                    self.cancel_guard = Some(guard);
-                    out.extend_from_slice(&mine.encode());
+                self.logged_in = true;
+                if verdict.settled {
+                    // A stamp that did not run (an earlier statement failed) has no
+                    // answer; nothing is in flight now, so none is still due.
+                    self.simple_stamps = 0;
+                    self.in_stamp_answer = false;
                 }
-                b'E' => {
-                    self.server_fatal |= messages::is_fatal(body);
-                    out.extend_from_slice(&msg);
+            }
+            b'K' => {
+                let upstream = BackendKey::decode(body).ok_or(RelayError::ServerKey)?;
+                let (mine, guard) = self.cancels.register(upstream);
+                self.cancel_guard = Some(guard);
+                out.extend_from_slice(&mine.encode());
+                return Ok(());
+            }
+            b'E' => self.server_fatal |= messages::is_fatal(body),
+            b'R' => {
+                if let Some(rewritten) = messages::strip_channel_binding(body) {
+                    out.extend_from_slice(&rewritten);
+                    return Ok(());
                 }
-                _ => match messages::strip_channel_binding(body) {
-                    Some(rewritten) => out.extend_from_slice(&rewritten),
-                    None => out.extend_from_slice(&msg),
-                },
+            }
+            b'S' => {
+                if let Some((name, rest)) = read_cstr(body) {
+                    if name == b"application_name" {
+                        if let Some((value, _)) = read_cstr(rest) {
+                            self.info.application_name =
+                                String::from_utf8_lossy(value).into_owned();
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        if !verdict.swallow {
+            out.extend_from_slice(&msg);
+        }
+        Ok(())
+    }
+
+    /// Recognises and swallows the answer to a stamp spliced into a simple query:
+    /// a RowDescription with the stamper's alias, its DataRow, its CommandComplete.
+    fn simple_stamp_answer(&mut self, tag: u8, body: &[u8]) -> bool {
+        if self.simple_stamps == 0 {
+            return false;
+        }
+        if self.in_stamp_answer {
+            match tag {
+                b'D' => return true,
+                b'C' => {
+                    self.in_stamp_answer = false;
+                    self.simple_stamps -= 1;
+                    return true;
+                }
+                _ => self.in_stamp_answer = false,
             }
         }
+        if tag == b'T' && self.is_stamp_row_description(body) {
+            self.in_stamp_answer = true;
+            return true;
+        }
+        false
+    }
+
+    fn is_stamp_row_description(&self, body: &[u8]) -> bool {
+        let Some(stamper) = &self.stamper else {
+            return false;
+        };
+        body.len() > 2
+            && body[..2] == [0, 1]
+            && read_cstr(&body[2..]).is_some_and(|(name, _)| name == stamper.alias().as_bytes())
+    }
+}
+
+/// The kind of a (normally single-statement) extended-protocol query.
+fn combined_kind(sql: &str) -> Kind {
+    let kinds = pgmesh_sql::classify_all(sql);
+    match kinds.as_slice() {
+        [one] => *one,
+        [] => Kind::Neutral,
+        _ if kinds.contains(&Kind::MayWrite) => Kind::MayWrite,
+        _ => kinds[0],
     }
 }
 
@@ -222,92 +500,5 @@ fn move_bytes(input: &mut BytesMut, out: &mut BytesMut, n: usize) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
-
-    fn relay() -> Relay {
-        Relay::new(
-            frame::PG_LARGE_MESSAGE_LIMIT,
-            Arc::new(CancelRegistry::default()),
-        )
-    }
-
-    #[test]
-    fn client_bytes_pass_unchanged_in_any_split() {
-        let mut stream = msg(b'Q', b"select 1\0");
-        stream.extend(msg(b'P', b"\0select $1\0\0\0"));
-        stream.extend(msg(b'S', b""));
-        for split in 0..stream.len() {
-            let mut r = relay();
-            let mut out = BytesMut::new();
-            // The session keeps unconsumed bytes and appends the next read to them.
-            let mut input = BytesMut::from(&stream[..split]);
-            r.on_client(&mut input, &mut out).unwrap();
-            input.extend_from_slice(&stream[split..]);
-            r.on_client(&mut input, &mut out).unwrap();
-            assert_eq!(&out[..], &stream[..], "split at {split}");
-            assert_eq!(r.outstanding, 2);
-        }
-    }
-
-    #[test]
-    fn unknown_tag_and_terminate() {
-        let mut r = relay();
-        let mut out = BytesMut::new();
-        let mut bad = BytesMut::from(&msg(b'y', b"")[..]);
-        assert!(matches!(
-            r.on_client(&mut bad, &mut out),
-            Err(RelayError::ClientFrame(FrameError::UnknownTag { tag: 'y' }))
-        ));
-        let mut term = BytesMut::from(&msg(b'X', b"")[..]);
-        assert_eq!(
-            r.on_client(&mut term, &mut out).unwrap(),
-            ClientAction::Terminate
-        );
-    }
-
-    #[test]
-    fn server_key_is_rewritten_and_status_tracked() {
-        let mut r = relay();
-        let mut input = BytesMut::new();
-        input.extend(msg(b'K', &[0, 0, 0, 7, 1, 2, 3, 4]));
-        input.extend(msg(b'D', b"\0\x01\0\0\0\x01x"));
-        input.extend(msg(b'Z', b"T"));
-        let mut out = BytesMut::new();
-        r.on_server(&mut input, &mut out).unwrap();
-        let key = BackendKey::decode(&out[5..13]).unwrap();
-        assert_ne!(key.pid, 7);
-        assert_eq!(
-            r.cancels.lookup(key.pid, &key.secret).map(|k| k.pid),
-            Some(7)
-        );
-        assert_eq!(r.tx_status(), TxStatus::InTransaction);
-        assert!(r.logged_in());
-        assert_eq!(
-            &out[13..],
-            &[msg(b'D', b"\0\x01\0\0\0\x01x"), msg(b'Z', b"T")].concat()[..]
-        );
-    }
-
-    #[test]
-    fn large_server_frames_stream() {
-        let mut r = relay();
-        let row = msg(b'D', &vec![b'x'; 100_000]);
-        let mut out = BytesMut::new();
-        let mut input = BytesMut::from(&row[..1000]);
-        r.on_server(&mut input, &mut out).unwrap();
-        assert_eq!(out.len(), 1000, "partial DataRow is forwarded at once");
-        assert!(r.server_mid_frame());
-        let mut input = BytesMut::from(&row[1000..]);
-        r.on_server(&mut input, &mut out).unwrap();
-        assert_eq!(&out[..], &row[..]);
-        assert!(!r.server_mid_frame());
-    }
-}
+#[path = "relay_tests.rs"]
+mod tests;
