@@ -70,3 +70,60 @@ mod tests {
         assert_eq!(Stamp::decode(text.as_bytes()).unwrap(), s);
     }
 }
+
+/// Operation of one change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+    Ddl,
+}
+
+/// One column value as it travels: PostgreSQL text format, or NULL. An unchanged
+/// TOASTed value is left out of `new` and named in `unchanged`.
+pub type Value = Option<String>;
+
+/// One row change (or a TRUNCATE) inside an event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// `schema.table`.
+    pub table: String,
+    pub op: Op,
+    /// Replica-identity columns and their values (the primary key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pk: Vec<(String, Value)>,
+    /// Old row image, when the table has REPLICA IDENTITY FULL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<Vec<(String, Value)>>,
+    /// New row image (insert/update), without unchanged TOASTed columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new: Option<Vec<(String, Value)>>,
+    /// Columns whose TOASTed value did not change and is not in `new`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unchanged: Vec<String>,
+    /// Type OIDs of the columns in `new` (or `pk` for deletes), in the same order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<u32>,
+}
+
+/// One committed source transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    /// Region where the transaction committed.
+    pub origin: String,
+    /// Final HLC: `max(stamp, commit_ts, previous + 1)`.
+    pub hlc: Hlc,
+    /// Commit LSN in the origin region.
+    pub source_lsn: u64,
+    pub xid: u32,
+    /// Commit time in the origin, Unix microseconds.
+    pub commit_ts_us: i64,
+    /// The proxy's stamp, or `None` for writes that bypassed the proxy.
+    pub stamp: Option<Stamp>,
+    /// Never shipped to peers (`SET pgmesh.replicate = off`).
+    pub local_only: bool,
+    pub changes: Vec<Change>,
+}

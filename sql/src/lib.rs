@@ -7,5 +7,6 @@
 
 pub mod classify;
 pub mod lexer;
+pub mod migrations;
 
 pub use classify::{classify, classify_all, Kind};

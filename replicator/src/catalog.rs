@@ -1,0 +1,364 @@
+//! The `mesh` catalog in a regional database: prerequisite checks, migrations, the
+//! publication and the replication slot. This is what `pgmesh init` does.
+//!
+//! Everything here is idempotent: running it twice changes nothing the second time,
+//! and a newer binary upgrades the catalog by applying only the migrations it lacks.
+//! It never drops user data and never installs anything but plain SQL objects in
+//! schema `mesh` (no extension, no superuser-only feature it cannot do without).
+
+use pgmesh_sql::migrations::{self, MIGRATIONS};
+use thiserror::Error;
+use tokio_postgres::{Client, NoTls};
+
+/// Name of the publication capture reads.
+pub const PUBLICATION: &str = "pgmesh";
+/// Advisory-lock key that serialises migrations (`'pgmesh'` as an integer).
+const MIGRATION_LOCK: i64 = 0x7067_6d65_7368_0001;
+
+/// Errors of catalog setup.
+#[derive(Debug, Error)]
+pub enum CatalogError {
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("the database is not ready for pgmesh:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Prerequisites(Vec<String>),
+    #[error(
+        "catalog version {found} is newer than this binary supports ({supported}); upgrade pgmesh"
+    )]
+    TooNew { found: i32, supported: i32 },
+    #[error("invalid region name {0:?}: use letters, digits and underscores")]
+    RegionName(String),
+    #[error("{0}")]
+    Sql(#[from] tokio_postgres::Error),
+}
+
+/// Which tables replicate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableSelection {
+    /// Every table in these schemas, including tables created later.
+    Schemas(Vec<String>),
+    /// Exactly these tables (`schema.table` or `table` in public).
+    Tables(Vec<String>),
+}
+
+impl Default for TableSelection {
+    fn default() -> Self {
+        TableSelection::Schemas(vec!["public".into()])
+    }
+}
+
+/// What `init` found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitReport {
+    pub catalog_version: i32,
+    pub migrations_applied: Vec<i32>,
+    pub slot: String,
+    pub slot_created: bool,
+    pub publication_tables: i64,
+}
+
+/// Replication slot name of a region.
+pub fn slot_name(region: &str) -> String {
+    format!("pgmesh_{region}")
+}
+
+/// The stable small integer that breaks HLC ties for a region, derived from its name
+/// (FNV-1a folded to 15 bits) so every region computes the same value.
+pub fn origin_id_for(region: &str) -> i16 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in region.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    ((h ^ (h >> 15)) & 0x7fff) as i16
+}
+
+/// Checks a region name: it becomes part of slot and topic names.
+pub fn validate_region(region: &str) -> Result<(), CatalogError> {
+    let ok = !region.is_empty()
+        && region.len() <= 40
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(CatalogError::RegionName(region.into()))
+    }
+}
+
+/// Opens a plain SQL connection and drives it in the background.
+pub async fn connect(url: &str) -> Result<Client, CatalogError> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|source| CatalogError::Connect {
+            url: redact(url),
+            source,
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "catalog connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// A URL with its password replaced, for messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Lists every missing prerequisite, each naming the setting to change.
+pub async fn check_prerequisites(c: &Client, region: &str) -> Result<(), CatalogError> {
+    let mut missing = Vec::new();
+    let row = c
+        .query_one(
+            "SELECT current_setting('wal_level'),
+                    current_setting('max_replication_slots')::int
+                      - (SELECT count(*) FROM pg_replication_slots WHERE slot_name <> $1)::int,
+                    current_setting('max_wal_senders')::int
+                      - (SELECT count(*) FROM pg_stat_replication)::int,
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)
+                      OR EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = 'rds_replication'
+                                 AND pg_has_role(current_user, r.oid, 'member'))",
+            &[&slot_name(region)],
+        )
+        .await?;
+    let wal_level: String = row.get(0);
+    if wal_level != "logical" {
+        missing.push(format!(
+            "wal_level is '{wal_level}': set wal_level = logical (on RDS: rds.logical_replication = 1; on Cloud SQL: cloudsql.logical_decoding = on) and restart PostgreSQL"
+        ));
+    }
+    let free_slots: i32 = row.get(1);
+    if free_slots < 1 {
+        missing.push(
+            "no free replication slot: raise max_replication_slots and restart PostgreSQL".into(),
+        );
+    }
+    let free_senders: i32 = row.get(2);
+    if free_senders < 1 {
+        missing.push("no free WAL sender: raise max_wal_senders and restart PostgreSQL".into());
+    }
+    let can_replicate: Option<bool> = row.get(3);
+    if can_replicate != Some(true) {
+        missing.push(
+            "the role lacks the REPLICATION privilege: ALTER ROLE <user> REPLICATION (on RDS: GRANT rds_replication TO <user>)"
+                .into(),
+        );
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(CatalogError::Prerequisites(missing))
+    }
+}
+
+/// Applies the migrations the database lacks; returns the versions applied.
+pub async fn migrate(c: &mut Client) -> Result<Vec<i32>, CatalogError> {
+    let tx = c.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let exists: bool = tx
+        .query_one(
+            "SELECT to_regclass('mesh.schema_versions') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    let current: i32 = if exists {
+        tx.query_one(
+            "SELECT coalesce(max(version), 0) FROM mesh.schema_versions",
+            &[],
+        )
+        .await?
+        .get(0)
+    } else {
+        0
+    };
+    if current > migrations::latest() {
+        return Err(CatalogError::TooNew {
+            found: current,
+            supported: migrations::latest(),
+        });
+    }
+    let mut applied = Vec::new();
+    for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+        tx.batch_execute(m.sql).await?;
+        applied.push(m.version);
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Registers the local region (idempotent).
+pub async fn register_region(c: &Client, region: &str) -> Result<(), CatalogError> {
+    c.execute(
+        "INSERT INTO mesh.regions (name, origin_id, is_local) VALUES ($1, $2, true)
+         ON CONFLICT (name) DO UPDATE SET is_local = true",
+        &[&region, &origin_id_for(region)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Creates or updates the publication for the selection. Falls back to an explicit
+/// table list when the role may not publish whole schemas (PostgreSQL 15 reserves
+/// `FOR TABLES IN SCHEMA` to superusers). Returns the number of published tables.
+pub async fn ensure_publication(c: &Client, sel: &TableSelection) -> Result<i64, CatalogError> {
+    let exists: bool = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&PUBLICATION],
+        )
+        .await?
+        .get(0);
+    let verb = if exists {
+        format!("ALTER PUBLICATION {PUBLICATION} SET")
+    } else {
+        format!("CREATE PUBLICATION {PUBLICATION} FOR")
+    };
+    let tables = match sel {
+        TableSelection::Schemas(schemas) => {
+            let list = schemas
+                .iter()
+                .map(|s| quote_ident(s))
+                .collect::<Vec<_>>()
+                .join(", ");
+            match c
+                .batch_execute(&format!("{verb} TABLES IN SCHEMA {list}"))
+                .await
+            {
+                Ok(()) => None,
+                Err(e)
+                    if e.code()
+                        == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+                {
+                    let rows = c
+                        .query(
+                            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables
+                             WHERE schemaname = ANY($1) ORDER BY 1",
+                            &[schemas],
+                        )
+                        .await?;
+                    Some(
+                        rows.iter()
+                            .map(|r| r.get::<_, String>(0))
+                            .collect::<Vec<_>>(),
+                    )
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        TableSelection::Tables(t) => Some(t.iter().map(|t| qualify(t)).collect()),
+    };
+    if let Some(tables) = tables {
+        if tables.is_empty() && !exists {
+            c.batch_execute(&format!("CREATE PUBLICATION {PUBLICATION}"))
+                .await?;
+        } else if !tables.is_empty() {
+            c.batch_execute(&format!("{verb} TABLE {}", tables.join(", ")))
+                .await?;
+        }
+    }
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = $1",
+            &[&PUBLICATION],
+        )
+        .await?
+        .get(0);
+    Ok(n)
+}
+
+/// Creates the region's logical slot (pgoutput) if it does not exist. Returns true
+/// when it was created now.
+pub async fn ensure_slot(c: &Client, region: &str) -> Result<bool, CatalogError> {
+    let slot = slot_name(region);
+    let exists: bool = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&slot],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        c.execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await?;
+    }
+    Ok(!exists)
+}
+
+/// Everything `pgmesh init` does, in order.
+pub async fn init(
+    url: &str,
+    region: &str,
+    sel: &TableSelection,
+) -> Result<InitReport, CatalogError> {
+    validate_region(region)?;
+    let mut c = connect(url).await?;
+    check_prerequisites(&c, region).await?;
+    let applied = migrate(&mut c).await?;
+    register_region(&c, region).await?;
+    let publication_tables = ensure_publication(&c, sel).await?;
+    let slot_created = ensure_slot(&c, region).await?;
+    Ok(InitReport {
+        catalog_version: migrations::latest(),
+        migrations_applied: applied,
+        slot: slot_name(region),
+        slot_created,
+        publication_tables,
+    })
+}
+
+/// Double-quotes an identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn qualify(t: &str) -> String {
+    match t.split_once('.') {
+        Some((s, n)) => format!("{}.{}", quote_ident(s), quote_ident(n)),
+        None => format!("public.{}", quote_ident(t)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_ids_are_stable_and_small() {
+        assert_eq!(origin_id_for("us_east"), origin_id_for("us_east"));
+        assert_ne!(origin_id_for("us_east"), origin_id_for("eu_west"));
+        assert!(origin_id_for("x") >= 0);
+    }
+
+    #[test]
+    fn region_names() {
+        assert!(validate_region("eu_west_1").is_ok());
+        for bad in ["", "EU", "a-b", "a b", &"x".repeat(41)] {
+            assert!(validate_region(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(qualify("t"), "public.\"t\"");
+        assert_eq!(qualify("s.T"), "\"s\".\"T\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+    }
+}

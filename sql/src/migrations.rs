@@ -1,0 +1,42 @@
+//! The versioned SQL migrations of the `mesh` catalog, embedded in the binary.
+//!
+//! Each migration is a file `migrations/NNNN_name.sql` applied once, in order, in its
+//! own transaction; `mesh.schema_versions` records which ran. This module only lists
+//! them; applying them is the replicator's `catalog` module.
+
+/// One migration.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every migration, oldest first.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "catalog",
+    sql: include_str!("../migrations/0001_catalog.sql"),
+}];
+
+/// The newest catalog version this binary knows.
+pub fn latest() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_dense_and_ordered() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i32 + 1, "{}", m.name);
+            assert!(
+                m.sql.contains(&format!("VALUES ({},", m.version)),
+                "{} records itself",
+                m.name
+            );
+        }
+    }
+}
