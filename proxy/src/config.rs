@@ -63,6 +63,9 @@ pub struct Config {
     pub node: Option<String>,
     /// Stamp write transactions with the node's HLC and origin tags. Default: true.
     pub stamping: bool,
+    /// Run capture for the region when the `mesh` catalog is installed (only one
+    /// node per region captures at a time; others stand by). Default: true.
+    pub capture: bool,
     /// Maximum concurrent client connections; more are refused with SQLSTATE 53300.
     /// Default: 1000.
     pub max_connections: usize,
@@ -95,6 +98,7 @@ impl Default for Config {
             region: "local".into(),
             node: None,
             stamping: true,
+            capture: true,
             max_connections: 1000,
             login_timeout_secs: 60,
             shutdown_grace_secs: 30,

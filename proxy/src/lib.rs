@@ -8,6 +8,7 @@ pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod net;
+pub mod node;
 pub mod server;
 pub mod session;
 pub mod tls;

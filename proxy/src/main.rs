@@ -2,7 +2,7 @@
 //! and hands over to `pgmesh_proxy::cli`.
 
 use clap::Parser;
-use pgmesh_proxy::cli::{self, Cli, Command};
+use pgmesh_proxy::cli::{self, Cli, Command, LogCommand};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
@@ -11,13 +11,21 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
-    let result = match cli.command {
-        Command::CheckConfig { file } => cli::check_config(&file),
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(cli::run(args))),
+    };
+    let result = match cli.command {
+        Command::CheckConfig { file } => cli::check_config(&file),
+        Command::Run(args) => runtime().and_then(|rt| rt.block_on(cli::run(args))),
+        Command::Init(args) => runtime().and_then(|rt| rt.block_on(cli::init(args))),
+        Command::Log(LogCommand::Tail {
+            upstream,
+            last,
+            no_follow,
+        }) => runtime().and_then(|rt| rt.block_on(cli::log::tail(&upstream, last, !no_follow))),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

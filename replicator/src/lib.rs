@@ -4,5 +4,6 @@ pub mod capture;
 pub mod catalog;
 pub mod event;
 pub mod hlc;
+pub mod log;
 pub mod pgoutput;
 pub mod replconn;

@@ -7,5 +7,7 @@
 //! log. It never writes user tables.
 
 pub mod assemble;
+pub mod run;
 
 pub use assemble::{AssembleError, Assembled, Assembler, APPLIED_PREFIX};
+pub use run::{run, CaptureConfig, CaptureError, Role};

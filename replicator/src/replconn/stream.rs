@@ -46,6 +46,12 @@ impl ReplStream {
     /// partially received frame stays buffered and is completed by the next call.
     /// A socket that closes without either end marker is
     /// [`ReplError::Closed`], not `None`: the stream did not end, it broke.
+    /// Whether the next message is already received, so `next` will not wait. The
+    /// capture loop uses this to batch appends without timers.
+    pub fn has_buffered(&self) -> bool {
+        self.transport.has_complete_frame()
+    }
+
     pub async fn next(&mut self) -> Result<Option<ReplicationMessage>, ReplError> {
         while !self.server_done {
             match self.transport.recv().await? {

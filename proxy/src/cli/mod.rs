@@ -3,6 +3,8 @@
 //! Flags override values from `--config`. This module wires commands to the library;
 //! it holds no protocol or replication logic of its own.
 
+pub mod log;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -35,6 +37,46 @@ pub enum Command {
         /// Path to a pgmesh.toml.
         file: PathBuf,
     },
+    /// Prepare a regional database: check prerequisites, install or upgrade the
+    /// `mesh` catalog, create the publication and the replication slot. Idempotent.
+    Init(InitArgs),
+    /// Inspect the change log.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+/// Flags of `pgmesh init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Regional PostgreSQL URL; the role needs REPLICATION (or superuser).
+    #[arg(long)]
+    pub upstream: String,
+    /// Region name (lowercase letters, digits, underscores).
+    #[arg(long)]
+    pub region: String,
+    /// Replicate every table of these schemas, including future ones [default: public].
+    #[arg(long, value_delimiter = ',', conflicts_with = "tables")]
+    pub schemas: Vec<String>,
+    /// Replicate exactly these tables (`schema.table` or `table`).
+    #[arg(long, value_delimiter = ',')]
+    pub tables: Vec<String>,
+}
+
+/// `pgmesh log ...`
+#[derive(Debug, Subcommand)]
+pub enum LogCommand {
+    /// Print change-log events as they arrive: hlc, origin, table, op, pk.
+    Tail {
+        /// Regional PostgreSQL URL.
+        #[arg(long)]
+        upstream: String,
+        /// How many past events to print first.
+        #[arg(long, default_value_t = 10)]
+        last: i64,
+        /// Print the past events and exit instead of following.
+        #[arg(long)]
+        no_follow: bool,
+    },
 }
 
 /// Flags of `pgmesh run`. Each overrides the same setting of `--config`.
@@ -58,6 +100,9 @@ pub struct RunArgs {
     /// Do not stamp write transactions (they are still captured, as unstamped).
     #[arg(long)]
     pub no_stamping: bool,
+    /// Run only the proxy, never capture (for sidecars).
+    #[arg(long)]
+    pub no_capture: bool,
     /// PEM certificate chain for client TLS (needs --tls-key).
     #[arg(long)]
     pub tls_cert: Option<PathBuf>,
@@ -97,6 +142,9 @@ impl RunArgs {
         if self.no_stamping {
             c.stamping = false;
         }
+        if self.no_capture {
+            c.capture = false;
+        }
         if let Some(v) = &self.tls_cert {
             c.tls.cert = Some(v.clone());
         }
@@ -120,6 +168,7 @@ impl RunArgs {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let validated = args.to_config()?.validate()?;
     let grace = Duration::from_secs(validated.config.shutdown_grace_secs);
+    let capture = crate::node::start_capture(&validated).await?;
     let handle = server::start(validated).await?;
     wait_for_signal().await?;
     info!(grace_secs = grace.as_secs(), "shutdown requested, draining");
@@ -127,6 +176,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = handle.shutdown(grace) => {}
         _ = wait_for_signal() => info!("second signal, exiting now"),
     }
+    if let Some(c) = capture {
+        c.stop().await;
+    }
+    Ok(())
+}
+
+/// `pgmesh init`.
+pub async fn init(args: InitArgs) -> anyhow::Result<()> {
+    use pgmesh_replicator::catalog::{self, TableSelection};
+    let sel = if !args.tables.is_empty() {
+        TableSelection::Tables(args.tables)
+    } else if !args.schemas.is_empty() {
+        TableSelection::Schemas(args.schemas)
+    } else {
+        TableSelection::default()
+    };
+    eprintln!("pgmesh init: checking {} ...", catalog::redact(&args.upstream));
+    let r = catalog::init(&args.upstream, &args.region, &sel).await?;
+    if r.migrations_applied.is_empty() {
+        println!("catalog: up to date (version {})", r.catalog_version);
+    } else {
+        println!("catalog: applied migrations {:?}, now version {}", r.migrations_applied, r.catalog_version);
+    }
+    println!("publication: {} ({} tables)", catalog::PUBLICATION, r.publication_tables);
+    println!("slot: {} ({})", r.slot, if r.slot_created { "created" } else { "exists" });
+    println!("region {} is ready; start it with: pgmesh run --region {} --upstream ...", args.region, args.region);
     Ok(())
 }
 

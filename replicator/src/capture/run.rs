@@ -1,0 +1,294 @@
+//! The capture loop of one region: leadership, the replication stream, batched
+//! appends to the change log, and slot acknowledgement.
+//!
+//! Invariants it keeps:
+//! - Only the holder of the region's advisory lock captures; others wait as standby
+//!   and take over when the lock is released (the leader's session ended).
+//! - The slot is confirmed only up to the end of the last transaction that is
+//!   durable in the log, so a crash at any point re-delivers, never loses.
+//! - Re-delivered transactions (commit LSN at or below the log's resume point) are
+//!   skipped, so a crash never duplicates either.
+//! - Appends batch whatever is already received; nothing waits on a timer.
+
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::assemble::{AssembleError, Assembler};
+use crate::catalog::{self, CatalogError, PUBLICATION};
+use crate::event::ChangeEvent;
+use crate::hlc::Hlc;
+use crate::log::{ChangeLog, LogError, TableLog};
+use crate::pgoutput::{Lsn, PgTimestamp, ReplicationMessage, StandbyStatusUpdate};
+use crate::replconn::{ConnParams, ReplConnection, ReplError, ReplStream};
+
+/// Errors of a capture run; the loop retries after each.
+#[derive(Debug, Error)]
+pub enum CaptureError {
+    #[error("{0}")]
+    Catalog(#[from] CatalogError),
+    #[error("replication stream: {0}")]
+    Repl(#[from] ReplError),
+    #[error("{0}")]
+    Log(#[from] LogError),
+    #[error("{0}")]
+    Assemble(#[from] AssembleError),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("the mesh catalog is not installed in this database: run `pgmesh init` first")]
+    NotInitialized,
+    #[error("the replication stream ended")]
+    StreamEnded,
+}
+
+/// Capture settings.
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    /// Regional database, `postgres://USER@HOST:PORT/DB`. The role needs REPLICATION.
+    pub url: String,
+    pub region: String,
+    pub node: String,
+    /// Most events per append. Default 500.
+    pub max_batch: usize,
+    /// Interval of standby status updates while idle. Default 1 s.
+    pub status_interval: Duration,
+}
+
+impl CaptureConfig {
+    pub fn new(url: &str, region: &str, node: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            region: region.to_string(),
+            node: node.to_string(),
+            max_batch: 500,
+            status_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// This node's part in capture for its region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Starting,
+    Standby,
+    Leader,
+}
+
+/// Advisory-lock key of a region's capture leadership.
+pub fn leader_key(region: &str) -> i64 {
+    0x7067_6d00_0000_0000 | (catalog::origin_id_for(region) as i64)
+}
+
+/// Runs capture until `shutdown` turns true, retrying with backoff after errors.
+pub async fn run(
+    cfg: CaptureConfig,
+    role: watch::Sender<Role>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        match run_once(&cfg, &role, &mut shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                let _ = role.send(Role::Starting);
+                warn!(region = %cfg.region, error = %e, retry_ms = backoff.as_millis() as u64, "capture stopped; retrying");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn run_once(
+    cfg: &CaptureConfig,
+    role: &watch::Sender<Role>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), CaptureError> {
+    // This connection holds the leader lock for as long as it lives.
+    let lock = catalog::connect(&cfg.url).await?;
+    let installed: bool = lock
+        .query_one("SELECT to_regclass('mesh.changelog') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !installed {
+        return Err(CaptureError::NotInitialized);
+    }
+    let key = leader_key(&cfg.region);
+    let got: bool = lock
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+        .await?
+        .get(0);
+    if !got {
+        let _ = role.send(Role::Standby);
+        set_node_role(&lock, cfg, "standby").await?;
+        info!(region = %cfg.region, "standby: waiting for the capture leader lock");
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
+        tokio::select! {
+            r = lock.execute("SELECT pg_advisory_lock($1)", &params) => { r?; }
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+    set_node_role(&lock, cfg, "leader").await?;
+    info!(region = %cfg.region, node = %cfg.node, "capture leader");
+    let mut log = TableLog::new(catalog::connect(&cfg.url).await?).await?;
+    let resume = log.resume_point(&cfg.region).await?;
+    let skip_upto = resume.map_or(Lsn(0), |r| r.lsn);
+    let mut asm = Assembler::new(&cfg.region, resume.map_or(Hlc::ZERO, |r| r.hlc));
+    let params = ConnParams::from_url(&cfg.url)?
+        .with_application_name(format!("pgmesh-capture-{}", cfg.region));
+    let conn = ReplConnection::connect(&params).await?;
+    let slot = catalog::slot_name(&cfg.region);
+    let options = [
+        ("proto_version", "1"),
+        ("publication_names", PUBLICATION),
+        ("messages", "true"),
+    ];
+    let mut stream = start_with_retry(conn, &params, &slot, &options, shutdown).await?;
+    let Some(stream) = stream.as_mut() else {
+        return Ok(());
+    };
+    let _ = role.send(Role::Leader);
+    let mut pump = Pump {
+        batch: Vec::new(),
+        pending_end: Lsn(0),
+        confirmed: Lsn(0),
+        skip_upto,
+        max_batch: cfg.max_batch,
+    };
+    let mut tick = tokio::time::interval(cfg.status_interval);
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Ok(()),
+            m = stream.next() => m?,
+            _ = tick.tick() => {
+                stream.send_status(status(pump.confirmed, false)).await?;
+                // Keep the lock connection honest: a dead one means we lost leadership.
+                lock.simple_query("").await?;
+                continue;
+            }
+        };
+        match msg {
+            None => return Err(CaptureError::StreamEnded),
+            Some(ReplicationMessage::XLogData(x)) => {
+                if let Some(done) = asm.push(x.message().map_err(AssembleError::from)?)? {
+                    pump.add(done.commit_lsn, done.end_lsn, done.event);
+                }
+            }
+            Some(ReplicationMessage::PrimaryKeepalive(k)) => {
+                if !asm.in_transaction()
+                    && pump.batch.is_empty()
+                    && pump.pending_end <= pump.confirmed
+                {
+                    // Nothing of ours is pending below wal_end: let the slot move on.
+                    pump.pending_end = pump.pending_end.max(k.wal_end);
+                }
+                if k.reply_requested {
+                    pump.flush(&mut log, stream).await?;
+                    stream.send_status(status(pump.confirmed, false)).await?;
+                }
+            }
+        }
+        let caught_up = !stream.has_buffered() || pump.batch.len() >= pump.max_batch;
+        if !asm.in_transaction() && caught_up {
+            pump.flush(&mut log, stream).await?;
+        }
+    }
+}
+
+/// Events waiting for the log, and the positions confirmed to the slot.
+struct Pump {
+    batch: Vec<ChangeEvent>,
+    /// End LSN of the last finished transaction (logged once the batch is).
+    pending_end: Lsn,
+    /// What the slot has been told is durable.
+    confirmed: Lsn,
+    skip_upto: Lsn,
+    max_batch: usize,
+}
+
+impl Pump {
+    fn add(&mut self, commit_lsn: Lsn, end_lsn: Lsn, event: Option<ChangeEvent>) {
+        if commit_lsn > self.skip_upto {
+            if let Some(e) = event {
+                self.batch.push(e);
+            }
+        } else {
+            debug!(commit_lsn = %commit_lsn, "skipping a transaction already in the log");
+        }
+        self.pending_end = self.pending_end.max(end_lsn);
+    }
+
+    /// Appends the batch durably, then confirms its end to the slot.
+    async fn flush(
+        &mut self,
+        log: &mut TableLog,
+        stream: &mut ReplStream,
+    ) -> Result<(), CaptureError> {
+        if !self.batch.is_empty() {
+            log.append(&self.batch).await?;
+            debug!(events = self.batch.len(), "appended to change log");
+            self.batch.clear();
+        }
+        if self.pending_end > self.confirmed {
+            self.confirmed = self.pending_end;
+            stream.send_status(status(self.confirmed, false)).await?;
+        }
+        Ok(())
+    }
+}
+
+fn status(lsn: Lsn, reply: bool) -> StandbyStatusUpdate {
+    let mut s = StandbyStatusUpdate::confirm(lsn, PgTimestamp::now());
+    s.reply_requested = reply;
+    s
+}
+
+/// Starts streaming; retries while the slot is still held by a previous leader's
+/// walsender that has not noticed its client is gone.
+async fn start_with_retry(
+    mut conn: ReplConnection,
+    params: &ConnParams,
+    slot: &str,
+    options: &[(&str, &str)],
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<ReplStream>, CaptureError> {
+    for attempt in 0..100u32 {
+        match conn.start_logical(slot, Lsn(0), options).await {
+            Ok(s) => return Ok(Some(s)),
+            Err(e) if e.sqlstate() == Some("55006") && attempt < 99 => {
+                debug!(slot, "slot still active for a previous leader; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = shutdown.changed() => return Ok(None),
+                }
+                conn = ReplConnection::connect(params).await?;
+            }
+            Err(e) if e.sqlstate() == Some("42704") => return Err(CaptureError::NotInitialized),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(CaptureError::StreamEnded)
+}
+
+async fn set_node_role(
+    c: &tokio_postgres::Client,
+    cfg: &CaptureConfig,
+    role: &str,
+) -> Result<(), CaptureError> {
+    c.execute(
+        "INSERT INTO mesh.node_state (node, region, role) VALUES ($1, $2, $3)
+         ON CONFLICT (node) DO UPDATE SET role = $3, region = $2, heartbeat = now()",
+        &[&cfg.node, &cfg.region, &role],
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,64 @@
+//! The durable change log behind a narrow trait.
+//!
+//! Capture appends events and learns where to resume; peers and `pgmesh log tail`
+//! read events after a sequence number. `append` returns only once the events are
+//! durable, which is what lets capture acknowledge its slot. The default
+//! implementation is `mesh.changelog` in the regional database ([`table::TableLog`]);
+//! Kafka comes later behind the same trait. Implementations must never reorder the
+//! events of one append.
+
+pub mod table;
+
+use thiserror::Error;
+
+use crate::event::ChangeEvent;
+use crate::hlc::Hlc;
+use crate::pgoutput::Lsn;
+
+pub use table::TableLog;
+
+/// Errors of the change log.
+#[derive(Debug, Error)]
+pub enum LogError {
+    #[error("change log database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("change log row {seq} is corrupt: {reason}")]
+    Corruption { seq: i64, reason: String },
+}
+
+/// Where capture of one origin resumes: the last logged commit LSN and final HLC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumePoint {
+    pub lsn: Lsn,
+    pub hlc: Hlc,
+}
+
+/// One logged event with its position in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logged {
+    pub seq: i64,
+    pub event: ChangeEvent,
+}
+
+/// A durable, ordered log of change events.
+pub trait ChangeLog {
+    /// Appends events in order; durable when this returns. Events already in the log
+    /// (same origin and source LSN, or same event id) are skipped, not duplicated.
+    fn append(
+        &mut self,
+        events: &[ChangeEvent],
+    ) -> impl std::future::Future<Output = Result<(), LogError>> + Send;
+
+    /// The resume point of `origin`, or `None` when nothing of it is logged.
+    fn resume_point(
+        &mut self,
+        origin: &str,
+    ) -> impl std::future::Future<Output = Result<Option<ResumePoint>, LogError>> + Send;
+
+    /// Up to `limit` events with a sequence number above `after`, in log order.
+    fn read_after(
+        &mut self,
+        after: i64,
+        limit: i64,
+    ) -> impl std::future::Future<Output = Result<Vec<Logged>, LogError>> + Send;
+}

@@ -1,0 +1,156 @@
+//! `mesh.changelog` in the regional database as the change log.
+//!
+//! One append is one autocommit statement (an INSERT from arrays, plus a NOTIFY on
+//! channel [`NOTIFY_CHANNEL`] in the same transaction), run with
+//! `synchronous_commit = on` so it is durable when it returns. Values are stored as
+//! JSON strings, never numbers. It never updates or deletes rows.
+
+use tokio_postgres::Client;
+
+use super::{ChangeLog, LogError, Logged, ResumePoint};
+use crate::event::{Change, ChangeEvent, Stamp};
+use crate::hlc::Hlc;
+use crate::pgoutput::Lsn;
+
+/// Channel notified after every append, so readers wake without polling.
+pub const NOTIFY_CHANNEL: &str = "pgmesh_changelog";
+
+const APPEND: &str = "
+WITH ins AS (
+  INSERT INTO mesh.changelog
+    (origin, hlc, source_lsn, xid, commit_ts, stamped, local_only, tags, changes)
+  SELECT o, h, l::pg_lsn, x, timestamptz 'epoch' + t * interval '1 microsecond', s, lo, tg::jsonb, ch::jsonb
+  FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::bool[], $7::bool[],
+              $8::text[], $9::text[]) AS u(o, h, l, x, t, s, lo, tg, ch)
+  ON CONFLICT DO NOTHING
+  RETURNING 1
+)
+SELECT pg_notify('pgmesh_changelog', count(*)::text) FROM ins";
+
+/// The change log as a table in PostgreSQL.
+#[derive(Debug)]
+pub struct TableLog {
+    client: Client,
+}
+
+impl TableLog {
+    /// Wraps a connection to the regional database (with the catalog installed).
+    pub async fn new(client: Client) -> Result<Self, LogError> {
+        client.batch_execute("SET synchronous_commit = on").await?;
+        Ok(Self { client })
+    }
+
+    /// The underlying connection.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+fn lsn_text(lsn: u64) -> String {
+    Lsn(lsn).to_string()
+}
+
+impl ChangeLog for TableLog {
+    async fn append(&mut self, events: &[ChangeEvent]) -> Result<(), LogError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let n = events.len();
+        let mut origin = Vec::with_capacity(n);
+        let mut hlc = Vec::with_capacity(n);
+        let mut lsn = Vec::with_capacity(n);
+        let mut xid = Vec::with_capacity(n);
+        let mut ts = Vec::with_capacity(n);
+        let mut stamped = Vec::with_capacity(n);
+        let mut local = Vec::with_capacity(n);
+        let mut tags = Vec::with_capacity(n);
+        let mut changes = Vec::with_capacity(n);
+        for e in events {
+            origin.push(e.origin.as_str());
+            hlc.push(e.hlc.as_u64() as i64);
+            lsn.push(lsn_text(e.source_lsn));
+            xid.push(e.xid as i64);
+            ts.push(e.commit_ts_us);
+            stamped.push(e.stamp.is_some());
+            local.push(e.local_only);
+            tags.push(match &e.stamp {
+                Some(s) => serde_json::to_string(s).expect("stamp serializes"),
+                None => "{}".to_string(),
+            });
+            changes.push(serde_json::to_string(&e.changes).expect("changes serialize"));
+        }
+        self.client
+            .execute(
+                APPEND,
+                &[
+                    &origin, &hlc, &lsn, &xid, &ts, &stamped, &local, &tags, &changes,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn resume_point(&mut self, origin: &str) -> Result<Option<ResumePoint>, LogError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT max(source_lsn)::text, max(hlc) FROM mesh.changelog WHERE origin = $1",
+                &[&origin],
+            )
+            .await?;
+        let lsn: Option<String> = row.get(0);
+        let hlc: Option<i64> = row.get(1);
+        Ok(match (lsn, hlc) {
+            (Some(l), Some(h)) => Some(ResumePoint {
+                lsn: l.parse().map_err(|e| LogError::Corruption {
+                    seq: -1,
+                    reason: format!("bad source_lsn {l:?}: {e}"),
+                })?,
+                hlc: Hlc::from_u64(h as u64),
+            }),
+            _ => None,
+        })
+    }
+
+    async fn read_after(&mut self, after: i64, limit: i64) -> Result<Vec<Logged>, LogError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT seq, origin, hlc, source_lsn::text, xid,
+                        (extract(epoch FROM commit_ts) * 1000000)::int8,
+                        stamped, local_only, tags::text, changes::text
+                 FROM mesh.changelog WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &[&after, &limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let seq: i64 = r.get(0);
+                let bad = |reason: String| LogError::Corruption { seq, reason };
+                let lsn: String = r.get(3);
+                let stamped: bool = r.get(6);
+                let tags: String = r.get(8);
+                let changes: String = r.get(9);
+                let stamp = if stamped {
+                    Some(serde_json::from_str::<Stamp>(&tags).map_err(|e| bad(e.to_string()))?)
+                } else {
+                    None
+                };
+                Ok(Logged {
+                    seq,
+                    event: ChangeEvent {
+                        origin: r.get(1),
+                        hlc: Hlc::from_u64(r.get::<_, i64>(2) as u64),
+                        source_lsn: lsn.parse::<Lsn>().map_err(|e| bad(e.to_string()))?.0,
+                        xid: r.get::<_, i64>(4) as u32,
+                        commit_ts_us: r.get(5),
+                        stamp,
+                        local_only: r.get(7),
+                        changes: serde_json::from_str::<Vec<Change>>(&changes)
+                            .map_err(|e| bad(e.to_string()))?,
+                    },
+                })
+            })
+            .collect()
+    }
+}
