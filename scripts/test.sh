@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The test command of pgmesh (the README's and CI's): one build, every test, then the
+# short forms of the benchmarks. Options (environment):
+#   PGMESH_CHAOS=1    long chaos variants of the fault tests
+#   PGMESH_BENCH=0    skip the short benchmark runs
+#   PGMESH_LINT=0     skip cargo fmt --check and clippy
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+if [ "${PGMESH_LINT:-1}" = 1 ]; then
+  log "cargo fmt --check"
+  cargo fmt --all -- --check
+  log "cargo clippy --all-targets -- -D warnings"
+  cargo clippy --workspace --all-targets -q -- -D warnings
+fi
+
+log "build (one build shared by every test)"
+cargo build --workspace --all-targets -q
+
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+log "cargo test --workspace"
+set +e
+cargo test --workspace -q 2>&1 | tee "$out"
+status=${PIPESTATUS[0]}
+set -e
+
+passed=$(grep -Eo '[0-9]+ passed' "$out" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "$out" | awk '{s+=$1} END {print s+0}')
+
+if [ "$status" = 0 ] && [ "${PGMESH_BENCH:-1}" = 1 ]; then
+  log "benchmarks, short form (figures only, no thresholds)"
+  cargo build --release -p pgmesh-proxy -q
+  export PGMESH_BIN="$PWD/target/release/pgmesh" BENCH_FAST=1 BENCH_OUT="${BENCH_OUT:-target/bench-results}"
+  BENCH_SECONDS=2 bench/proxy.sh || status=$?
+  if [ -x bench/capture.sh ]; then BENCH_SECONDS=3 bench/capture.sh || status=$?; fi
+fi
+
+echo
+echo "tests: $passed passed, $failed failed"
+exit "$status"
