@@ -4,7 +4,7 @@
 //! `pgmesh init`); a node in front of an uninitialised database is a plain proxy,
 //! and says so once. This module owns task lifecycles, not replication logic.
 
-use pgmesh_replicator::capture::{self, CaptureConfig, Role};
+use pgmesh_replicator::capture::{self, CaptureConfig, Progress, Role};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -16,6 +16,7 @@ use crate::config::Validated;
 pub struct CaptureHandle {
     stop: watch::Sender<bool>,
     role: watch::Receiver<Role>,
+    progress: Progress,
     task: JoinHandle<()>,
 }
 
@@ -28,6 +29,11 @@ impl CaptureHandle {
     /// A receiver that follows role changes.
     pub fn watch_role(&self) -> watch::Receiver<Role> {
         self.role.clone()
+    }
+
+    /// What capture has durably logged (for apply's capture-race protocol).
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
     }
 
     /// Stops capture and waits for it.
@@ -79,6 +85,12 @@ pub async fn start_capture(v: &Validated) -> anyhow::Result<Option<CaptureHandle
 pub fn spawn(cfg: CaptureConfig) -> CaptureHandle {
     let (stop, stop_rx) = watch::channel(false);
     let (role_tx, role) = watch::channel(Role::Starting);
-    let task = tokio::spawn(capture::run(cfg, role_tx, stop_rx));
-    CaptureHandle { stop, role, task }
+    let (progress_tx, progress) = capture::progress_channel();
+    let task = tokio::spawn(capture::run(cfg, role_tx, progress_tx, stop_rx));
+    CaptureHandle {
+        stop,
+        role,
+        progress,
+        task,
+    }
 }

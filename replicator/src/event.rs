@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::hlc::Hlc;
+use crate::resolve::Version;
 
 /// Prefix of the logical message that carries a [`Stamp`].
 pub const STAMP_PREFIX: &str = "pgmesh";
@@ -107,6 +108,17 @@ pub struct Change {
     /// Type OIDs of the columns in `new` (or `pk` for deletes), in the same order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub types: Vec<u32>,
+    /// The row's version in the origin before this change (what the writer saw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<Version>,
+}
+
+impl Change {
+    /// The row key as stored in `mesh.row_versions.pk`: a JSON array of
+    /// `[column, text value]` pairs.
+    pub fn key_json(&self) -> String {
+        serde_json::to_string(&self.pk).expect("keys serialize")
+    }
 }
 
 /// One committed source transaction.

@@ -7,3 +7,4 @@ pub mod hlc;
 pub mod log;
 pub mod pgoutput;
 pub mod replconn;
+pub mod resolve;

@@ -13,11 +13,18 @@ pub struct Migration {
 }
 
 /// Every migration, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "catalog",
-    sql: include_str!("../migrations/0001_catalog.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "catalog",
+        sql: include_str!("../migrations/0001_catalog.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "replication",
+        sql: include_str!("../migrations/0002_replication.sql"),
+    },
+];
 
 /// The newest catalog version this binary knows.
 pub fn latest() -> i32 {

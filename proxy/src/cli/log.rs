@@ -13,12 +13,11 @@ use tokio_postgres::{AsyncMessage, NoTls};
 /// Formats one change of an event as a readable line.
 pub fn format_change(seq: i64, e: &ChangeEvent, i: usize) -> String {
     let c = &e.changes[i];
-    let pk = c
-        .pk
-        .iter()
-        .map(|(k, v)| format!("{k}={}", v.as_deref().unwrap_or("NULL")))
-        .collect::<Vec<_>>()
-        .join(",");
+    let pk =
+        c.pk.iter()
+            .map(|(k, v)| format!("{k}={}", v.as_deref().unwrap_or("NULL")))
+            .collect::<Vec<_>>()
+            .join(",");
     let op = serde_json::to_value(c.op)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))

@@ -192,16 +192,33 @@ pub async fn init(args: InitArgs) -> anyhow::Result<()> {
     } else {
         TableSelection::default()
     };
-    eprintln!("pgmesh init: checking {} ...", catalog::redact(&args.upstream));
+    eprintln!(
+        "pgmesh init: checking {} ...",
+        catalog::redact(&args.upstream)
+    );
     let r = catalog::init(&args.upstream, &args.region, &sel).await?;
     if r.migrations_applied.is_empty() {
         println!("catalog: up to date (version {})", r.catalog_version);
     } else {
-        println!("catalog: applied migrations {:?}, now version {}", r.migrations_applied, r.catalog_version);
+        println!(
+            "catalog: applied migrations {:?}, now version {}",
+            r.migrations_applied, r.catalog_version
+        );
     }
-    println!("publication: {} ({} tables)", catalog::PUBLICATION, r.publication_tables);
-    println!("slot: {} ({})", r.slot, if r.slot_created { "created" } else { "exists" });
-    println!("region {} is ready; start it with: pgmesh run --region {} --upstream ...", args.region, args.region);
+    println!(
+        "publication: {} ({} tables)",
+        catalog::PUBLICATION,
+        r.publication_tables
+    );
+    println!(
+        "slot: {} ({})",
+        r.slot,
+        if r.slot_created { "created" } else { "exists" }
+    );
+    println!(
+        "region {} is ready; start it with: pgmesh run --region {} --upstream ...",
+        args.region, args.region
+    );
     Ok(())
 }
 

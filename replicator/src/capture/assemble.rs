@@ -150,6 +150,7 @@ impl Assembler {
                         new: None,
                         unchanged: Vec::new(),
                         types: Vec::new(),
+                        prev: None,
                     });
                 }
                 self.open("Truncate")?.changes.extend(changes);
@@ -245,6 +246,7 @@ fn row_change(
         new: None,
         unchanged: Vec::new(),
         types: Vec::new(),
+        prev: None,
     };
     if let Some(o) = old {
         change.pk = key_of(rel, o.tuple())?;

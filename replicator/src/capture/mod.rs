@@ -10,4 +10,4 @@ pub mod assemble;
 pub mod run;
 
 pub use assemble::{AssembleError, Assembled, Assembler, APPLIED_PREFIX};
-pub use run::{run, CaptureConfig, CaptureError, Role};
+pub use run::{progress_channel, run, CaptureConfig, CaptureError, Progress, ProgressTx, Role};

@@ -10,10 +10,11 @@
 //!   skipped, so a crash never duplicates either.
 //! - Appends batch whatever is already received; nothing waits on a timer.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 use super::assemble::{AssembleError, Assembler};
@@ -68,6 +69,62 @@ impl CaptureConfig {
     }
 }
 
+/// Capture's side of the progress channel: what is durably logged, and pokes from
+/// apply asking to prove progress.
+#[derive(Debug)]
+pub struct ProgressTx {
+    logged: watch::Sender<Lsn>,
+    poke: Arc<Notify>,
+}
+
+/// Apply's side: waits until capture has logged every local commit below an LSN.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    logged: watch::Receiver<Lsn>,
+    poke: Arc<Notify>,
+}
+
+/// A connected pair.
+pub fn progress_channel() -> (ProgressTx, Progress) {
+    let (tx, rx) = watch::channel(Lsn(0));
+    let poke = Arc::new(Notify::new());
+    (
+        ProgressTx {
+            logged: tx,
+            poke: poke.clone(),
+        },
+        Progress { logged: rx, poke },
+    )
+}
+
+impl Progress {
+    /// Position up to which every local commit is in the change log.
+    pub fn logged(&self) -> Lsn {
+        *self.logged.borrow()
+    }
+
+    /// Waits until capture has logged everything below `lsn`, or `timeout` passes
+    /// (returns false then). Each poke makes capture ask the walsender for its
+    /// position at once, so this waits for a round trip, not for a timer.
+    pub async fn wait_for(&mut self, lsn: Lsn, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if *self.logged.borrow_and_update() >= lsn {
+                return true;
+            }
+            self.poke.notify_one();
+            let step = tokio::time::Instant::now() + Duration::from_millis(50);
+            tokio::select! {
+                r = self.logged.changed() => if r.is_err() { return false },
+                _ = tokio::time::sleep_until(step.min(deadline)) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return *self.logged.borrow() >= lsn;
+            }
+        }
+    }
+}
+
 /// This node's part in capture for its region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -85,6 +142,7 @@ pub fn leader_key(region: &str) -> i64 {
 pub async fn run(
     cfg: CaptureConfig,
     role: watch::Sender<Role>,
+    progress: ProgressTx,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -92,7 +150,7 @@ pub async fn run(
         if *shutdown.borrow() {
             return;
         }
-        match run_once(&cfg, &role, &mut shutdown).await {
+        match run_once(&cfg, &role, &progress, &mut shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 let _ = role.send(Role::Starting);
@@ -110,6 +168,7 @@ pub async fn run(
 async fn run_once(
     cfg: &CaptureConfig,
     role: &watch::Sender<Role>,
+    progress: &ProgressTx,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), CaptureError> {
     // This connection holds the leader lock for as long as it lives.
@@ -169,6 +228,10 @@ async fn run_once(
             biased;
             _ = shutdown.changed() => return Ok(()),
             m = stream.next() => m?,
+            _ = progress.poke.notified() => {
+                stream.send_status(status(pump.confirmed, true)).await?;
+                continue;
+            }
             _ = tick.tick() => {
                 stream.send_status(status(pump.confirmed, false)).await?;
                 // Keep the lock connection honest: a dead one means we lost leadership.
@@ -200,6 +263,11 @@ async fn run_once(
         let caught_up = !stream.has_buffered() || pump.batch.len() >= pump.max_batch;
         if !asm.in_transaction() && caught_up {
             pump.flush(&mut log, stream).await?;
+            progress.logged.send_if_modified(|l| {
+                let moved = *l < pump.confirmed;
+                *l = (*l).max(pump.confirmed);
+                moved
+            });
         }
     }
 }
@@ -234,7 +302,7 @@ impl Pump {
         stream: &mut ReplStream,
     ) -> Result<(), CaptureError> {
         if !self.batch.is_empty() {
-            log.append(&self.batch).await?;
+            log.append_local(&mut self.batch).await?;
             debug!(events = self.batch.len(), "appended to change log");
             self.batch.clear();
         }

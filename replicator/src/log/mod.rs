@@ -8,6 +8,7 @@
 //! events of one append.
 
 pub mod table;
+pub mod versions;
 
 use thiserror::Error;
 

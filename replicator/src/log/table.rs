@@ -7,7 +7,7 @@
 
 use tokio_postgres::Client;
 
-use super::{ChangeLog, LogError, Logged, ResumePoint};
+use super::{versions, ChangeLog, LogError, Logged, ResumePoint};
 use crate::event::{Change, ChangeEvent, Stamp};
 use crate::hlc::Hlc;
 use crate::pgoutput::Lsn;
@@ -26,6 +26,20 @@ WITH ins AS (
   RETURNING 1
 )
 SELECT pg_notify('pgmesh_changelog', count(*)::text) FROM ins";
+
+/// Like [`APPEND`], but returns the `(origin, hlc)` of the rows actually inserted, so
+/// the apply step learns which events are new (the log doubles as the dedup table).
+pub const APPEND_RETURNING: &str = "
+WITH ins AS (
+  INSERT INTO mesh.changelog
+    (origin, hlc, source_lsn, xid, commit_ts, stamped, local_only, tags, changes)
+  SELECT o, h, l::pg_lsn, x, timestamptz 'epoch' + t * interval '1 microsecond', s, lo, tg::jsonb, ch::jsonb
+  FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::bool[], $7::bool[],
+              $8::text[], $9::text[]) AS u(o, h, l, x, t, s, lo, tg, ch)
+  ON CONFLICT DO NOTHING
+  RETURNING origin, hlc
+), n AS (SELECT pg_notify('pgmesh_changelog', count(*)::text) FROM ins)
+SELECT ins.origin, ins.hlc FROM ins, n";
 
 /// The change log as a table in PostgreSQL.
 #[derive(Debug)]
@@ -50,42 +64,93 @@ fn lsn_text(lsn: u64) -> String {
     Lsn(lsn).to_string()
 }
 
+impl TableLog {
+    /// Appends local events from capture: in one transaction, stamps each change with
+    /// the row version it overwrote, logs the events, and records the new versions.
+    pub async fn append_local(&mut self, events: &mut [ChangeEvent]) -> Result<(), LogError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let tx = self.client.transaction().await?;
+        let current = versions::load(&tx, &versions::keys_of(events)).await?;
+        let touched = versions::advance_local(events, current);
+        tx.execute(APPEND, &append_params(events).refs()).await?;
+        versions::store(&tx, &touched).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// The array parameters of [`APPEND`].
+#[derive(Debug)]
+pub struct AppendParams {
+    origin: Vec<String>,
+    hlc: Vec<i64>,
+    lsn: Vec<String>,
+    xid: Vec<i64>,
+    ts: Vec<i64>,
+    stamped: Vec<bool>,
+    local: Vec<bool>,
+    tags: Vec<String>,
+    changes: Vec<String>,
+}
+
+impl AppendParams {
+    /// References in statement order.
+    pub fn refs(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 9] {
+        [
+            &self.origin,
+            &self.hlc,
+            &self.lsn,
+            &self.xid,
+            &self.ts,
+            &self.stamped,
+            &self.local,
+            &self.tags,
+            &self.changes,
+        ]
+    }
+}
+
+/// Builds the parameters that insert `events` into `mesh.changelog`.
+pub fn append_params(events: &[ChangeEvent]) -> AppendParams {
+    let n = events.len();
+    let mut p = AppendParams {
+        origin: Vec::with_capacity(n),
+        hlc: Vec::with_capacity(n),
+        lsn: Vec::with_capacity(n),
+        xid: Vec::with_capacity(n),
+        ts: Vec::with_capacity(n),
+        stamped: Vec::with_capacity(n),
+        local: Vec::with_capacity(n),
+        tags: Vec::with_capacity(n),
+        changes: Vec::with_capacity(n),
+    };
+    for e in events {
+        p.origin.push(e.origin.clone());
+        p.hlc.push(e.hlc.as_u64() as i64);
+        p.lsn.push(lsn_text(e.source_lsn));
+        p.xid.push(e.xid as i64);
+        p.ts.push(e.commit_ts_us);
+        p.stamped.push(e.stamp.is_some());
+        p.local.push(e.local_only);
+        p.tags.push(match &e.stamp {
+            Some(s) => serde_json::to_string(s).expect("stamp serializes"),
+            None => "{}".to_string(),
+        });
+        p.changes
+            .push(serde_json::to_string(&e.changes).expect("changes serialize"));
+    }
+    p
+}
+
 impl ChangeLog for TableLog {
     async fn append(&mut self, events: &[ChangeEvent]) -> Result<(), LogError> {
         if events.is_empty() {
             return Ok(());
         }
-        let n = events.len();
-        let mut origin = Vec::with_capacity(n);
-        let mut hlc = Vec::with_capacity(n);
-        let mut lsn = Vec::with_capacity(n);
-        let mut xid = Vec::with_capacity(n);
-        let mut ts = Vec::with_capacity(n);
-        let mut stamped = Vec::with_capacity(n);
-        let mut local = Vec::with_capacity(n);
-        let mut tags = Vec::with_capacity(n);
-        let mut changes = Vec::with_capacity(n);
-        for e in events {
-            origin.push(e.origin.as_str());
-            hlc.push(e.hlc.as_u64() as i64);
-            lsn.push(lsn_text(e.source_lsn));
-            xid.push(e.xid as i64);
-            ts.push(e.commit_ts_us);
-            stamped.push(e.stamp.is_some());
-            local.push(e.local_only);
-            tags.push(match &e.stamp {
-                Some(s) => serde_json::to_string(s).expect("stamp serializes"),
-                None => "{}".to_string(),
-            });
-            changes.push(serde_json::to_string(&e.changes).expect("changes serialize"));
-        }
         self.client
-            .execute(
-                APPEND,
-                &[
-                    &origin, &hlc, &lsn, &xid, &ts, &stamped, &local, &tags, &changes,
-                ],
-            )
+            .execute(APPEND, &append_params(events).refs())
             .await?;
         Ok(())
     }

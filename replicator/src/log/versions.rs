@@ -1,0 +1,115 @@
+//! Row versions of local changes, kept in `mesh.row_versions` by capture.
+//!
+//! When capture logs local events it also records, in the same transaction, the
+//! version each changed row now has, and stamps every change with the version it
+//! overwrote (`prev`), so a peer can tell a concurrent write (a real conflict) from a
+//! write that saw the previous one. This module only reads and upserts versions.
+
+use std::collections::HashMap;
+
+use tokio_postgres::GenericClient;
+
+use crate::catalog::origin_id_for;
+use crate::event::{ChangeEvent, Op};
+use crate::hlc::Hlc;
+use crate::resolve::Version;
+
+/// Versions of rows keyed by `(table, key json)`, with a tombstone flag.
+pub type VersionMap = HashMap<(String, String), (Version, bool)>;
+
+/// Reads the current versions of the given keys.
+pub async fn load<C: GenericClient>(
+    c: &C,
+    keys: &[(String, String)],
+) -> Result<VersionMap, tokio_postgres::Error> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let tbls: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    let pks: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+    let rows = c
+        .query(
+            "SELECT v.tbl, v.pk::text, v.hlc, v.origin, v.deleted
+             FROM unnest($1::text[], $2::text[]) AS k(tbl, pk)
+             JOIN mesh.row_versions v ON v.tbl = k.tbl AND v.pk = k.pk::jsonb",
+            &[&tbls, &pks],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let version = Version {
+                hlc: Hlc::from_u64(r.get::<_, i64>(2) as u64),
+                origin: r.get(3),
+            };
+            ((r.get(0), r.get(1)), (version, r.get(4)))
+        })
+        .collect())
+}
+
+/// Writes versions (insert or overwrite).
+pub async fn store<C: GenericClient>(
+    c: &C,
+    versions: &VersionMap,
+) -> Result<(), tokio_postgres::Error> {
+    if versions.is_empty() {
+        return Ok(());
+    }
+    let mut tbl = Vec::new();
+    let mut pk = Vec::new();
+    let mut hlc = Vec::new();
+    let mut origin = Vec::new();
+    let mut deleted = Vec::new();
+    for ((t, k), (v, d)) in versions {
+        tbl.push(t.as_str());
+        pk.push(k.as_str());
+        hlc.push(v.hlc.as_u64() as i64);
+        origin.push(v.origin);
+        deleted.push(*d);
+    }
+    c.execute(
+        "INSERT INTO mesh.row_versions (tbl, pk, hlc, origin, deleted)
+         SELECT t, k::jsonb, h, o, d FROM unnest($1::text[], $2::text[], $3::int8[], $4::int2[], $5::bool[])
+           AS u(t, k, h, o, d)
+         ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, deleted = excluded.deleted",
+        &[&tbl, &pk, &hlc, &origin, &deleted],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The keys of every row change in `events`.
+pub fn keys_of(events: &[ChangeEvent]) -> Vec<(String, String)> {
+    let mut keys: Vec<(String, String)> = events
+        .iter()
+        .flat_map(|e| e.changes.iter())
+        .filter(|c| !c.pk.is_empty() && matches!(c.op, Op::Insert | Op::Update | Op::Delete))
+        .map(|c| (c.table.clone(), c.key_json()))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// Stamps each local change with the version it overwrote and returns the versions
+/// the rows have afterwards (only the touched keys).
+pub fn advance_local(events: &mut [ChangeEvent], mut current: VersionMap) -> VersionMap {
+    let mut touched = HashMap::new();
+    for e in events.iter_mut() {
+        let version = Version {
+            hlc: e.hlc,
+            origin: origin_id_for(&e.origin),
+        };
+        for c in e.changes.iter_mut() {
+            if c.pk.is_empty() || !matches!(c.op, Op::Insert | Op::Update | Op::Delete) {
+                continue;
+            }
+            let key = (c.table.clone(), c.key_json());
+            c.prev = current.get(&key).map(|(v, _)| *v);
+            let next = (version, c.op == Op::Delete);
+            current.insert(key.clone(), next);
+            touched.insert(key, next);
+        }
+    }
+    touched
+}
