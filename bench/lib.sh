@@ -137,3 +137,96 @@ ratio() {
         if (a == "" || b == "" || a == "n/a" || b == "n/a" || b + 0 == 0) print "n/a";
         else printf "%.3f\n", a / b }'
 }
+
+# wait_until SECS WHAT CMD...: retries CMD every 0.2 s until it succeeds; dies naming
+# WHAT if SECS pass first. For conditions with no process of ours to watch.
+wait_until() {
+    local secs="$1" what="$2" end
+    shift 2
+    end=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < end)) || die "timed out after ${secs}s waiting for $what"
+        sleep 0.2
+    done
+}
+
+# now_s: the wall clock in seconds, with fractions.
+now_s() {
+    date +%s.%N
+}
+
+# secs_since T0: seconds elapsed since T0 (a now_s value), 1 decimal.
+secs_since() {
+    awk -v a="$1" -v b="$(now_s)" 'BEGIN { printf "%.1f\n", b - a }'
+}
+
+# pg_cluster_create PGBIN DIR PORT [CONF_LINE...]: a fresh cluster in DIR (trust
+# auth, superuser postgres, UTF8, C locale) listening on 127.0.0.1:PORT with its
+# socket in DIR's parent, plus CONF_LINEs appended to postgresql.conf. DIR's parent
+# must belong to the server user (see as_server). Shows initdb's output on failure.
+pg_cluster_create() {
+    local pgbin="$1" dir="$2" port="$3" parent
+    shift 3
+    parent="$(dirname "$dir")"
+    as_server "$parent" "$pgbin/initdb" -D "$dir" -A trust -U postgres -E UTF8 --locale=C \
+        >"$dir.initdb.log" 2>&1 || {
+        cat "$dir.initdb.log" >&2
+        die "initdb $dir failed"
+    }
+    {
+        echo "# pgmesh bench"
+        echo "listen_addresses = '127.0.0.1'"
+        echo "port = $port"
+        echo "unix_socket_directories = '$parent'"
+        local line
+        for line in "$@"; do
+            echo "$line"
+        done
+    } >>"$dir/postgresql.conf"
+}
+
+# pg_cluster_start PGBIN DIR LOGFILE: starts the cluster in DIR, waiting up to 60 s;
+# dies showing the tail of LOGFILE if it does not come up.
+pg_cluster_start() {
+    local pgbin="$1" dir="$2" logfile="$3"
+    as_server "$(dirname "$dir")" "$pgbin/pg_ctl" -D "$dir" -l "$logfile" -w -t 60 start \
+        >/dev/null 2>&1 || {
+        tail -n 40 "$logfile" >&2 || true
+        die "PostgreSQL in $dir did not start"
+    }
+}
+
+# pg_cluster_stop PGBIN DIR: immediate shutdown of the cluster in DIR; SIGKILLs the
+# postmaster if pg_ctl cannot. Quiet, and never fails: it is for cleanup paths.
+pg_cluster_stop() {
+    local pgbin="$1" dir="$2" pid
+    [[ -d "$dir" ]] || return 0
+    if ! as_server "$(dirname "$dir")" "$pgbin/pg_ctl" -D "$dir" -m immediate -w -t 30 stop \
+        >/dev/null 2>&1; then
+        if [[ -s "$dir/postmaster.pid" ]]; then
+            pid="$(head -n 1 "$dir/postmaster.pid")"
+            [[ "$pid" =~ ^[0-9]+$ ]] && kill -KILL "$pid" 2>/dev/null
+        fi
+    fi
+    return 0
+}
+
+# pgbench_tps FILE: the tps pgbench printed in FILE (the figure without initial
+# connection time when there is one), or nothing.
+pgbench_tps() {
+    local tps
+    tps="$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$1" | head -n 1)"
+    [[ -n "$tps" ]] || tps="$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$1" | tail -n 1)"
+    printf '%s\n' "$tps"
+}
+
+# pgbench_failed_txns FILE: the "number of failed transactions" in FILE, or nothing
+# (older pgbench does not print it).
+pgbench_failed_txns() {
+    sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$1" | head -n 1
+}
+
+# pgbench_processed FILE: the "number of transactions actually processed" in FILE.
+pgbench_processed() {
+    sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$1" | head -n 1
+}
