@@ -44,6 +44,10 @@ pub enum ConfigError {
     },
     #[error("`{0}` must be greater than zero")]
     Zero(&'static str),
+    #[error("invalid peer {0:?}: expected NAME=HOST:PORT with NAME a region name")]
+    Peer(String),
+    #[error("peer_tls: `cert`, `key` and `ca` must be set together")]
+    PeerTlsHalf,
 }
 
 /// `pgmesh.toml`. All fields are optional in the file; `listen` and `upstream` must be
@@ -78,6 +82,43 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// TLS termination for clients. Default: off (SSLRequest is answered `N`).
     pub tls: TlsConfig,
+    /// Name of the mesh; peers with another name are refused. Default: `pgmesh`.
+    pub mesh: String,
+    /// Address this node serves its change log to peers on, `HOST:PORT`. Default: none
+    /// (peers cannot pull from this node).
+    pub peer_listen: Option<String>,
+    /// Peers to pull from, each `NAME=HOST:PORT` where NAME is the peer's region.
+    /// Default: none.
+    pub peers: Vec<String>,
+    /// Also serve events this node applied from other regions (origin preserved):
+    /// the hub of a hub-and-spoke topology. Default: false.
+    pub relay: bool,
+    /// TLS for peer links. Default: off (plain TCP, for loopback demos only).
+    pub peer_tls: PeerTlsConfig,
+    /// Address of the Prometheus endpoint (`GET /metrics`), `HOST:PORT`. Default: none.
+    pub metrics_listen: Option<String>,
+}
+
+/// TLS of peer links: this node's certificate, and the mesh CA that every peer
+/// certificate must be signed by (mutual TLS). All files PEM.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerTlsConfig {
+    /// This node's certificate chain. Default: none.
+    pub cert: Option<PathBuf>,
+    /// Its private key. Default: none.
+    pub key: Option<PathBuf>,
+    /// The mesh CA. Default: none.
+    pub ca: Option<PathBuf>,
+}
+
+/// One peer to pull from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The peer's region.
+    pub name: String,
+    /// `HOST:PORT` of its peer listener.
+    pub addr: String,
 }
 
 /// Client-facing TLS. Both files are PEM.
@@ -104,6 +145,12 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             max_message_bytes: crate::net::frame::PG_LARGE_MESSAGE_LIMIT,
             tls: TlsConfig::default(),
+            mesh: "pgmesh".into(),
+            peer_listen: None,
+            peers: Vec::new(),
+            relay: false,
+            peer_tls: PeerTlsConfig::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -113,6 +160,7 @@ impl Default for Config {
 pub struct Validated {
     pub listen: SocketAddr,
     pub upstream: UpstreamTarget,
+    pub peers: Vec<Peer>,
     pub config: Config,
 }
 
@@ -184,9 +232,37 @@ impl Config {
             (None, None) => {}
             _ => return Err(ConfigError::TlsHalf),
         }
+        let mut peers = Vec::new();
+        for p in &self.peers {
+            let (name, addr) = p
+                .split_once('=')
+                .ok_or_else(|| ConfigError::Peer(p.clone()))?;
+            if pgmesh_replicator::catalog::validate_region(name).is_err() || !addr.contains(':') {
+                return Err(ConfigError::Peer(p.clone()));
+            }
+            peers.push(Peer {
+                name: name.to_string(),
+                addr: addr.to_string(),
+            });
+        }
+        let t = &self.peer_tls;
+        if !(t.cert.is_some() == t.key.is_some() && t.key.is_some() == t.ca.is_some()) {
+            return Err(ConfigError::PeerTlsHalf);
+        }
+        for addr in [&self.peer_listen, &self.metrics_listen]
+            .into_iter()
+            .flatten()
+        {
+            addr.parse::<SocketAddr>()
+                .map_err(|source| ConfigError::Listen {
+                    addr: addr.clone(),
+                    source,
+                })?;
+        }
         Ok(Validated {
             listen,
             upstream,
+            peers,
             config: self,
         })
     }

@@ -7,6 +7,8 @@
 pub mod cancel;
 pub mod cli;
 pub mod config;
+pub mod demo;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod server;

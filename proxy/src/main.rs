@@ -26,6 +26,14 @@ fn main() -> std::process::ExitCode {
             last,
             no_follow,
         }) => runtime().and_then(|rt| rt.block_on(cli::log::tail(&upstream, last, !no_follow))),
+        Command::Demo { regions, base_port } => runtime().and_then(|rt| {
+            rt.block_on(pgmesh_proxy::demo::run(
+                regions,
+                base_port,
+                std::future::pending(),
+            ))
+        }),
+        Command::Certs { out, nodes } => cli::certs(&out, &nodes),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

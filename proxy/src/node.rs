@@ -1,15 +1,28 @@
-//! The replication side of a node: starts capture next to the proxy and stops it.
+//! A whole node: the proxy, and when the regional database has the `mesh` catalog,
+//! capture, the peer server, the pull links and metrics.
 //!
-//! Capture runs only when the regional database has the `mesh` catalog (after
-//! `pgmesh init`); a node in front of an uninitialised database is a plain proxy,
-//! and says so once. This module owns task lifecycles, not replication logic.
+//! Capture and apply belong to the region's leader only (an advisory lock held by
+//! capture), so the pull links start when this node becomes leader and stop when it
+//! is not. The peer server only reads the change log, so every node may serve it.
+//! This module owns task lifecycles, not replication logic.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use pgmesh_replicator::capture::{self, CaptureConfig, Progress, Role};
+use pgmesh_replicator::link::server::{LinkServer, ServeConfig, SharedTableLog};
+use pgmesh_replicator::log::notify::LogNotifier;
+use pgmesh_replicator::log::TableLog;
+use pgmesh_replicator::pull::{self, OnBatch, PullConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Validated;
+use crate::metrics::{self, Metrics};
+use crate::server::{self, ProxyHandle};
 
 /// A running capture task.
 #[derive(Debug)]
@@ -43,7 +56,8 @@ impl CaptureHandle {
     }
 }
 
-/// The URL capture uses: the upstream URL, with user `postgres` when none is given.
+/// The URL the replication side uses: the upstream URL, with user `postgres` when none
+/// is given.
 pub fn capture_url(v: &Validated) -> String {
     let u = &v.upstream;
     let user = u.user.clone().unwrap_or_else(|| "postgres".into());
@@ -55,24 +69,27 @@ pub fn capture_url(v: &Validated) -> String {
     format!("postgres://{auth}@{}/{db}", u.addr())
 }
 
+async fn catalog_installed(url: &str) -> bool {
+    match pgmesh_replicator::catalog::connect(url).await {
+        Ok(c) => c
+            .query_one("SELECT to_regclass('mesh.changelog') IS NOT NULL", &[])
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false),
+        Err(e) => {
+            warn!(error = %e, "cannot reach the regional database");
+            false
+        }
+    }
+}
+
 /// Starts capture if enabled and the catalog is installed.
 pub async fn start_capture(v: &Validated) -> anyhow::Result<Option<CaptureHandle>> {
     if !v.config.capture {
         return Ok(None);
     }
     let url = capture_url(v);
-    let client = match pgmesh_replicator::catalog::connect(&url).await {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(error = %e, "cannot reach the regional database; running as a proxy only");
-            return Ok(None);
-        }
-    };
-    let installed: bool = client
-        .query_one("SELECT to_regclass('mesh.changelog') IS NOT NULL", &[])
-        .await?
-        .get(0);
-    if !installed {
+    if !catalog_installed(&url).await {
         info!("mesh catalog not installed; running as a proxy only (run `pgmesh init` to enable capture)");
         return Ok(None);
     }
@@ -92,5 +109,214 @@ pub fn spawn(cfg: CaptureConfig) -> CaptureHandle {
         role,
         progress,
         task,
+    }
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct NodeHandle {
+    pub proxy: ProxyHandle,
+    pub capture: Option<CaptureHandle>,
+    /// Where peers pull from, when serving.
+    pub peer_addr: Option<SocketAddr>,
+    /// Where `/metrics` is served.
+    pub metrics_addr: Option<SocketAddr>,
+    pub metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl NodeHandle {
+    /// Stops links, peer server, capture, then drains the proxy within `grace`.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.stop.send(true);
+        self.cancel.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if let Some(c) = self.capture {
+            c.stop().await;
+        }
+        self.proxy.shutdown(grace).await;
+    }
+}
+
+/// Starts every part of a node that its configuration and database allow.
+pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
+    let metrics = Metrics::new(&v.config.region);
+    let (stop, stop_rx) = watch::channel(false);
+    let cancel = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let url = capture_url(&v);
+    let capture = start_capture(&v).await?;
+    let mut peer_addr = None;
+    if capture.is_some() {
+        if let Some(listen) = &v.config.peer_listen {
+            let tls = peer_server_tls(&v)?;
+            let log = SharedTableLog::new(
+                TableLog::new(pgmesh_replicator::catalog::connect(&url).await?).await?,
+            );
+            let (wake, notifier) = LogNotifier::start(&url);
+            let mut cfg = ServeConfig::new(
+                listen.parse()?,
+                &v.config.mesh,
+                &v.config.region,
+                v.config.node_name(),
+            );
+            cfg.relay = v.config.relay;
+            let (addr, task) =
+                LinkServer::start(cfg, Arc::new(log), wake, tls, cancel.clone()).await?;
+            info!(peer_listen = %addr, relay = v.config.relay, "serving the change log to peers");
+            peer_addr = Some(addr);
+            tasks.push(task);
+            tasks.push(notifier);
+        }
+        if let Some(c) = &capture {
+            if !v.peers.is_empty() {
+                tasks.push(tokio::spawn(supervise_links(
+                    v.clone(),
+                    url.clone(),
+                    c.watch_role(),
+                    c.progress(),
+                    metrics.clone(),
+                    stop_rx.clone(),
+                )));
+            }
+        }
+    }
+    let metrics_addr = match &v.config.metrics_listen {
+        Some(addr) => Some(
+            metrics::serve(
+                addr.parse()?,
+                metrics.clone(),
+                capture.is_some().then(|| url.clone()),
+                stop_rx.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let proxy = server::start(v).await?;
+    Ok(NodeHandle {
+        proxy,
+        capture,
+        peer_addr,
+        metrics_addr,
+        metrics,
+        stop,
+        cancel,
+        tasks,
+    })
+}
+
+fn peer_server_tls(v: &Validated) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    let t = &v.config.peer_tls;
+    match (&t.cert, &t.key, &t.ca) {
+        (Some(c), Some(k), Some(ca)) => Ok(Some(pgmesh_replicator::link::tls::server_config(
+            c,
+            k,
+            Some(ca),
+        )?)),
+        _ => Ok(None),
+    }
+}
+
+type PeerClientTls = (
+    Arc<rustls::ClientConfig>,
+    rustls::pki_types::ServerName<'static>,
+);
+
+fn peer_client_tls(v: &Validated, peer_host: &str) -> anyhow::Result<Option<PeerClientTls>> {
+    let t = &v.config.peer_tls;
+    match (&t.cert, &t.key, &t.ca) {
+        (Some(c), Some(k), Some(ca)) => Ok(Some((
+            pgmesh_replicator::link::tls::client_config(ca, Some((c, k)))?,
+            rustls::pki_types::ServerName::try_from(peer_host.to_string())?,
+        ))),
+        _ => Ok(None),
+    }
+}
+
+/// Runs the pull links while this node is the region's leader.
+async fn supervise_links(
+    v: Validated,
+    url: String,
+    mut role: watch::Receiver<Role>,
+    progress: Progress,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let regions: Vec<String> = v.peers.iter().map(|p| p.name.clone()).collect();
+    let on_batch: OnBatch = {
+        let metrics = metrics.clone();
+        Arc::new(
+            move |peer: &str, out: &pgmesh_replicator::apply::BatchOutcome| {
+                metrics.link(peer, |c| {
+                    c.applied_events += out.applied as u64;
+                    c.duplicate_events += out.duplicates as u64;
+                    c.conflicts += out.conflicts as u64;
+                    c.dead_letters += out.dead_letters as u64;
+                    c.batches += 1;
+                });
+            },
+        )
+    };
+    loop {
+        while *role.borrow_and_update() != Role::Leader {
+            tokio::select! {
+                r = role.changed() => if r.is_err() { return },
+                _ = stop.changed() => return,
+            }
+        }
+        let (links_stop, links_rx) = watch::channel(false);
+        let mut links = Vec::new();
+        for p in &v.peers {
+            let host = p
+                .addr
+                .rsplit_once(':')
+                .map_or(p.addr.as_str(), |(h, _)| h)
+                .to_string();
+            let tls = match peer_client_tls(&v, &host) {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(peer = %p.name, error = %e, "peer TLS setup failed; link not started");
+                    continue;
+                }
+            };
+            let cfg = PullConfig {
+                url: url.clone(),
+                mesh: v.config.mesh.clone(),
+                region: v.config.region.clone(),
+                node: v.config.node_name(),
+                peer: p.name.clone(),
+                addr: p.addr.clone(),
+                regions: regions.clone(),
+                max_batch: 500,
+                tls,
+            };
+            links.push(tokio::spawn(pull::run(
+                cfg,
+                Some(progress.clone()),
+                on_batch.clone(),
+                links_rx.clone(),
+            )));
+        }
+        info!(links = links.len(), "leader: pull links started");
+        let stopping = loop {
+            tokio::select! {
+                r = role.changed() => {
+                    if r.is_err() || *role.borrow() != Role::Leader { break false; }
+                }
+                _ = stop.changed() => break true,
+            }
+        };
+        let _ = links_stop.send(true);
+        for l in links {
+            let _ = l.await;
+        }
+        if stopping {
+            return;
+        }
     }
 }

@@ -18,7 +18,7 @@ const MIGRATION_LOCK: i64 = 0x7067_6d65_7368_0001;
 /// Errors of catalog setup.
 #[derive(Debug, Error)]
 pub enum CatalogError {
-    #[error("cannot connect to {url}: {source}")]
+    #[error("cannot connect to {url}: {}", pg_error(.source))]
     Connect {
         url: String,
         source: tokio_postgres::Error,
@@ -31,7 +31,7 @@ pub enum CatalogError {
     TooNew { found: i32, supported: i32 },
     #[error("invalid region name {0:?}: use letters, digits and underscores")]
     RegionName(String),
-    #[error("{0}")]
+    #[error("{}", pg_error(.0))]
     Sql(#[from] tokio_postgres::Error),
 }
 
@@ -87,6 +87,29 @@ pub fn validate_region(region: &str) -> Result<(), CatalogError> {
         Ok(())
     } else {
         Err(CatalogError::RegionName(region.into()))
+    }
+}
+
+/// A database error with its SQLSTATE, message and detail (tokio-postgres's own
+/// Display says only "db error").
+pub fn pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => {
+            let mut s = format!("{} ({})", d.message(), d.code().code());
+            if let Some(detail) = d.detail() {
+                s.push_str(": ");
+                s.push_str(detail);
+            }
+            s
+        }
+        None => {
+            let mut s = e.to_string();
+            if let Some(src) = std::error::Error::source(e) {
+                s.push_str(": ");
+                s.push_str(&src.to_string());
+            }
+            s
+        }
     }
 }
 

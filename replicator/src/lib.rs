@@ -1,10 +1,14 @@
 //! pgmesh replication core. Filled in by the capture and replication work.
 
+pub mod apply;
 pub mod capture;
 pub mod catalog;
+pub mod certs;
 pub mod event;
 pub mod hlc;
+pub mod link;
 pub mod log;
 pub mod pgoutput;
+pub mod pull;
 pub mod replconn;
 pub mod resolve;

@@ -13,7 +13,6 @@ use clap::{Args, Parser, Subcommand};
 use tracing::info;
 
 use crate::config::Config;
-use crate::server;
 
 /// pgmesh: active-active PostgreSQL across regions, with nothing installed inside
 /// PostgreSQL.
@@ -43,6 +42,25 @@ pub enum Command {
     /// Inspect the change log.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Run a local multi-region mesh on this machine: N PostgreSQL clusters and N
+    /// nodes, a sample schema and a conflict; Ctrl-C removes everything.
+    Demo {
+        /// Number of regions (2-9).
+        #[arg(long, default_value_t = 3)]
+        regions: usize,
+        /// First port: region i uses base+10i (PostgreSQL), +1 (proxy), +2 (peer), +3 (metrics).
+        #[arg(long, default_value_t = 6540)]
+        base_port: u16,
+    },
+    /// Generate a development CA and node certificates for peer mTLS.
+    Certs {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Node names, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+    },
 }
 
 /// Flags of `pgmesh init`.
@@ -103,6 +121,30 @@ pub struct RunArgs {
     /// Run only the proxy, never capture (for sidecars).
     #[arg(long)]
     pub no_capture: bool,
+    /// Serve this node's change log to peers on HOST:PORT.
+    #[arg(long)]
+    pub peer_listen: Option<String>,
+    /// Pull from a peer region, NAME=HOST:PORT (repeatable).
+    #[arg(long = "peer")]
+    pub peers: Vec<String>,
+    /// Relay events applied from other regions to peers (hub of hub-and-spoke).
+    #[arg(long)]
+    pub relay: bool,
+    /// Peer-link TLS: this node's certificate (PEM); needs --peer-tls-key and --peer-ca.
+    #[arg(long)]
+    pub peer_tls_cert: Option<PathBuf>,
+    /// Peer-link TLS: this node's private key (PEM).
+    #[arg(long)]
+    pub peer_tls_key: Option<PathBuf>,
+    /// Peer-link TLS: the mesh CA; peers must present a certificate it signed.
+    #[arg(long)]
+    pub peer_ca: Option<PathBuf>,
+    /// Mesh name; peers of another mesh are refused [default: pgmesh].
+    #[arg(long)]
+    pub mesh: Option<String>,
+    /// Serve Prometheus metrics (GET /metrics) on HOST:PORT.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
     /// PEM certificate chain for client TLS (needs --tls-key).
     #[arg(long)]
     pub tls_cert: Option<PathBuf>,
@@ -145,6 +187,30 @@ impl RunArgs {
         if self.no_capture {
             c.capture = false;
         }
+        if let Some(v) = &self.peer_listen {
+            c.peer_listen = Some(v.clone());
+        }
+        if !self.peers.is_empty() {
+            c.peers = self.peers.clone();
+        }
+        if self.relay {
+            c.relay = true;
+        }
+        if let Some(v) = &self.peer_tls_cert {
+            c.peer_tls.cert = Some(v.clone());
+        }
+        if let Some(v) = &self.peer_tls_key {
+            c.peer_tls.key = Some(v.clone());
+        }
+        if let Some(v) = &self.peer_ca {
+            c.peer_tls.ca = Some(v.clone());
+        }
+        if let Some(v) = &self.mesh {
+            c.mesh = v.clone();
+        }
+        if let Some(v) = &self.metrics_listen {
+            c.metrics_listen = Some(v.clone());
+        }
         if let Some(v) = &self.tls_cert {
             c.tls.cert = Some(v.clone());
         }
@@ -168,16 +234,12 @@ impl RunArgs {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let validated = args.to_config()?.validate()?;
     let grace = Duration::from_secs(validated.config.shutdown_grace_secs);
-    let capture = crate::node::start_capture(&validated).await?;
-    let handle = server::start(validated).await?;
+    let node = crate::node::start(validated).await?;
     wait_for_signal().await?;
     info!(grace_secs = grace.as_secs(), "shutdown requested, draining");
     tokio::select! {
-        _ = handle.shutdown(grace) => {}
+        _ = node.shutdown(grace) => {}
         _ = wait_for_signal() => info!("second signal, exiting now"),
-    }
-    if let Some(c) = capture {
-        c.stop().await;
     }
     Ok(())
 }
@@ -229,6 +291,19 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = term.recv() => {}
         r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
     }
+    Ok(())
+}
+
+/// `pgmesh certs`.
+pub fn certs(out: &std::path::Path, nodes: &[String]) -> anyhow::Result<()> {
+    let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    pgmesh_replicator::certs::generate(out, &names)?;
+    println!(
+        "wrote a development CA and certificates for {} to {}",
+        names.join(", "),
+        out.display()
+    );
+    println!("private keys (*.key) are secrets: never commit them");
     Ok(())
 }
 

@@ -36,7 +36,7 @@ pub enum CaptureError {
     Log(#[from] LogError),
     #[error("{0}")]
     Assemble(#[from] AssembleError),
-    #[error("database: {0}")]
+    #[error("database: {}", crate::catalog::pg_error(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("the mesh catalog is not installed in this database: run `pgmesh init` first")]
     NotInitialized,

@@ -7,6 +7,7 @@
 //! Kafka comes later behind the same trait. Implementations must never reorder the
 //! events of one append.
 
+pub mod notify;
 pub mod table;
 pub mod versions;
 
@@ -21,7 +22,7 @@ pub use table::TableLog;
 /// Errors of the change log.
 #[derive(Debug, Error)]
 pub enum LogError {
-    #[error("change log database: {0}")]
+    #[error("change log database: {}", crate::catalog::pg_error(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("change log row {seq} is corrupt: {reason}")]
     Corruption { seq: i64, reason: String },
@@ -35,7 +36,7 @@ pub struct ResumePoint {
 }
 
 /// One logged event with its position in the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Logged {
     pub seq: i64,
     pub event: ChangeEvent,

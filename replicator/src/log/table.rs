@@ -12,10 +12,16 @@ use crate::event::{Change, ChangeEvent, Stamp};
 use crate::hlc::Hlc;
 use crate::pgoutput::Lsn;
 
+/// Transaction-level advisory lock every appender takes before inserting into
+/// `mesh.changelog`, so sequence numbers become visible in order: a reader that has
+/// seen `seq` N can never later find a committed row below N.
+pub const APPEND_LOCK: i64 = 0x7067_6d65_7368_0002;
+
 /// Channel notified after every append, so readers wake without polling.
 pub const NOTIFY_CHANNEL: &str = "pgmesh_changelog";
 
-const APPEND: &str = "
+/// Inserts events (from [`append_params`]) and notifies readers.
+pub const APPEND: &str = "
 WITH ins AS (
   INSERT INTO mesh.changelog
     (origin, hlc, source_lsn, xid, commit_ts, stamped, local_only, tags, changes)
@@ -26,20 +32,6 @@ WITH ins AS (
   RETURNING 1
 )
 SELECT pg_notify('pgmesh_changelog', count(*)::text) FROM ins";
-
-/// Like [`APPEND`], but returns the `(origin, hlc)` of the rows actually inserted, so
-/// the apply step learns which events are new (the log doubles as the dedup table).
-pub const APPEND_RETURNING: &str = "
-WITH ins AS (
-  INSERT INTO mesh.changelog
-    (origin, hlc, source_lsn, xid, commit_ts, stamped, local_only, tags, changes)
-  SELECT o, h, l::pg_lsn, x, timestamptz 'epoch' + t * interval '1 microsecond', s, lo, tg::jsonb, ch::jsonb
-  FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::bool[], $7::bool[],
-              $8::text[], $9::text[]) AS u(o, h, l, x, t, s, lo, tg, ch)
-  ON CONFLICT DO NOTHING
-  RETURNING origin, hlc
-), n AS (SELECT pg_notify('pgmesh_changelog', count(*)::text) FROM ins)
-SELECT ins.origin, ins.hlc FROM ins, n";
 
 /// The change log as a table in PostgreSQL.
 #[derive(Debug)]
@@ -72,6 +64,8 @@ impl TableLog {
             return Ok(());
         }
         let tx = self.client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
+            .await?;
         let current = versions::load(&tx, &versions::keys_of(events)).await?;
         let touched = versions::advance_local(events, current);
         tx.execute(APPEND, &append_params(events).refs()).await?;

@@ -29,7 +29,8 @@ pub async fn load<C: GenericClient>(
     let pks: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
     let rows = c
         .query(
-            "SELECT v.tbl, v.pk::text, v.hlc, v.origin, v.deleted
+            // Return the caller's key text: jsonb prints its own canonical form.
+            "SELECT k.tbl, k.pk, v.hlc, v.origin, v.deleted
              FROM unnest($1::text[], $2::text[]) AS k(tbl, pk)
              JOIN mesh.row_versions v ON v.tbl = k.tbl AND v.pk = k.pk::jsonb",
             &[&tbls, &pks],

@@ -1,0 +1,212 @@
+//! Prometheus metrics of a node, and the tiny HTTP endpoint that serves them.
+//!
+//! Every metric is registered here, with its unit in its name. Counters live in
+//! memory; replication lag is read from `mesh.links` at scrape time, so it is true
+//! even when a link is stuck. The endpoint answers `GET /metrics` and nothing else;
+//! it never blocks the data path.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+/// Counters of one link (source region → this region).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinkCounters {
+    pub applied_events: u64,
+    pub duplicate_events: u64,
+    pub conflicts: u64,
+    pub dead_letters: u64,
+    pub batches: u64,
+}
+
+/// All metrics of a node.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    region: String,
+    sessions: AtomicI64,
+    links: Mutex<BTreeMap<String, LinkCounters>>,
+}
+
+impl Metrics {
+    pub fn new(region: &str) -> Arc<Self> {
+        Arc::new(Self {
+            region: region.to_string(),
+            ..Self::default()
+        })
+    }
+
+    /// Open proxy sessions changed by `delta`.
+    pub fn sessions_add(&self, delta: i64) {
+        self.sessions.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Adds to a link's counters.
+    pub fn link(&self, source: &str, f: impl FnOnce(&mut LinkCounters)) {
+        let mut m = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        f(m.entry(source.to_string()).or_default());
+    }
+
+    /// A snapshot of a link's counters.
+    pub fn link_counters(&self, source: &str) -> LinkCounters {
+        let m = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(source).copied().unwrap_or_default()
+    }
+
+    /// Prometheus text exposition; `lag` is (source, seconds) per link.
+    pub fn render(&self, lag: &[(String, f64)]) -> String {
+        let target = &self.region;
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP pgmesh_replication_lag_seconds Age of the oldest change not yet applied from source, 0 when caught up.");
+        let _ = writeln!(out, "# TYPE pgmesh_replication_lag_seconds gauge");
+        for (source, secs) in lag {
+            let _ = writeln!(
+                out,
+                "pgmesh_replication_lag_seconds{{source=\"{source}\",target=\"{target}\"}} {secs}"
+            );
+        }
+        let links = self.links.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let series: [(&str, &str, fn(&LinkCounters) -> u64); 5] = [
+            (
+                "pgmesh_applied_events_total",
+                "Remote events applied.",
+                |c| c.applied_events,
+            ),
+            (
+                "pgmesh_duplicate_events_total",
+                "Remote events received again and skipped.",
+                |c| c.duplicate_events,
+            ),
+            (
+                "pgmesh_conflicts_total",
+                "Conflicts resolved and recorded in mesh.conflicts.",
+                |c| c.conflicts,
+            ),
+            (
+                "pgmesh_dead_letters_total",
+                "Events sent to mesh.dead_letters.",
+                |c| c.dead_letters,
+            ),
+            (
+                "pgmesh_apply_batches_total",
+                "Apply transactions committed.",
+                |c| c.batches,
+            ),
+        ];
+        for (name, help, get) in series {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            for (source, c) in &links {
+                let _ = writeln!(
+                    out,
+                    "{name}{{source=\"{source}\",target=\"{target}\"}} {}",
+                    get(c)
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP pgmesh_proxy_sessions Open client sessions.");
+        let _ = writeln!(out, "# TYPE pgmesh_proxy_sessions gauge");
+        let _ = writeln!(
+            out,
+            "pgmesh_proxy_sessions{{region=\"{target}\"}} {}",
+            self.sessions.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+/// Reads per-link lag from `mesh.links`.
+async fn read_lag(url: &str) -> Vec<(String, f64)> {
+    let Ok(c) = pgmesh_replicator::catalog::connect(url).await else {
+        return Vec::new();
+    };
+    match c.query("SELECT name, lag_ms FROM mesh.links", &[]).await {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as f64 / 1000.0))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Serves `GET /metrics` on `addr` until shutdown. Returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    db_url: Option<String>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => { warn!(error = %e, "metrics accept failed"); continue; }
+                },
+                _ = shutdown.changed() => return,
+            };
+            let metrics = metrics.clone();
+            let db_url = db_url.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                let n = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    sock.read(&mut buf),
+                )
+                .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let (status, body) =
+                    if req.starts_with("GET /metrics ") || req.starts_with("GET /metrics?") {
+                        let lag = match &db_url {
+                            Some(u) => read_lag(u).await,
+                            None => Vec::new(),
+                        };
+                        ("200 OK", metrics.render(&lag))
+                    } else {
+                        ("404 Not Found", "not found\n".to_string())
+                    };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                if let Err(e) = sock.write_all(resp.as_bytes()).await {
+                    debug!(peer = %peer, error = %e, "metrics client left");
+                }
+            });
+        }
+    });
+    Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_units_and_labels() {
+        let m = Metrics::new("eu");
+        m.link("us", |c| {
+            c.applied_events += 3;
+            c.conflicts += 1;
+        });
+        m.sessions_add(2);
+        let text = m.render(&[("us".into(), 0.25)]);
+        assert!(text.contains("pgmesh_replication_lag_seconds{source=\"us\",target=\"eu\"} 0.25"));
+        assert!(text.contains("pgmesh_applied_events_total{source=\"us\",target=\"eu\"} 3"));
+        assert!(text.contains("pgmesh_conflicts_total{source=\"us\",target=\"eu\"} 1"));
+        assert!(text.contains("pgmesh_dead_letters_total{source=\"us\",target=\"eu\"} 0"));
+        assert!(text.contains("pgmesh_proxy_sessions{region=\"eu\"} 2"));
+    }
+}

@@ -1,0 +1,543 @@
+//! Apply: remote events become local rows, one local transaction per batch.
+//!
+//! In that transaction the batch is logged in `mesh.changelog` (which also finds
+//! the events already applied: duplicates and replays do nothing), the target rows
+//! are locked, capture is made to catch up past every local commit that touched
+//! them (the capture race), versions are read, each change is resolved by
+//! last-writer-wins, winners are written, and versions, conflicts and the link
+//! checkpoint are recorded. A crash at any point applies the whole batch or none of
+//! it. An event that cannot be applied (a constraint or type error) is isolated in
+//! its own savepoint and sent to `mesh.dead_letters`; the link keeps going.
+//!
+//! The session uses a replication origin, so capture knows these writes are not
+//! local changes (loop prevention), and `session_replication_role = replica` when the
+//! role may set it, so triggers and foreign keys behave as in native logical
+//! replication: the origin already enforced them, and cascades arrive as their own
+//! row changes.
+
+pub mod sql;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio_postgres::{Client, SimpleQueryMessage, Transaction};
+use tracing::{debug, warn};
+
+use crate::capture::{Progress, APPLIED_PREFIX};
+use crate::catalog::{self, origin_id_for};
+use crate::event::{ChangeEvent, Op};
+use crate::hlc::Hlc;
+use crate::log::table::{append_params, APPEND, APPEND_LOCK};
+use crate::log::versions::{self, VersionMap};
+use crate::log::Logged;
+use crate::pgoutput::Lsn;
+use crate::resolve::{decide, plan, Action, Version, Winner};
+
+/// Errors of apply. `Retry` errors leave the batch for the next attempt.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    #[error("database: {}", crate::catalog::pg_error(.0))]
+    Db(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Catalog(#[from] catalog::CatalogError),
+    #[error("capture did not reach {0} in time; retrying the batch")]
+    CaptureBehind(Lsn),
+}
+
+impl ApplyError {
+    /// Whether the error is about the data of one event (so it belongs in dead
+    /// letters) rather than about the connection or the database as a whole.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            ApplyError::Db(e) => e.code().is_some_and(|c| {
+                let c = c.code();
+                // 22 data exception, 23 integrity, 42 syntax/undefined object, 2B, 44
+                ["22", "23", "42", "2B", "44"]
+                    .iter()
+                    .any(|p| c.starts_with(p))
+                    && c != "40001"
+                    && c != "40P01"
+            }),
+            _ => false,
+        }
+    }
+}
+
+/// What one batch did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub applied: usize,
+    pub duplicates: usize,
+    pub conflicts: usize,
+    pub dead_letters: usize,
+    pub max_commit_ts_us: Option<i64>,
+}
+
+/// A conflict to record.
+#[derive(Debug, Clone)]
+struct ConflictRow {
+    tbl: String,
+    pk: String,
+    local: Version,
+    remote: Version,
+    remote_origin: String,
+    remote_op: Op,
+    winner: Winner,
+}
+
+/// The apply session of one link.
+#[derive(Debug)]
+pub struct Applier {
+    client: Client,
+    region: String,
+    names: HashMap<i16, String>,
+    progress: Option<Progress>,
+    capture_wait: Duration,
+}
+
+impl Applier {
+    /// Opens the apply session for the link from `peer`: replication origin
+    /// `pgmesh_from_<peer>`, replica role when allowed, synchronous commit.
+    pub async fn connect(
+        url: &str,
+        region: &str,
+        peer: &str,
+        regions: &[String],
+        progress: Option<Progress>,
+    ) -> Result<Self, ApplyError> {
+        let client = catalog::connect(url).await?;
+        client
+            .batch_execute("SET synchronous_commit = on; SET standard_conforming_strings = on")
+            .await?;
+        if let Err(e) = client
+            .batch_execute("SET session_replication_role = replica")
+            .await
+        {
+            warn!(error = %e, "cannot set session_replication_role; applying with triggers and foreign keys active");
+        }
+        let origin = format!("pgmesh_from_{peer}");
+        client
+            .execute(
+                "SELECT pg_replication_origin_create($1)
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+                &[&origin],
+            )
+            .await?;
+        client
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await?;
+        client
+            .execute(
+                "INSERT INTO mesh.link_state (peer) VALUES ($1) ON CONFLICT (peer) DO NOTHING",
+                &[&peer],
+            )
+            .await?;
+        let mut names: HashMap<i16, String> = regions
+            .iter()
+            .map(|r| (origin_id_for(r), r.clone()))
+            .collect();
+        names.insert(origin_id_for(region), region.to_string());
+        Ok(Self {
+            client,
+            region: region.to_string(),
+            names,
+            progress,
+            capture_wait: Duration::from_secs(10),
+        })
+    }
+
+    /// The session's connection (for link bookkeeping outside batches).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The checkpoint of the link from `peer`.
+    pub async fn checkpoint(&self, peer: &str) -> Result<i64, ApplyError> {
+        Ok(self
+            .client
+            .query_opt(
+                "SELECT checkpoint FROM mesh.link_state WHERE peer = $1",
+                &[&peer],
+            )
+            .await?
+            .map_or(0, |r| r.get(0)))
+    }
+
+    /// Applies one batch in one transaction and advances the checkpoint to `upto`.
+    pub async fn apply_batch(
+        &mut self,
+        peer: &str,
+        events: &[Logged],
+        upto: i64,
+        head: i64,
+    ) -> Result<BatchOutcome, ApplyError> {
+        match self.run_batch(peer, events, upto, head, false).await {
+            Err(e) if e.is_data_error() => {
+                debug!(error = %e, "batch failed on data; isolating events");
+                self.run_batch(peer, events, upto, head, true).await
+            }
+            other => other,
+        }
+    }
+
+    async fn run_batch(
+        &mut self,
+        peer: &str,
+        events: &[Logged],
+        upto: i64,
+        head: i64,
+        isolate: bool,
+    ) -> Result<BatchOutcome, ApplyError> {
+        let remote: Vec<ChangeEvent> = events
+            .iter()
+            .filter(|l| l.event.origin != self.region)
+            .map(|l| l.event.clone())
+            .collect();
+        let mut out = BatchOutcome::default();
+        let region = self.region.clone();
+        let names = self.names.clone();
+        let wait = self.capture_wait;
+        let mut progress = self.progress.clone();
+        let tx = self.client.transaction().await?;
+        let fresh = not_logged(&tx, &remote).await?;
+        out.duplicates = events.len() - fresh.len();
+        if !fresh.is_empty() {
+            let max = fresh.iter().map(|e| e.hlc).max().unwrap_or(Hlc::ZERO);
+            tx.execute(
+                "SELECT pg_logical_emit_message(true, $1, $2)",
+                &[&APPLIED_PREFIX, &max.as_u64().to_string()],
+            )
+            .await?;
+            if isolate {
+                for (i, e) in fresh.iter().enumerate() {
+                    tx.batch_execute(&format!("SAVEPOINT ev{i}")).await?;
+                    match apply_events(
+                        &tx,
+                        std::slice::from_ref(e),
+                        &names,
+                        progress.as_mut(),
+                        wait,
+                    )
+                    .await
+                    {
+                        Ok(r) => {
+                            tx.batch_execute(&format!("RELEASE SAVEPOINT ev{i}"))
+                                .await?;
+                            out.applied += 1;
+                            out.conflicts += r;
+                        }
+                        Err(err) if err.is_data_error() => {
+                            tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT ev{i}"))
+                                .await?;
+                            dead_letter(&tx, peer, e, &err).await?;
+                            out.dead_letters += 1;
+                        }
+                        Err(err) => return Err(err),
+                    }
+                }
+            } else {
+                out.conflicts = apply_events(&tx, &fresh, &names, progress.as_mut(), wait).await?;
+                out.applied = fresh.len();
+            }
+        }
+        // Log the applied events last, under the append lock, so sequence numbers
+        // become visible in order and capture never waits on a batch that waits on it.
+        if !fresh.is_empty() {
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
+                .await?;
+            tx.execute(APPEND, &append_params(&fresh).refs()).await?;
+        }
+        out.max_commit_ts_us = events.iter().map(|l| l.event.commit_ts_us).max();
+        let max_hlc = events
+            .iter()
+            .map(|l| l.event.hlc.as_u64() as i64)
+            .max()
+            .unwrap_or(0);
+        tx.execute(
+            "UPDATE mesh.link_state SET checkpoint = $2::int8, peer_head = greatest($3::int8, $2::int8),
+                    applied_hlc = greatest(applied_hlc, $4::int8),
+                    last_commit_ts = coalesce(timestamptz 'epoch' + $5::int8 * interval '1 microsecond', last_commit_ts),
+                    last_applied_at = now(), updated_at = now(), error = NULL
+             WHERE peer = $1",
+            &[&peer, &upto, &head, &max_hlc, &out.max_commit_ts_us],
+        )
+        .await?;
+        tx.commit().await?;
+        let _ = region;
+        Ok(out)
+    }
+
+    /// Re-applies dead letters marked for retry (`mesh.retry_dead_letter`).
+    pub async fn retry_dead_letters(&mut self) -> Result<usize, ApplyError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT id, event::text FROM mesh.dead_letters WHERE status = 'retry' ORDER BY id",
+                &[],
+            )
+            .await?;
+        let mut done = 0;
+        let names = self.names.clone();
+        let wait = self.capture_wait;
+        let mut progress = self.progress.clone();
+        for r in rows {
+            let id: i64 = r.get(0);
+            let Ok(event) = serde_json::from_str::<ChangeEvent>(r.get(1)) else {
+                continue;
+            };
+            let tx = self.client.transaction().await?;
+            tx.batch_execute("SAVEPOINT retry").await?;
+            match apply_events(
+                &tx,
+                std::slice::from_ref(&event),
+                &names,
+                progress.as_mut(),
+                wait,
+            )
+            .await
+            {
+                Ok(_) => {
+                    tx.execute(
+                        "UPDATE mesh.dead_letters SET status = 'applied', attempts = attempts + 1, updated_at = now() WHERE id = $1",
+                        &[&id],
+                    )
+                    .await?;
+                    done += 1;
+                }
+                Err(e) if e.is_data_error() => {
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT retry").await?;
+                    tx.execute(
+                        "UPDATE mesh.dead_letters SET status = 'pending', attempts = attempts + 1,
+                                error = $2, updated_at = now() WHERE id = $1",
+                        &[&id, &e.to_string()],
+                    )
+                    .await?;
+                }
+                Err(e) => return Err(e),
+            }
+            tx.commit().await?;
+        }
+        Ok(done)
+    }
+}
+
+/// The events not in the change log yet (in batch order, without repeats): the log
+/// doubles as the record of applied event ids.
+async fn not_logged(
+    tx: &Transaction<'_>,
+    events: &[ChangeEvent],
+) -> Result<Vec<ChangeEvent>, ApplyError> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let origins: Vec<&str> = events.iter().map(|e| e.origin.as_str()).collect();
+    let hlcs: Vec<i64> = events.iter().map(|e| e.hlc.as_u64() as i64).collect();
+    let rows = tx
+        .query(
+            "SELECT c.origin, c.hlc FROM unnest($1::text[], $2::int8[]) AS k(origin, hlc)
+             JOIN mesh.changelog c ON c.origin = k.origin AND c.hlc = k.hlc",
+            &[&origins, &hlcs],
+        )
+        .await?;
+    let mut seen: HashSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(events
+        .iter()
+        .filter(|e| seen.insert((e.origin.clone(), e.hlc.as_u64() as i64)))
+        .cloned()
+        .collect())
+}
+
+/// Locks, waits for capture, resolves and writes the changes of `events`. Returns
+/// the number of conflicts recorded.
+async fn apply_events(
+    tx: &Transaction<'_>,
+    events: &[ChangeEvent],
+    names: &HashMap<i16, String>,
+    progress: Option<&mut Progress>,
+    wait: Duration,
+) -> Result<usize, ApplyError> {
+    // Lock every keyed row the batch touches; learn which exist.
+    let mut keys: Vec<(String, String)> = Vec::new();
+    let mut locks = String::new();
+    let mut index: HashMap<(String, String), usize> = HashMap::new();
+    for c in events.iter().flat_map(|e| &e.changes) {
+        if c.pk.is_empty() || !matches!(c.op, Op::Insert | Op::Update | Op::Delete) {
+            continue;
+        }
+        let key = (c.table.clone(), c.key_json());
+        if !index.contains_key(&key) {
+            index.insert(key.clone(), keys.len());
+            locks.push_str(&sql::lock(&c.table, &c.pk, keys.len()));
+            locks.push(';');
+            keys.push(key);
+        }
+    }
+    let mut exists: HashSet<(String, String)> = HashSet::new();
+    if !locks.is_empty() {
+        for m in tx.simple_query(&locks).await? {
+            if let SimpleQueryMessage::Row(r) = m {
+                if let Some(i) = r.get(0).and_then(|s| s.parse::<usize>().ok()) {
+                    exists.insert(keys[i].clone());
+                }
+            }
+        }
+    }
+    // The capture race: a local write that committed before we locked must be in
+    // the versions we read.
+    if let Some(p) = progress {
+        let lsn: String = tx
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await?
+            .get(0);
+        let lsn: Lsn = lsn.parse().unwrap_or(Lsn(u64::MAX));
+        if !p.wait_for(lsn, wait).await {
+            return Err(ApplyError::CaptureBehind(lsn));
+        }
+    }
+    let mut current: VersionMap = versions::load(tx, &keys).await?;
+    let mut touched: VersionMap = HashMap::new();
+    let mut writes = String::new();
+    let mut conflicts = Vec::new();
+    for e in events {
+        let remote = Version {
+            hlc: e.hlc,
+            origin: origin_id_for(&e.origin),
+        };
+        for c in &e.changes {
+            if c.op == Op::Truncate {
+                writes.push_str(&format!("TRUNCATE {};", sql::table(&c.table)));
+                continue;
+            }
+            if c.pk.is_empty() {
+                // Tables without a key: inserts replicate as they are.
+                if let (Op::Insert, Some(row)) = (c.op, &c.new) {
+                    writes.push_str(&sql::insert(&c.table, row));
+                    writes.push(';');
+                }
+                continue;
+            }
+            let key = (c.table.clone(), c.key_json());
+            let local = current.get(&key).copied();
+            let d = decide(local.map(|(v, _)| v), remote, c.prev);
+            let here = exists.contains(&key);
+            if d.conflict {
+                let (lv, _) = local.expect("a conflict has a local version");
+                conflicts.push(ConflictRow {
+                    tbl: c.table.clone(),
+                    pk: key.1.clone(),
+                    local: lv,
+                    remote,
+                    remote_origin: e.origin.clone(),
+                    remote_op: c.op,
+                    winner: d.winner,
+                });
+            }
+            match plan(c.op, d, here) {
+                Action::Skip => {}
+                Action::Insert => {
+                    writes.push_str(&sql::insert(&c.table, c.new.as_deref().unwrap_or_default()));
+                    writes.push(';');
+                    exists.insert(key.clone());
+                }
+                Action::Update => {
+                    writes.push_str(&sql::update(
+                        &c.table,
+                        &c.pk,
+                        c.new.as_deref().unwrap_or_default(),
+                    ));
+                    writes.push(';');
+                }
+                Action::Delete => {
+                    writes.push_str(&sql::delete(&c.table, &c.pk));
+                    writes.push(';');
+                    exists.remove(&key);
+                }
+            }
+            if d.winner == Winner::Remote && !d.duplicate {
+                let v = (remote, c.op == Op::Delete);
+                current.insert(key.clone(), v);
+                touched.insert(key, v);
+            }
+        }
+    }
+    if !writes.is_empty() {
+        tx.batch_execute(&writes).await?;
+    }
+    versions::store(tx, &touched).await?;
+    record_conflicts(tx, &conflicts, names).await?;
+    Ok(conflicts.len())
+}
+
+async fn record_conflicts(
+    tx: &Transaction<'_>,
+    rows: &[ConflictRow],
+    names: &HashMap<i16, String>,
+) -> Result<(), ApplyError> {
+    for c in rows {
+        let local_origin = names
+            .get(&c.local.origin)
+            .cloned()
+            .unwrap_or_else(|| format!("origin#{}", c.local.origin));
+        let op = serde_json::to_value(c.remote_op)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let winner = match c.winner {
+            Winner::Local => "local",
+            Winner::Remote => "remote",
+        };
+        tx.execute(
+            "INSERT INTO mesh.conflicts (tbl, pk, local_origin, local_hlc, remote_origin, remote_hlc,
+                                         remote_op, winner, strategy)
+             VALUES ($1, $2::text::jsonb, $3, $4, $5, $6, $7, $8, 'lww')",
+            &[
+                &c.tbl,
+                &c.pk,
+                &local_origin,
+                &(c.local.hlc.as_u64() as i64),
+                &c.remote_origin,
+                &(c.remote.hlc.as_u64() as i64),
+                &op,
+                &winner,
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn dead_letter(
+    tx: &Transaction<'_>,
+    peer: &str,
+    e: &ChangeEvent,
+    err: &ApplyError,
+) -> Result<(), ApplyError> {
+    let sqlstate = match err {
+        ApplyError::Db(d) => d.code().map(|c| c.code().to_string()),
+        _ => None,
+    };
+    let msg = match err {
+        ApplyError::Db(d) => d
+            .as_db_error()
+            .map_or_else(|| d.to_string(), |db| db.message().to_string()),
+        other => other.to_string(),
+    };
+    warn!(peer, origin = %e.origin, hlc = %e.hlc, error = %msg, "event sent to dead letters");
+    tx.execute(
+        "INSERT INTO mesh.dead_letters (peer, origin, hlc, event, error, sqlstate)
+         VALUES ($1, $2, $3, $4::text::jsonb, $5, $6)
+         ON CONFLICT (origin, hlc) DO UPDATE SET attempts = mesh.dead_letters.attempts + 1,
+             error = excluded.error, updated_at = now()",
+        &[
+            &peer,
+            &e.origin,
+            &(e.hlc.as_u64() as i64),
+            &serde_json::to_string(e).expect("events serialize"),
+            &msg,
+            &sqlstate,
+        ],
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,368 @@
+//! The peer-link wire protocol: message types, framing and the versioned handshake.
+//!
+//! Every frame is a big-endian `u32` length followed by that many bytes of JSON (one
+//! [`ClientMsg`] or [`ServerMsg`]), at most [`MAX_FRAME`] bytes. The puller (client)
+//! opens with [`Hello`], the server answers [`Welcome`] or [`ServerMsg::Refused`], then
+//! streams [`Batch`]es and heartbeats while the client sends cumulative acks.
+//!
+//! This module owns the shapes and their encoding only. It never touches sockets or the
+//! change log, and it never decides policy (which events a peer may see): that is the
+//! server's job. Message shapes may only grow by optional fields within one
+//! [`PROTO_VERSION`]; anything else needs a new version.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio_util::codec::LengthDelimitedCodec;
+
+use crate::log::Logged;
+
+/// The protocol version this build speaks. A server refuses any other.
+pub const PROTO_VERSION: u32 = 1;
+
+/// Largest frame either side sends or accepts: 64 MiB.
+pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// TLS ALPN identifier of the link protocol.
+pub const ALPN: &[u8] = b"pgmesh-link/1";
+
+/// Errors encoding or decoding one message.
+#[derive(Debug, Error)]
+pub enum ProtocolError {
+    #[error("cannot encode {what}: {source}")]
+    Encode {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("malformed {what} frame: {source}")]
+    Decode {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("encoded {what} is {bytes} bytes, above the {MAX_FRAME}-byte frame limit")]
+    TooLarge { what: &'static str, bytes: usize },
+}
+
+/// First message of a link: who is pulling and from where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version, [`PROTO_VERSION`].
+    pub proto: u32,
+    /// Mesh name; must equal the server's.
+    pub mesh: String,
+    /// Region of the puller. The server never sends it its own events back.
+    pub region: String,
+    /// Node name of the puller, for logs.
+    pub node: String,
+    /// Checkpoint: serve events with a log sequence number above this one.
+    pub after: i64,
+    /// Most events per batch (the server may lower it).
+    pub max_batch: u32,
+    /// Most unacknowledged batches in flight (the server may lower it).
+    pub window: u32,
+}
+
+/// The server's answer to an accepted [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub proto: u32,
+    /// Region of the server.
+    pub region: String,
+    /// Node name of the server.
+    pub node: String,
+    /// Highest log sequence number when the link opened.
+    pub head: i64,
+}
+
+/// Events after the previous batch, in log order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    /// The events this peer may see, in log order.
+    pub events: Vec<Logged>,
+    /// Highest log sequence number this batch covers, filtered events included, so the
+    /// puller's checkpoint moves past events it will never be sent.
+    pub upto: i64,
+    /// Highest log sequence number the server knew of when it sent the batch.
+    pub head: i64,
+}
+
+/// Client → server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    Hello(Hello),
+    /// Everything up to and including log sequence `upto` is applied (cumulative).
+    Ack {
+        upto: i64,
+    },
+}
+
+/// Server → client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    Welcome(Welcome),
+    /// The handshake failed; the server closes the link after sending this.
+    Refused {
+        reason: String,
+    },
+    Batch(Batch),
+    /// Sent when nothing else was sent for a heartbeat interval.
+    Heartbeat {
+        head: i64,
+        /// Server wall clock, Unix milliseconds (for lag estimates only).
+        now_ms: u64,
+    },
+}
+
+impl ClientMsg {
+    fn kind(&self) -> &'static str {
+        match self {
+            ClientMsg::Hello(_) => "hello",
+            ClientMsg::Ack { .. } => "ack",
+        }
+    }
+}
+
+impl ServerMsg {
+    fn kind(&self) -> &'static str {
+        match self {
+            ServerMsg::Welcome(_) => "welcome",
+            ServerMsg::Refused { .. } => "refused",
+            ServerMsg::Batch(_) => "batch",
+            ServerMsg::Heartbeat { .. } => "heartbeat",
+        }
+    }
+}
+
+/// The frame codec both ends use: big-endian `u32` length prefix, [`MAX_FRAME`] cap.
+pub fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .big_endian()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+fn encode_json<T: Serialize>(what: &'static str, msg: &T) -> Result<Bytes, ProtocolError> {
+    let v = serde_json::to_vec(msg).map_err(|source| ProtocolError::Encode { what, source })?;
+    if v.len() > MAX_FRAME {
+        return Err(ProtocolError::TooLarge {
+            what,
+            bytes: v.len(),
+        });
+    }
+    Ok(Bytes::from(v))
+}
+
+/// Encodes a client message as one frame payload.
+pub fn encode_client(msg: &ClientMsg) -> Result<Bytes, ProtocolError> {
+    encode_json(msg.kind(), msg)
+}
+
+/// Encodes a server message as one frame payload.
+pub fn encode_server(msg: &ServerMsg) -> Result<Bytes, ProtocolError> {
+    encode_json(msg.kind(), msg)
+}
+
+/// Decodes one frame payload sent by a client.
+pub fn decode_client(frame: &[u8]) -> Result<ClientMsg, ProtocolError> {
+    serde_json::from_slice(frame).map_err(|source| ProtocolError::Decode {
+        what: "client",
+        source,
+    })
+}
+
+/// Decodes one frame payload sent by a server.
+pub fn decode_server(frame: &[u8]) -> Result<ServerMsg, ProtocolError> {
+    serde_json::from_slice(frame).map_err(|source| ProtocolError::Decode {
+        what: "server",
+        source,
+    })
+}
+
+/// Reads the first frame of a link as a [`Hello`].
+///
+/// The version is read before the rest of the message, so a peer speaking another
+/// version is told so even when its hello has a different shape. `Err` carries the
+/// reason to send back in [`ServerMsg::Refused`].
+pub fn parse_hello(frame: &[u8]) -> Result<Hello, String> {
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        proto: Option<u64>,
+    }
+    let probe: Probe = serde_json::from_slice(frame)
+        .map_err(|e| format!("expected a hello message, got malformed JSON: {e}"))?;
+    if probe.kind.as_deref() != Some("hello") {
+        return Err(format!(
+            "expected a hello message, got {:?}",
+            probe.kind.as_deref().unwrap_or("no type")
+        ));
+    }
+    match probe.proto {
+        Some(p) if p == u64::from(PROTO_VERSION) => {}
+        Some(p) => {
+            return Err(format!(
+                "unsupported link protocol version {p}: this server speaks version {PROTO_VERSION}"
+            ))
+        }
+        None => return Err("hello carries no protocol version".into()),
+    }
+    match decode_client(frame) {
+        Ok(ClientMsg::Hello(h)) => Ok(h),
+        Ok(other) => Err(format!("expected a hello message, got {}", other.kind())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Change, ChangeEvent, Stamp, STAMP_VERSION};
+    use crate::hlc::Hlc;
+
+    fn logged(seq: i64) -> Logged {
+        Logged {
+            seq,
+            event: ChangeEvent {
+                origin: "eu".into(),
+                // Above 2^53: must survive JSON exactly.
+                hlc: Hlc::from_u64(u64::MAX - 7),
+                source_lsn: 0x1_0000_0000_0000,
+                xid: u32::MAX,
+                commit_ts_us: 1_732_270_000_123_456,
+                stamp: Some(Stamp {
+                    v: STAMP_VERSION,
+                    hlc: Hlc::from_parts(1_732_270_000_123, 4),
+                    region: "eu".into(),
+                    node: "n1".into(),
+                    user: "app\u{e9}".into(),
+                    app: "psql".into(),
+                    addr: "10.0.0.1:5000".into(),
+                    local: false,
+                }),
+                local_only: false,
+                // Built from JSON so the test keeps up with new optional fields.
+                changes: vec![serde_json::from_str::<Change>(
+                    r#"{"table":"public.t","op":"update","pk":[["id","1"]],
+                        "new":[["id","1"],["n",null],["x","3.14159265358979323846264"]],
+                        "unchanged":["blob"],"types":[23,25,1700]}"#,
+                )
+                .unwrap()],
+            },
+        }
+    }
+
+    fn client_round_trip(m: ClientMsg) {
+        let bytes = encode_client(&m).unwrap();
+        assert_eq!(decode_client(&bytes).unwrap(), m);
+    }
+
+    fn server_round_trip(m: ServerMsg) {
+        let bytes = encode_server(&m).unwrap();
+        assert_eq!(decode_server(&bytes).unwrap(), m);
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            proto: PROTO_VERSION,
+            mesh: "prod".into(),
+            region: "us".into(),
+            node: "us-1".into(),
+            after: 42,
+            max_batch: 500,
+            window: 4,
+        }
+    }
+
+    #[test]
+    fn hello_round_trip() {
+        client_round_trip(ClientMsg::Hello(hello()));
+    }
+
+    #[test]
+    fn ack_round_trip() {
+        client_round_trip(ClientMsg::Ack { upto: i64::MAX });
+    }
+
+    #[test]
+    fn welcome_round_trip() {
+        server_round_trip(ServerMsg::Welcome(Welcome {
+            proto: PROTO_VERSION,
+            region: "eu".into(),
+            node: "eu-1".into(),
+            head: 7,
+        }));
+    }
+
+    #[test]
+    fn refused_round_trip() {
+        server_round_trip(ServerMsg::Refused {
+            reason: "mesh \"a\" is not \"b\"".into(),
+        });
+    }
+
+    #[test]
+    fn batch_round_trip() {
+        server_round_trip(ServerMsg::Batch(Batch {
+            events: vec![logged(1), logged(5)],
+            upto: 9,
+            head: 12,
+        }));
+        server_round_trip(ServerMsg::Batch(Batch {
+            events: vec![],
+            upto: 3,
+            head: 3,
+        }));
+    }
+
+    #[test]
+    fn heartbeat_round_trip() {
+        server_round_trip(ServerMsg::Heartbeat {
+            head: 0,
+            now_ms: u64::MAX,
+        });
+    }
+
+    #[test]
+    fn parse_hello_accepts_current_version() {
+        let bytes = encode_client(&ClientMsg::Hello(hello())).unwrap();
+        assert_eq!(parse_hello(&bytes).unwrap(), hello());
+    }
+
+    #[test]
+    fn parse_hello_names_an_unknown_version_even_with_another_shape() {
+        let frame = br#"{"type":"hello","proto":2,"cluster":{"name":"x"}}"#;
+        let reason = parse_hello(frame).unwrap_err();
+        assert!(reason.contains("version 2"), "{reason}");
+        assert!(reason.contains("version 1"), "{reason}");
+    }
+
+    #[test]
+    fn parse_hello_refuses_other_messages_and_garbage() {
+        let ack = encode_client(&ClientMsg::Ack { upto: 1 }).unwrap();
+        assert!(parse_hello(&ack).unwrap_err().contains("ack"));
+        assert!(parse_hello(b"\xff\x00").unwrap_err().contains("malformed"));
+        assert!(parse_hello(br#"{"type":"hello"}"#)
+            .unwrap_err()
+            .contains("no protocol version"));
+    }
+
+    #[test]
+    fn codec_frames_are_big_endian_u32_and_capped() {
+        use bytes::BytesMut;
+        use tokio_util::codec::{Decoder, Encoder};
+        let mut c = codec();
+        let mut buf = BytesMut::new();
+        c.encode(Bytes::from_static(b"abc"), &mut buf).unwrap();
+        assert_eq!(&buf[..], b"\x00\x00\x00\x03abc");
+        // A length prefix above the cap is refused before any payload is buffered.
+        let mut big = BytesMut::from(&((MAX_FRAME as u32) + 1).to_be_bytes()[..]);
+        assert!(c.decode(&mut big).is_err());
+        // An incomplete frame is "not yet", not an error.
+        let mut part = BytesMut::from(&b"\x00\x00\x00\x05ab"[..]);
+        assert!(c.decode(&mut part).unwrap().is_none());
+    }
+}

@@ -1,0 +1,325 @@
+//! The serving side of peer links: the listener, its configuration, and the narrow
+//! read interface to the change log that sessions use.
+//!
+//! The accept loop caps concurrent peers with a semaphore, runs one tracked task per
+//! peer (TLS handshake included, so a slow handshake never blocks accepting), and on
+//! shutdown stops accepting, closes every session and waits for them to finish.
+//!
+//! It never writes to the change log and never decides what a peer may see; the
+//! per-peer rules live in [`super::session`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use super::backoff::Backoff;
+use super::protocol::ProtocolError;
+use super::session::Session;
+use crate::log::{ChangeLog, LogError, Logged, TableLog};
+
+pub use super::session::ships_to;
+
+/// Errors of the serving side. Variants say whether the peer or the local log failed.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("cannot listen for peers on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("peer did not finish the handshake in time")]
+    HandshakeTimeout,
+    #[error("peer TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("peer connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("peer sent a bad message: {0}")]
+    PeerMessage(ProtocolError),
+    #[error("peer broke the protocol: {0}")]
+    PeerViolation(String),
+    #[error("refused peer: {0}")]
+    Refused(String),
+    #[error("change log: {0}")]
+    Log(#[from] LogError),
+    #[error("cannot encode a batch: {0}")]
+    Encode(ProtocolError),
+    #[error("event at log seq {seq} encodes to {bytes} bytes, above the frame limit")]
+    EventTooLarge { seq: i64, bytes: usize },
+}
+
+impl ServeError {
+    /// The peer went away (EOF, reset): expected, not worth a warning.
+    pub fn is_disconnect(&self) -> bool {
+        use std::io::ErrorKind::*;
+        match self {
+            ServeError::Io(e) => matches!(
+                e.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Reads the change log for peer sessions. Shared by every session of a server.
+pub trait LogReader: Send + Sync {
+    /// Up to `limit` events with a sequence number above `after`, in log order.
+    fn read_after(&self, after: i64, limit: i64) -> BoxFuture<'_, Result<Vec<Logged>, LogError>>;
+    /// The highest sequence number in the log (0 when it is empty).
+    fn head(&self) -> BoxFuture<'_, Result<i64, LogError>>;
+}
+
+/// A [`TableLog`] shared by all sessions. Reads take turns on its one connection.
+#[derive(Debug)]
+pub struct SharedTableLog(tokio::sync::Mutex<TableLog>);
+
+impl SharedTableLog {
+    pub fn new(log: TableLog) -> Self {
+        Self(tokio::sync::Mutex::new(log))
+    }
+}
+
+impl LogReader for SharedTableLog {
+    fn read_after(&self, after: i64, limit: i64) -> BoxFuture<'_, Result<Vec<Logged>, LogError>> {
+        Box::pin(async move { self.0.lock().await.read_after(after, limit).await })
+    }
+
+    fn head(&self) -> BoxFuture<'_, Result<i64, LogError>> {
+        Box::pin(async move {
+            let log = self.0.lock().await;
+            let row = log
+                .client()
+                .query_one(
+                    "SELECT coalesce(max(seq), 0)::int8 FROM mesh.changelog",
+                    &[],
+                )
+                .await?;
+            Ok(row.get(0))
+        })
+    }
+}
+
+fn default_heartbeat_ms() -> u64 {
+    1_000
+}
+fn default_handshake_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_batch_cap() -> u32 {
+    10_000
+}
+fn default_max_window_cap() -> u32 {
+    64
+}
+fn default_max_peers() -> usize {
+    64
+}
+
+/// How a node serves its change log to peers. Not reloadable: restart the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address to accept peers on (`--peer-listen`). Required; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// Mesh name. A peer naming another mesh is refused. Required.
+    pub mesh: String,
+    /// This node's region. Required.
+    pub region: String,
+    /// This node's name. Required.
+    pub node: String,
+    /// Hub mode: also serve events of other origins (never the puller's own).
+    /// Default: false (serve only this region's events).
+    #[serde(default)]
+    pub relay: bool,
+    /// Heartbeat after this long without sending, milliseconds. Default: 1000.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// A peer must finish TLS and hello within this, milliseconds. Default: 10000.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Upper bound on a peer's `max_batch`, events. Default: 10000.
+    #[serde(default = "default_max_batch_cap")]
+    pub max_batch_cap: u32,
+    /// Upper bound on a peer's `window`, batches. Default: 64.
+    #[serde(default = "default_max_window_cap")]
+    pub max_window_cap: u32,
+    /// Most peer connections at once; more wait to be accepted. Default: 64.
+    #[serde(default = "default_max_peers")]
+    pub max_peers: usize,
+}
+
+impl ServeConfig {
+    /// A config with every optional field at its default.
+    pub fn new(
+        listen: SocketAddr,
+        mesh: impl Into<String>,
+        region: impl Into<String>,
+        node: impl Into<String>,
+    ) -> Self {
+        Self {
+            listen,
+            mesh: mesh.into(),
+            region: region.into(),
+            node: node.into(),
+            relay: false,
+            heartbeat_ms: default_heartbeat_ms(),
+            handshake_timeout_ms: default_handshake_timeout_ms(),
+            max_batch_cap: default_max_batch_cap(),
+            max_window_cap: default_max_window_cap(),
+            max_peers: default_max_peers(),
+        }
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.max(1))
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms.max(1))
+    }
+}
+
+/// State every session of one server shares.
+pub struct LinkServer {
+    pub(super) cfg: ServeConfig,
+    pub(super) log: Arc<dyn LogReader>,
+    pub(super) wake: watch::Receiver<u64>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for LinkServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkServer")
+            .field("cfg", &self.cfg)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinkServer {
+    /// Binds `cfg.listen` and serves `log` to peers until `shutdown` is cancelled.
+    ///
+    /// `wake` changes whenever the log may have grown (see
+    /// [`crate::log::notify::LogNotifier`]). With `tls`, every peer must complete a TLS
+    /// handshake first (and present a client certificate if the config requires one).
+    /// Returns the bound address and the task, which ends after every session closed.
+    pub async fn start(
+        cfg: ServeConfig,
+        log: Arc<dyn LogReader>,
+        wake: watch::Receiver<u64>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        shutdown: CancellationToken,
+    ) -> Result<(SocketAddr, JoinHandle<()>), ServeError> {
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        let server = Arc::new(LinkServer {
+            cfg,
+            log,
+            wake,
+            tls: tls.map(TlsAcceptor::from),
+        });
+        info!(listen = %addr, region = %server.cfg.region, tls = server.tls.is_some(), "serving change log to peers");
+        let task = tokio::spawn(accept_loop(server, listener, shutdown));
+        Ok((addr, task))
+    }
+}
+
+async fn accept_loop(server: Arc<LinkServer>, listener: TcpListener, shutdown: CancellationToken) {
+    let limit = Arc::new(Semaphore::new(server.cfg.max_peers.max(1)));
+    let tracker = TaskTracker::new();
+    let mut errors = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p.expect("the peer semaphore is never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let (sock, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(a) => { errors.reset(); a }
+                Err(e) => {
+                    // Typically EMFILE: wait a little instead of spinning.
+                    warn!(error = %e, "accepting a peer failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(errors.next_delay()) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let span = info_span!(
+            "link_serve",
+            peer = %peer,
+            region = tracing::field::Empty,
+            node = tracing::field::Empty
+        );
+        let server = server.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(
+            async move {
+                let r = tokio::select! {
+                    r = serve_peer(&server, sock) => r,
+                    _ = shutdown.cancelled() => Ok(()),
+                };
+                report(r);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+    drop(listener);
+    tracker.close();
+    tracker.wait().await;
+    debug!("peer link server stopped");
+}
+
+async fn serve_peer(server: &LinkServer, sock: TcpStream) -> Result<(), ServeError> {
+    let deadline = tokio::time::Instant::now() + server.cfg.handshake_timeout();
+    // Batches are written whole; small acks and heartbeats should not wait for Nagle.
+    let _ = sock.set_nodelay(true);
+    match &server.tls {
+        Some(acceptor) => {
+            let tls = tokio::time::timeout_at(deadline, acceptor.accept(sock))
+                .await
+                .map_err(|_| ServeError::HandshakeTimeout)?
+                .map_err(ServeError::Tls)?;
+            Session::new(server, tls).run(deadline).await
+        }
+        None => Session::new(server, sock).run(deadline).await,
+    }
+}
+
+fn report(r: Result<(), ServeError>) {
+    match r {
+        Ok(()) => debug!("peer link closed"),
+        Err(e) if e.is_disconnect() => debug!(error = %e, "peer disconnected"),
+        Err(e @ (ServeError::Refused(_) | ServeError::Tls(_))) => {
+            warn!(error = %e, "peer refused")
+        }
+        Err(
+            e @ (ServeError::Log(_) | ServeError::EventTooLarge { .. } | ServeError::Encode(_)),
+        ) => {
+            error!(error = %e, "peer link failed on this side")
+        }
+        Err(e) => warn!(error = %e, "peer link dropped"),
+    }
+}

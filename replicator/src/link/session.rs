@@ -1,0 +1,280 @@
+//! One pulling peer, served: handshake, then batches under a credit window.
+//!
+//! The session validates the [`Hello`], answers [`Welcome`] with the log head, then
+//! reads the log after the peer's checkpoint and sends what the peer may see (see
+//! [`ships_to`]). At most `window` batches are unacknowledged; with no credit left it
+//! waits for an ack. Once caught up it waits for the wake watch (the change log's
+//! NOTIFY) or the heartbeat timer, whichever comes first; each heartbeat also checks the
+//! log head, which catches a notification lost while the notifier reconnected.
+//!
+//! It never busy-loops or polls the log on a timer of its own, never sends an event the
+//! peer originated or one marked local-only, and never sends past the peer's credit.
+
+use std::collections::VecDeque;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tracing::{debug, info};
+
+use super::protocol::{
+    self, Batch, ClientMsg, Hello, ProtocolError, ServerMsg, Welcome, PROTO_VERSION,
+};
+use super::server::{LinkServer, ServeError};
+use crate::log::Logged;
+
+/// Whether an event may go to a peer in `peer_region`: never local-only events, never
+/// the peer's own events back to it; this region's events always; other regions'
+/// events only when this server relays (hub mode), with their origin preserved.
+pub fn ships_to(server_region: &str, relay: bool, peer_region: &str, l: &Logged) -> bool {
+    let e = &l.event;
+    !e.local_only && e.origin != peer_region && (e.origin == server_region || relay)
+}
+
+pub(super) struct Session<'a, S> {
+    server: &'a LinkServer,
+    framed: Framed<S, LengthDelimitedCodec>,
+    wake: watch::Receiver<u64>,
+}
+
+/// Where the stream stands.
+struct Flow {
+    peer_region: String,
+    max_batch: i64,
+    window: usize,
+    /// Highest seq sent (the `upto` of the last batch).
+    cursor: i64,
+    head: i64,
+    /// `upto` of each unacknowledged batch, oldest first.
+    in_flight: VecDeque<i64>,
+    /// The last read found nothing after `cursor`.
+    caught_up: bool,
+    /// The wake watch still has a sender.
+    wake_open: bool,
+    next_beat: Instant,
+}
+
+impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
+    pub(super) fn new(server: &'a LinkServer, io: S) -> Self {
+        Self {
+            server,
+            framed: Framed::new(io, protocol::codec()),
+            wake: server.wake.clone(),
+        }
+    }
+
+    /// Serves the peer until it disconnects or something fails. `deadline` bounds the
+    /// handshake.
+    pub(super) async fn run(mut self, deadline: Instant) -> Result<(), ServeError> {
+        let first = tokio::time::timeout_at(deadline, self.framed.next())
+            .await
+            .map_err(|_| ServeError::HandshakeTimeout)?;
+        let frame = match first {
+            None => return Ok(()),
+            Some(r) => r?,
+        };
+        let hello = match protocol::parse_hello(&frame).and_then(|h| self.check(h)) {
+            Ok(h) => h,
+            Err(reason) => return self.refuse(reason).await,
+        };
+        let span = tracing::Span::current();
+        span.record("region", hello.region.as_str());
+        span.record("node", hello.node.as_str());
+
+        let head = self.server.log.head().await?;
+        if hello.after > head {
+            let reason = format!(
+                "checkpoint {} is ahead of this log's head {head}; was the change log reset?",
+                hello.after
+            );
+            return self.refuse(reason).await;
+        }
+        let cfg = &self.server.cfg;
+        self.send(&ServerMsg::Welcome(Welcome {
+            proto: PROTO_VERSION,
+            region: cfg.region.clone(),
+            node: cfg.node.clone(),
+            head,
+        }))
+        .await?;
+        info!(after = hello.after, head, "peer link open");
+
+        let mut flow = Flow {
+            max_batch: i64::from(hello.max_batch.min(cfg.max_batch_cap.max(1))),
+            window: hello.window.min(cfg.max_window_cap.max(1)) as usize,
+            peer_region: hello.region,
+            cursor: hello.after,
+            head,
+            in_flight: VecDeque::new(),
+            caught_up: false,
+            wake_open: true,
+            next_beat: Instant::now() + cfg.heartbeat(),
+        };
+        self.stream(&mut flow).await
+    }
+
+    /// Validates a hello; `Err` is the reason sent back.
+    fn check(&self, h: Hello) -> Result<Hello, String> {
+        let cfg = &self.server.cfg;
+        if h.mesh != cfg.mesh {
+            return Err(format!(
+                "mesh {:?} does not match this server's mesh {:?}",
+                h.mesh, cfg.mesh
+            ));
+        }
+        if h.region.is_empty() || h.node.is_empty() {
+            return Err("hello must name the pulling region and node".into());
+        }
+        if h.region == cfg.region {
+            return Err(format!(
+                "peer claims this server's own region {:?}",
+                cfg.region
+            ));
+        }
+        if h.max_batch == 0 || h.window == 0 {
+            return Err("max_batch and window must be at least 1".into());
+        }
+        Ok(h)
+    }
+
+    async fn refuse(&mut self, reason: String) -> Result<(), ServeError> {
+        // Best effort: the peer may already be gone, and the refusal is what matters.
+        let _ = self
+            .send(&ServerMsg::Refused {
+                reason: reason.clone(),
+            })
+            .await;
+        Err(ServeError::Refused(reason))
+    }
+
+    async fn send(&mut self, msg: &ServerMsg) -> Result<(), ServeError> {
+        let bytes = protocol::encode_server(msg).map_err(ServeError::Encode)?;
+        self.framed.send(bytes).await?;
+        Ok(())
+    }
+
+    async fn stream(&mut self, f: &mut Flow) -> Result<(), ServeError> {
+        let heartbeat = self.server.cfg.heartbeat();
+        loop {
+            if !f.caught_up && f.in_flight.len() < f.window {
+                self.send_next_batch(f).await?;
+                continue;
+            }
+            let can_wake = f.caught_up && f.wake_open && f.in_flight.len() < f.window;
+            tokio::select! {
+                frame = self.framed.next() => match frame {
+                    None => return Ok(()),
+                    Some(r) => self.on_frame(f, &r?)?,
+                },
+                changed = self.wake.changed(), if can_wake => match changed {
+                    Ok(()) => f.caught_up = false,
+                    Err(_) => {
+                        // The notifier is gone; heartbeats still check the head.
+                        debug!("log wake-up channel closed");
+                        f.wake_open = false;
+                    }
+                },
+                _ = tokio::time::sleep_until(f.next_beat) => {
+                    f.head = f.head.max(self.server.log.head().await?);
+                    if f.head > f.cursor {
+                        f.caught_up = false;
+                    }
+                    self.send(&ServerMsg::Heartbeat { head: f.head, now_ms: now_ms() }).await?;
+                    f.next_beat = Instant::now() + heartbeat;
+                }
+            }
+        }
+    }
+
+    fn on_frame(&mut self, f: &mut Flow, frame: &[u8]) -> Result<(), ServeError> {
+        match protocol::decode_client(frame).map_err(ServeError::PeerMessage)? {
+            ClientMsg::Ack { upto } => {
+                if upto > f.cursor {
+                    return Err(ServeError::PeerViolation(format!(
+                        "ack {upto} is beyond the last batch sent ({})",
+                        f.cursor
+                    )));
+                }
+                while f.in_flight.front().is_some_and(|u| *u <= upto) {
+                    f.in_flight.pop_front();
+                }
+                Ok(())
+            }
+            ClientMsg::Hello(_) => Err(ServeError::PeerViolation("a second hello".into())),
+        }
+    }
+
+    async fn send_next_batch(&mut self, f: &mut Flow) -> Result<(), ServeError> {
+        // Mark the wake-up seen before reading: an append after this read wakes us.
+        self.wake.borrow_and_update();
+        let rows = self.server.log.read_after(f.cursor, f.max_batch).await?;
+        let Some(last) = rows.last() else {
+            f.caught_up = true;
+            return Ok(());
+        };
+        let read_upto = last.seq;
+        if read_upto <= f.cursor {
+            return Err(ServeError::Log(crate::log::LogError::Corruption {
+                seq: read_upto,
+                reason: format!("read after {} returned an earlier seq", f.cursor),
+            }));
+        }
+        f.head = if rows.len() as i64 >= f.max_batch {
+            // More may follow; learn how far behind the peer is.
+            self.server.log.head().await?.max(read_upto)
+        } else {
+            f.head.max(read_upto)
+        };
+        let cfg = &self.server.cfg;
+        let events: Vec<Logged> = rows
+            .into_iter()
+            .filter(|l| ships_to(&cfg.region, cfg.relay, &f.peer_region, l))
+            .collect();
+        let (bytes, upto) = encode_batch(events, read_upto, f.head)?;
+        self.framed.send(bytes).await?;
+        f.in_flight.push_back(upto);
+        f.cursor = upto;
+        f.next_beat = Instant::now() + self.server.cfg.heartbeat();
+        Ok(())
+    }
+}
+
+/// Encodes a batch, halving it (and lowering `upto` to its last event) until it fits in
+/// one frame. The events left out are read again for the next batch.
+fn encode_batch(
+    mut events: Vec<Logged>,
+    read_upto: i64,
+    head: i64,
+) -> Result<(Bytes, i64), ServeError> {
+    let mut upto = read_upto;
+    loop {
+        let msg = ServerMsg::Batch(Batch { events, upto, head });
+        match protocol::encode_server(&msg) {
+            Ok(b) => return Ok((b, upto)),
+            Err(ProtocolError::TooLarge { bytes, .. }) => {
+                let ServerMsg::Batch(b) = msg else {
+                    unreachable!("built as a batch above")
+                };
+                events = b.events;
+                if events.len() <= 1 {
+                    let seq = events.first().map_or(upto, |l| l.seq);
+                    return Err(ServeError::EventTooLarge { seq, bytes });
+                }
+                events.truncate(events.len() / 2);
+                upto = events.last().map_or(upto, |l| l.seq);
+            }
+            Err(e) => return Err(ServeError::Encode(e)),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

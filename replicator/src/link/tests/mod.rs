@@ -1,0 +1,163 @@
+//! In-process tests of peer links: a server on `127.0.0.1:0` over an in-memory log,
+//! real clients, no PostgreSQL. Time-dependent tests run on tokio's paused clock, so
+//! heartbeats and "nothing arrives" checks take no wall-clock time.
+//!
+//! Test code only; it never touches the network beyond loopback.
+
+mod pg;
+mod stream;
+mod tls;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{ClientConfig, LinkEvent, LinkServer, LogReader, ServeConfig};
+use crate::event::ChangeEvent;
+use crate::hlc::Hlc;
+use crate::log::{LogError, Logged};
+
+pub(super) const MESH: &str = "test-mesh";
+
+/// A change log in memory that counts reads.
+#[derive(Debug, Default)]
+pub(super) struct MemLog {
+    rows: Mutex<Vec<Logged>>,
+    reads: AtomicUsize,
+}
+
+impl MemLog {
+    /// Appends one event and returns its seq.
+    pub(super) fn push(&self, origin: &str, local_only: bool) -> i64 {
+        let mut rows = self.rows.lock().unwrap();
+        let seq = rows.len() as i64 + 1;
+        rows.push(Logged {
+            seq,
+            event: event(origin, seq as u64, local_only),
+        });
+        seq
+    }
+
+    pub(super) fn reads(&self) -> usize {
+        self.reads.load(Ordering::SeqCst)
+    }
+}
+
+impl LogReader for MemLog {
+    fn read_after(&self, after: i64, limit: i64) -> BoxFuture<'_, Result<Vec<Logged>, LogError>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let rows = self.rows.lock().unwrap();
+        let out = rows
+            .iter()
+            .filter(|l| l.seq > after)
+            .take(limit as usize)
+            .cloned()
+            .collect();
+        Box::pin(async move { Ok(out) })
+    }
+
+    fn head(&self) -> BoxFuture<'_, Result<i64, LogError>> {
+        let head = self.rows.lock().unwrap().last().map_or(0, |l| l.seq);
+        Box::pin(async move { Ok(head) })
+    }
+}
+
+/// An event without changes; `n` makes its id and source LSN unique per origin.
+pub(super) fn event(origin: &str, n: u64, local_only: bool) -> ChangeEvent {
+    ChangeEvent {
+        origin: origin.into(),
+        hlc: Hlc::from_parts(1_700_000_000_000 + n, 0),
+        source_lsn: n * 16,
+        xid: n as u32,
+        commit_ts_us: 0,
+        stamp: None,
+        local_only,
+        changes: vec![],
+    }
+}
+
+/// A running server over a [`MemLog`].
+pub(super) struct Harness {
+    pub addr: std::net::SocketAddr,
+    pub log: Arc<MemLog>,
+    wake: watch::Sender<u64>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Harness {
+    /// Serves region "eu" (node "eu-1"); `tune` adjusts the config.
+    pub(super) async fn start(
+        tune: impl FnOnce(&mut ServeConfig),
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Harness {
+        let mut cfg = ServeConfig::new("127.0.0.1:0".parse().unwrap(), MESH, "eu", "eu-1");
+        tune(&mut cfg);
+        let log = Arc::new(MemLog::default());
+        let (wake, rx) = watch::channel(0);
+        let shutdown = CancellationToken::new();
+        let (addr, task) = LinkServer::start(cfg, log.clone(), rx, tls, shutdown.clone())
+            .await
+            .unwrap();
+        Harness {
+            addr,
+            log,
+            wake,
+            shutdown,
+            task,
+        }
+    }
+
+    /// What the notifier does after an append.
+    pub(super) fn notify(&self) {
+        self.wake.send_modify(|n| *n += 1);
+    }
+
+    /// Shuts the server down and waits for every session to end.
+    pub(super) async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("server drains on shutdown")
+            .unwrap();
+    }
+
+    pub(super) async fn raw(
+        &self,
+    ) -> tokio_util::codec::Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec> {
+        let sock = TcpStream::connect(self.addr).await.unwrap();
+        tokio_util::codec::Framed::new(sock, super::protocol::codec())
+    }
+}
+
+/// A client config for region `region` of the test mesh.
+pub(super) fn client(region: &str) -> ClientConfig {
+    ClientConfig::new(MESH, region, format!("{region}-1"))
+}
+
+/// Seqs of a batch's events, or panics on a heartbeat.
+pub(super) fn seqs(ev: &LinkEvent) -> (Vec<i64>, i64) {
+    match ev {
+        LinkEvent::Batch { events, upto, .. } => (events.iter().map(|l| l.seq).collect(), *upto),
+        LinkEvent::Heartbeat { head } => panic!("expected a batch, got a heartbeat at head {head}"),
+    }
+}
+
+/// The next batch, skipping heartbeats.
+pub(super) async fn next_batch(c: &mut super::LinkClient) -> LinkEvent {
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(30), c.next())
+            .await
+            .expect("a batch in time")
+            .unwrap();
+        if matches!(ev, LinkEvent::Batch { .. }) {
+            return ev;
+        }
+    }
+}

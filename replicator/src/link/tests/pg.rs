@@ -1,0 +1,82 @@
+//! The real path against PostgreSQL when `PGMESH_TEST_DATABASE_URL` is set (skipped
+//! otherwise): `mesh.changelog` through [`SharedTableLog`], woken by
+//! [`LogNotifier`], served to a pulling client. Uses its own scratch database.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+use super::{client, event, next_batch, seqs};
+use crate::catalog;
+use crate::link::{LinkClient, LinkServer, ServeConfig, SharedTableLog};
+use crate::log::notify::LogNotifier;
+use crate::log::{ChangeLog, TableLog};
+
+#[tokio::test]
+async fn table_log_and_notifier_feed_a_link() {
+    let Ok(base) = std::env::var("PGMESH_TEST_DATABASE_URL") else {
+        return;
+    };
+    let db = format!("pgmesh_link_{}", std::process::id());
+    let (admin, conn) = tokio_postgres::connect(&base, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+        format!("CREATE DATABASE {db}"),
+    ] {
+        admin.batch_execute(&sql).await.unwrap();
+    }
+    let mut url = url::Url::parse(&base).unwrap();
+    url.set_path(&db);
+    let url = url.to_string();
+
+    let mut c = catalog::connect(&url).await.unwrap();
+    catalog::migrate(&mut c).await.unwrap();
+    let mut writer = TableLog::new(c).await.unwrap();
+    writer
+        .append(&[event("eu", 1, false), event("us", 1, false)])
+        .await
+        .unwrap();
+
+    let reader = TableLog::new(catalog::connect(&url).await.unwrap())
+        .await
+        .unwrap();
+    let (wake, notifier) = LogNotifier::start(&url);
+    let shutdown = CancellationToken::new();
+    let mut cfg = ServeConfig::new("127.0.0.1:0".parse().unwrap(), super::MESH, "eu", "eu-1");
+    // Heartbeats (which also check the head) out of the way: only NOTIFY can wake it.
+    cfg.heartbeat_ms = 600_000;
+    let (addr, server) = LinkServer::start(
+        cfg,
+        Arc::new(SharedTableLog::new(reader)),
+        wake,
+        None,
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+
+    let (mut link, w) = LinkClient::connect(addr, client("us")).await.unwrap();
+    assert_eq!(w.head, 2);
+    assert_eq!(seqs(&next_batch(&mut link).await), (vec![1], 2));
+    link.ack(2).await.unwrap();
+
+    // An append is delivered by its NOTIFY.
+    writer.append(&[event("eu", 2, false)]).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), next_batch(&mut link))
+        .await
+        .unwrap();
+    assert_eq!(seqs(&ev), (vec![3], 3));
+
+    drop(link);
+    shutdown.cancel();
+    server.await.unwrap();
+    notifier.abort();
+    drop(writer);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

@@ -1,0 +1,239 @@
+//! The pulling side of one link: this region applies a peer's change log.
+//!
+//! It connects to the peer (with backoff and jitter), asks for events after the
+//! link's checkpoint, applies each batch in one local transaction through
+//! [`Applier`], and acknowledges it, which is the backpressure. A paused link stays
+//! disconnected (the peer's log buffers) until resumed; both are signalled by
+//! `NOTIFY pgmesh_links` from `mesh.pause_link`/`mesh.resume_link`, so nothing polls.
+//! It never writes user tables itself: that is apply's job.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{AsyncMessage, NoTls};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::apply::{Applier, ApplyError, BatchOutcome};
+use crate::capture::Progress;
+use crate::link::backoff::Backoff;
+use crate::link::client::{ClientConfig, LinkClient, LinkEvent};
+use crate::link::LinkError;
+
+/// Errors of one pull session; the loop reconnects after each.
+#[derive(Debug, Error)]
+pub enum PullError {
+    #[error("{0}")]
+    Apply(#[from] ApplyError),
+    #[error("{0}")]
+    Link(#[from] LinkError),
+    #[error("database: {}", crate::catalog::pg_error(.0))]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// Everything a pull loop needs.
+#[derive(Debug, Clone)]
+pub struct PullConfig {
+    /// Local regional database.
+    pub url: String,
+    pub mesh: String,
+    /// Local region and node.
+    pub region: String,
+    pub node: String,
+    /// The peer's region and `HOST:PORT`.
+    pub peer: String,
+    pub addr: String,
+    /// Every region name known to this node (for naming conflict origins).
+    pub regions: Vec<String>,
+    pub max_batch: u32,
+    pub tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+}
+
+/// Called after every applied batch (metrics).
+pub type OnBatch = Arc<dyn Fn(&str, &BatchOutcome) + Send + Sync>;
+
+/// Runs the link until shutdown.
+pub async fn run(
+    cfg: PullConfig,
+    progress: Option<Progress>,
+    on_batch: OnBatch,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let span = tracing::info_span!("link", source = %cfg.peer, target = %cfg.region);
+    async move {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let (signal_tx, mut signals) = mpsc::unbounded_channel();
+        let listener = tokio::spawn(listen_links(cfg.url.clone(), signal_tx));
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            match session(
+                &cfg,
+                progress.clone(),
+                &on_batch,
+                &mut signals,
+                &mut shutdown,
+                &mut backoff,
+            )
+            .await
+            {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(error = %e, "link session ended; reconnecting");
+                    record_error(&cfg, &e.to_string()).await;
+                }
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        listener.abort();
+    }
+    .instrument(span)
+    .await
+}
+
+async fn record_error(cfg: &PullConfig, error: &str) {
+    if let Ok(c) = crate::catalog::connect(&cfg.url).await {
+        let _ = c
+            .execute(
+                "UPDATE mesh.link_state SET error = $2, updated_at = now(),
+                        status = CASE WHEN status = 'active' THEN 'degraded' ELSE status END
+                 WHERE peer = $1",
+                &[&cfg.peer, &error],
+            )
+            .await;
+    }
+}
+
+/// One connected session. Returns Ok on shutdown.
+async fn session(
+    cfg: &PullConfig,
+    progress: Option<Progress>,
+    on_batch: &OnBatch,
+    signals: &mut mpsc::UnboundedReceiver<String>,
+    shutdown: &mut watch::Receiver<bool>,
+    backoff: &mut Backoff,
+) -> Result<(), PullError> {
+    let mut applier =
+        Applier::connect(&cfg.url, &cfg.region, &cfg.peer, &cfg.regions, progress).await?;
+    // A paused link stays disconnected until resumed.
+    while link_status(&applier, &cfg.peer).await? == "paused" {
+        info!("link paused");
+        tokio::select! {
+            s = signals.recv() => if s.is_none() { return Ok(()) },
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+    applier
+        .client()
+        .execute(
+            "UPDATE mesh.link_state SET address = $2, status = CASE WHEN status = 'degraded' THEN 'active' ELSE status END
+             WHERE peer = $1",
+            &[&cfg.peer, &cfg.addr],
+        )
+        .await?;
+    applier.retry_dead_letters().await?;
+    let after = applier.checkpoint(&cfg.peer).await?;
+    let (mut client, welcome) = LinkClient::connect(
+        &cfg.addr,
+        ClientConfig {
+            mesh: cfg.mesh.clone(),
+            region: cfg.region.clone(),
+            node: cfg.node.clone(),
+            after,
+            max_batch: cfg.max_batch,
+            window: 4,
+            tls: cfg.tls.clone(),
+        },
+    )
+    .await?;
+    if welcome.region != cfg.peer {
+        warn!(expected = %cfg.peer, got = %welcome.region, "peer reports a different region");
+    }
+    info!(after, head = welcome.head, "link connected");
+    set_head(&applier, &cfg.peer, welcome.head).await?;
+    backoff.reset();
+    loop {
+        tokio::select! {
+            ev = client.next() => match ev? {
+                LinkEvent::Batch { events, upto, head } => {
+                    let out = applier.apply_batch(&cfg.peer, &events, upto, head).await?;
+                    client.ack(upto).await?;
+                    debug!(events = events.len(), applied = out.applied, upto, "batch applied");
+                    on_batch(&cfg.peer, &out);
+                }
+                LinkEvent::Heartbeat { head } => set_head(&applier, &cfg.peer, head).await?,
+            },
+            s = signals.recv() => match s.as_deref() {
+                None => return Ok(()),
+                Some("dead_letters") => { applier.retry_dead_letters().await?; }
+                Some(_) => {
+                    if link_status(&applier, &cfg.peer).await? == "paused" {
+                        info!("link paused; disconnecting");
+                        return Err(PullError::Link(LinkError::Closed));
+                    }
+                }
+            },
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
+async fn link_status(a: &Applier, peer: &str) -> Result<String, PullError> {
+    Ok(a.client()
+        .query_opt(
+            "SELECT status FROM mesh.link_state WHERE peer = $1",
+            &[&peer],
+        )
+        .await?
+        .map_or_else(|| "active".to_string(), |r| r.get(0)))
+}
+
+async fn set_head(a: &Applier, peer: &str, head: i64) -> Result<(), PullError> {
+    a.client()
+        .execute(
+            "UPDATE mesh.link_state SET peer_head = $2, updated_at = now() WHERE peer = $1",
+            &[&peer, &head],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Forwards `NOTIFY pgmesh_links` payloads; reconnects when the connection drops.
+async fn listen_links(url: String, tx: mpsc::UnboundedSender<String>) {
+    loop {
+        if let Ok((client, mut conn)) = tokio_postgres::connect(&url, NoTls).await {
+            let tx2 = tx.clone();
+            let driver = tokio::spawn(async move {
+                let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+                while let Some(Ok(m)) = messages.next().await {
+                    if let AsyncMessage::Notification(n) = m {
+                        if tx2.send(n.payload().to_string()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            if client.batch_execute("LISTEN pgmesh_links").await.is_ok() {
+                // Re-check state after (re)connecting: a change may have been missed.
+                let _ = tx.send(String::new());
+                let _ = driver.await;
+            } else {
+                driver.abort();
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
