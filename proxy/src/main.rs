@@ -19,7 +19,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = match cli.command {
         Command::CheckConfig { file } => cli::check_config(&file),
-        Command::Run(args) => runtime().and_then(|rt| rt.block_on(cli::run(args))),
+        Command::Run(args) => runtime().and_then(|rt| rt.block_on(cli::run(*args))),
         Command::Init(args) => runtime().and_then(|rt| rt.block_on(cli::init(args))),
         Command::Log(LogCommand::Tail {
             upstream,

@@ -26,6 +26,9 @@ pub struct LinkCounters {
     pub batches: u64,
 }
 
+/// A counter series: name, help text, and how to read it from a link.
+type Series = (&'static str, &'static str, fn(&LinkCounters) -> u64);
+
 /// All metrics of a node.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -72,7 +75,7 @@ impl Metrics {
             );
         }
         let links = self.links.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let series: [(&str, &str, fn(&LinkCounters) -> u64); 5] = [
+        let series: [Series; 5] = [
             (
                 "pgmesh_applied_events_total",
                 "Remote events applied.",

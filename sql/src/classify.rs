@@ -261,6 +261,26 @@ fn classify_query(stmt: &str) -> Kind {
     Kind::Read
 }
 
+/// Whether a statement is `COPY ... FROM STDIN`, which puts the session in copy-in
+/// mode (where the server ignores Sync and Flush until CopyDone or CopyFail).
+pub fn is_copy_from_stdin(stmt: &str) -> bool {
+    let mut words = Lexer::new(stmt).filter_map(|t| match t {
+        Token::Word(w) => Some(w),
+        _ => None,
+    });
+    if !words.next().is_some_and(|w| w.eq_ignore_ascii_case("copy")) {
+        return false;
+    }
+    let mut prev_from = false;
+    for w in words {
+        if prev_from && w.eq_ignore_ascii_case("stdin") {
+            return true;
+        }
+        prev_from = w.eq_ignore_ascii_case("from");
+    }
+    false
+}
+
 /// Classifies every statement of a (possibly multi-statement) query string.
 pub fn classify_all(sql: &str) -> Vec<Kind> {
     split_statements(sql)
@@ -365,6 +385,17 @@ mod tests {
         assert_eq!(classify("SET pgmesh.replicate = on"), set(true, false));
         assert_eq!(classify("SET pgmesh.replicate = 'on'"), set(true, false));
         assert_eq!(classify("set work_mem = '4MB'"), Kind::Neutral);
+    }
+
+    #[test]
+    fn copy_in_detection() {
+        assert!(is_copy_from_stdin(
+            "COPY t (a, b) FROM STDIN WITH (FORMAT csv)"
+        ));
+        assert!(is_copy_from_stdin("copy t from stdin"));
+        assert!(!is_copy_from_stdin("copy t from '/tmp/x'"));
+        assert!(!is_copy_from_stdin("copy t to stdout"));
+        assert!(!is_copy_from_stdin("select 'copy t from stdin'"));
     }
 
     #[test]

@@ -9,4 +9,4 @@ pub mod classify;
 pub mod lexer;
 pub mod migrations;
 
-pub use classify::{classify, classify_all, Kind};
+pub use classify::{classify, classify_all, is_copy_from_stdin, Kind};

@@ -27,10 +27,14 @@
 
 pub mod client;
 pub mod cluster;
+pub mod mesh;
+pub mod node;
+pub mod regions;
 pub mod wait;
 
 pub use client::{connect, pgbench, psql, CmdOutput};
 pub use cluster::{AuthMethod, ClusterOptions, PasswordUser, PgBin, PgCluster};
+pub use node::{pgmesh_bin, pgmesh_output, PgmeshProcess, ProxyNode};
 pub use wait::{wait_for, wait_until, wait_until_blocking, DEFAULT_TIMEOUT};
 
 /// Install a `tracing` subscriber that writes through the test harness's

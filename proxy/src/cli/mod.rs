@@ -30,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node: the wire-protocol proxy in front of one regional PostgreSQL.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate a config file and print the effective settings.
     CheckConfig {
         /// Path to a pgmesh.toml.

@@ -121,6 +121,38 @@ pub fn error_field(body: &[u8], code: u8) -> Option<&[u8]> {
     None
 }
 
+/// Rewrites the error cursor position (`P` field) of an ErrorResponse or
+/// NoticeResponse body. Returns the whole new message, or `None` when the body has
+/// no `P` field or `map` keeps it unchanged.
+pub fn map_error_position(tag: u8, body: &[u8], map: impl Fn(usize) -> usize) -> Option<Bytes> {
+    let pos: usize = std::str::from_utf8(error_field(body, b'P')?)
+        .ok()?
+        .parse()
+        .ok()?;
+    let new = map(pos);
+    if new == pos {
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut rest = body;
+    while let Some((&c, r)) = rest.split_first() {
+        if c == 0 {
+            break;
+        }
+        let end = r.iter().position(|&b| b == 0)?;
+        out.push(c);
+        if c == b'P' {
+            out.extend_from_slice(new.to_string().as_bytes());
+        } else {
+            out.extend_from_slice(&r[..end]);
+        }
+        out.push(0);
+        rest = &r[end + 1..];
+    }
+    out.push(0);
+    Some(tagged(tag, &out))
+}
+
 /// Whether an ErrorResponse body has severity FATAL or PANIC (the server closes next).
 pub fn is_fatal(body: &[u8]) -> bool {
     let sev = error_field(body, b'V').or_else(|| error_field(body, b'S'));
@@ -177,6 +209,22 @@ mod tests {
         assert!(!is_fatal(
             &error_response(Severity::Error, "42601", "x")[5..]
         ));
+    }
+
+    #[test]
+    fn error_position_is_mapped() {
+        let mut body = Vec::new();
+        for (c, v) in [(b'S', "ERROR"), (b'C', "42P01"), (b'P', "336"), (b'M', "x")] {
+            body.push(c);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let out = map_error_position(b'E', &body, |p| p - 275).unwrap();
+        assert_eq!(out[0], b'E');
+        assert_eq!(error_field(&out[5..], b'P'), Some(&b"61"[..]));
+        assert_eq!(error_field(&out[5..], b'C'), Some(&b"42P01"[..]));
+        assert!(map_error_position(b'E', &body, |p| p).is_none());
     }
 
     #[test]

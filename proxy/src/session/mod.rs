@@ -143,7 +143,15 @@ async fn accept_startup(
             match frame::peek_startup_len(&buf) {
                 Ok(Some(len)) if buf.len() >= len => break len,
                 Ok(_) => {}
-                Err(e) => return refuse(client, e.sqlstate(), &e.to_string()).await,
+                // PostgreSQL answers any bad startup length with 08P01.
+                Err(e) => {
+                    return refuse(
+                        client,
+                        "08P01",
+                        &format!("invalid length of startup packet ({e})"),
+                    )
+                    .await
+                }
             }
             if client
                 .read_buf(&mut buf)
@@ -282,6 +290,21 @@ async fn relay_loop(
                     close(&mut pump, &relay, "08P01", &e.to_string()).await?;
                     return Err(SessionError::Upstream(e.to_string()));
                 }
+                // Client requests held back for these answers may go now.
+                if let Some(mut held) = relay.take_released() {
+                    let r = relay.on_client(&mut held, &mut pump.to_server);
+                    held.extend_from_slice(&pump.cin);
+                    pump.cin = held;
+                    match r {
+                        Ok(ClientAction::Continue) => {}
+                        Ok(ClientAction::Terminate) => {
+                            let _ = pump.flush_server().await;
+                            pump.shutdown().await;
+                            return Ok(());
+                        }
+                        Err(e) => return close(&mut pump, &relay, "08P01", &e.to_string()).await,
+                    }
+                }
             }
             Event::ClientEof | Event::ClientError(_) => {
                 if relay.client_mid_frame() || !pump.cin.is_empty() {
@@ -331,7 +354,8 @@ async fn check_shutdown(
 ) -> Option<Result<(), SessionError>> {
     let close_now = match state {
         ShutdownState::Running => false,
-        ShutdownState::Draining => relay.is_idle() && pump.to_client.is_empty(),
+        // `close` flushes what is queued for the client first.
+        ShutdownState::Draining => relay.is_idle(),
         ShutdownState::Terminating => true,
     };
     if !close_now {

@@ -65,12 +65,27 @@ pub struct Relay {
     server_fatal: bool,
     track: TxTrack,
     expect: Expectations,
-    statements: HashMap<Vec<u8>, Kind>,
-    portals: HashMap<Vec<u8>, Kind>,
+    /// Prepared statements and portals: their kind, and whether they are
+    /// `COPY ... FROM STDIN`.
+    statements: HashMap<Vec<u8>, (Kind, bool)>,
+    portals: HashMap<Vec<u8>, (Kind, bool)>,
+    /// The session is (or is about to be) in extended-protocol copy-in mode, where
+    /// the server ignores Sync: no stamp may go in and no answer is due.
+    copy_in: bool,
+    /// Execute/Query/FunctionCall requests forwarded since the last Sync: when zero,
+    /// a ReadyForQuery that leaves no Sync pending describes the current state.
+    exec_since_sync: usize,
     /// Stamp statements spliced into simple queries whose answers are still due.
     simple_stamps: usize,
     /// Inside the answer (RowDescription .. CommandComplete) of a spliced stamp.
     in_stamp_answer: bool,
+    /// Where stamps were spliced into the current simple query, as (start, length)
+    /// in characters of the rewritten text, to map error positions back.
+    splices: Vec<(usize, usize)>,
+    /// Client bytes held back: a COMMIT that needs a stamp waits until every earlier
+    /// request is answered, because only then is it known whether the transaction
+    /// failed (a stamp in a failed transaction would turn ROLLBACK into an error).
+    held: BytesMut,
 }
 
 impl Relay {
@@ -95,8 +110,12 @@ impl Relay {
             expect: Expectations::default(),
             statements: HashMap::new(),
             portals: HashMap::new(),
+            copy_in: false,
+            exec_since_sync: 0,
             simple_stamps: 0,
             in_stamp_answer: false,
+            splices: Vec::new(),
+            held: BytesMut::new(),
         }
     }
 
@@ -113,7 +132,41 @@ impl Relay {
     /// Whether the session is between transactions with nothing in flight, so it can
     /// be closed without losing work.
     pub fn is_idle(&self) -> bool {
-        self.logged_in && self.expect.is_empty() && self.tx == TxStatus::Idle
+        self.logged_in
+            && self.expect.is_empty()
+            && self.tx == TxStatus::Idle
+            && self.held.is_empty()
+    }
+
+    /// Held-back client bytes that may go now (every earlier request is answered).
+    /// The caller feeds them to [`Relay::on_client`] before any newer input.
+    pub fn take_released(&mut self) -> Option<BytesMut> {
+        (!self.held.is_empty() && self.expect.pending_ready() == 0).then(|| self.held.split())
+    }
+
+    /// Whether a whole client request must wait for earlier answers (see `held`).
+    fn must_wait(&self, tag: u8, body: &[u8]) -> bool {
+        if self.stamper.is_none() || self.expect.pending_ready() == 0 {
+            return false;
+        }
+        let commits = |k: Kind| matches!(k, Kind::Commit { .. } | Kind::PrepareTransaction);
+        match tag {
+            b'E' => {
+                let Some((portal, _)) = read_cstr(body) else {
+                    return false;
+                };
+                let kind = self.portals.get(portal).map_or(Kind::MayWrite, |p| p.0);
+                commits(kind) && self.track.wrote
+            }
+            b'Q' => {
+                let sql = String::from_utf8_lossy(body);
+                let mut probe = self.track.clone();
+                pgmesh_sql::classify_all(&sql)
+                    .into_iter()
+                    .any(|k| commits(k) && probe.statement(k))
+            }
+            _ => false,
+        }
     }
 
     /// Whether a frame from the client is only partly forwarded.
@@ -138,6 +191,11 @@ impl Relay {
         input: &mut BytesMut,
         out: &mut BytesMut,
     ) -> Result<ClientAction, RelayError> {
+        if !self.held.is_empty() {
+            self.held.extend_from_slice(input);
+            input.clear();
+            return Ok(ClientAction::Continue);
+        }
         loop {
             if self.client_skip > 0 {
                 let n = self.client_skip.min(input.len());
@@ -159,6 +217,10 @@ impl Relay {
             let Some(h) = frame::peek_header(input, limit)? else {
                 return Ok(ClientAction::Continue);
             };
+            if matches!(tag, b'c' | b'f') {
+                // CopyDone / CopyFail end copy-in mode.
+                self.copy_in = false;
+            }
             if !matches!(
                 tag,
                 b'Q' | b'P' | b'B' | b'E' | b'S' | b'C' | b'D' | b'F' | b'X'
@@ -174,6 +236,10 @@ impl Relay {
             if tag == b'X' {
                 move_bytes(input, out, h.total);
                 return Ok(ClientAction::Terminate);
+            }
+            if self.must_wait(tag, &input[5..h.total]) {
+                self.held = input.split();
+                return Ok(ClientAction::Continue);
             }
             let msg = input.split_to(h.total);
             self.client_request(tag, msg, out)?;
@@ -193,6 +259,7 @@ impl Relay {
             b'Q' => {
                 let text = body.strip_suffix(&[0]).ok_or_else(bad)?;
                 self.expect.push(Awaiting::Query, false);
+                self.exec_since_sync = 0;
                 match self.rewrite_query(text) {
                     Some(q) => stamp::message(out, b'Q', |b| {
                         b.extend_from_slice(q.as_bytes());
@@ -205,30 +272,48 @@ impl Relay {
             b'P' => {
                 let (name, rest) = read_cstr(body).ok_or_else(bad)?;
                 let (query, _) = read_cstr(rest).ok_or_else(bad)?;
-                let kind = combined_kind(&String::from_utf8_lossy(query));
-                self.statements.insert(name.to_vec(), kind);
+                let query = String::from_utf8_lossy(query);
+                let kind = combined_kind(&query);
+                self.statements.insert(
+                    name.to_vec(),
+                    (kind, pgmesh_sql::is_copy_from_stdin(&query)),
+                );
                 self.expect.push(Awaiting::Parse, false);
             }
             b'B' => {
                 let (portal, rest) = read_cstr(body).ok_or_else(bad)?;
                 let (stmt, _) = read_cstr(rest).ok_or_else(bad)?;
-                let kind = self.statements.get(stmt).copied().unwrap_or(Kind::MayWrite);
-                self.portals.insert(portal.to_vec(), kind);
+                let stmt = self
+                    .statements
+                    .get(stmt)
+                    .copied()
+                    .unwrap_or((Kind::MayWrite, false));
+                self.portals.insert(portal.to_vec(), stmt);
                 self.expect.push(Awaiting::Bind, false);
             }
             b'E' => {
                 let (portal, _) = read_cstr(body).ok_or_else(bad)?;
-                let kind = self.portals.get(portal).copied().unwrap_or(Kind::MayWrite);
+                let (kind, copy_in) = self
+                    .portals
+                    .get(portal)
+                    .copied()
+                    .unwrap_or((Kind::MayWrite, false));
                 if self.track.statement(kind) {
                     self.inject_extended_stamp(out);
                 }
                 self.expect.push(Awaiting::Execute, false);
+                self.exec_since_sync += 1;
+                self.copy_in |= copy_in;
+            }
+            b'S' if self.copy_in => {
+                // Ignored by the server in copy-in mode: no answer, no stamp.
             }
             b'S' => {
                 if self.track.end_implicit() {
                     self.inject_extended_stamp(out);
                 }
                 self.expect.push(Awaiting::Sync, false);
+                self.exec_since_sync = 0;
             }
             b'C' => {
                 let (&kind, rest) = body.split_first().ok_or_else(bad)?;
@@ -246,6 +331,7 @@ impl Relay {
                     self.track.statement(Kind::MayWrite);
                 }
                 self.expect.push(Awaiting::FunctionCall, false);
+                self.exec_since_sync = 0;
             }
         }
         out.extend_from_slice(&msg);
@@ -254,7 +340,7 @@ impl Relay {
 
     fn payload(&self) -> Option<(Arc<Stamper>, String)> {
         let stamper = self.stamper.clone()?;
-        match stamper.payload(&self.info, self.track.local_only()) {
+        match stamper.payload(&self.info) {
             Ok(p) => Some((stamper, p)),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot stamp transaction; it will be captured unstamped");
@@ -268,6 +354,7 @@ impl Relay {
             return;
         };
         stamper.extended(&payload, out);
+        tracing::debug!("stamp injected before the transaction ends");
         for w in [
             Awaiting::Parse,
             Awaiting::Bind,
@@ -291,14 +378,12 @@ impl Relay {
         let may_splice = self.stamper.is_some() && !kinds.contains(&Kind::NoTxBlock);
         let mut cuts = Vec::new();
         for (r, &k) in ranges.iter().zip(&kinds) {
-            let before_local = self.track.local_only();
             if self.track.statement(k) && may_splice {
-                cuts.push((r.start, before_local));
+                cuts.push(r.start);
             }
         }
-        let local_at_end = self.track.local_only();
         if self.track.end_implicit() && may_splice {
-            cuts.push((sql.len(), local_at_end));
+            cuts.push(sql.len());
         }
         if cuts.is_empty() {
             return None;
@@ -306,8 +391,9 @@ impl Relay {
         let stamper = self.stamper.clone()?;
         let mut outq = String::with_capacity(sql.len() + 256 * cuts.len());
         let mut at = 0;
-        for (pos, local) in cuts {
-            let payload = match stamper.payload(&self.info, local) {
+        self.splices.clear();
+        for pos in cuts {
+            let payload = match stamper.payload(&self.info) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot stamp transaction");
@@ -315,6 +401,7 @@ impl Relay {
                 }
             };
             outq.push_str(&sql[at..pos]);
+            let start = outq.chars().count();
             if pos == sql.len() {
                 outq.push(';');
             }
@@ -322,6 +409,7 @@ impl Relay {
             if pos < sql.len() {
                 outq.push(';');
             }
+            self.splices.push((start, outq.chars().count() - start));
             at = pos;
             self.simple_stamps += 1;
         }
@@ -352,6 +440,7 @@ impl Relay {
             };
             let whole = self.expect.injected_next()
                 || self.in_stamp_answer
+                || (h.tag == b'N' && !self.splices.is_empty())
                 || matches!(
                     h.tag,
                     b'1' | b'2'
@@ -399,8 +488,14 @@ impl Relay {
                         tracing::trace!(tx_status = ?s, "transaction status");
                     }
                     self.tx = s;
-                    if verdict.settled {
+                    if self.expect.pending_ready() == 0 && self.exec_since_sync == 0 {
+                        // Nothing executed since this Sync: the server's status is
+                        // the current one (it knows about failures we cannot see).
                         self.track.sync(s);
+                    }
+                    if verdict.settled {
+                        // A COPY that failed before copy-in mode ends at its Sync.
+                        self.copy_in = false;
                     }
                 }
                 self.logged_in = true;
@@ -409,6 +504,7 @@ impl Relay {
                     // answer; nothing is in flight now, so none is still due.
                     self.simple_stamps = 0;
                     self.in_stamp_answer = false;
+                    self.splices.clear();
                 }
             }
             b'K' => {
@@ -417,6 +513,25 @@ impl Relay {
                 self.cancel_guard = Some(guard);
                 out.extend_from_slice(&mine.encode());
                 return Ok(());
+            }
+            b'E' | b'N' if !self.splices.is_empty() => {
+                self.server_fatal |= tag == b'E' && messages::is_fatal(body);
+                let splices = self.splices.clone();
+                let map = move |p: usize| {
+                    let mut orig = p;
+                    for (start, len) in &splices {
+                        if p > start + len {
+                            orig -= len;
+                        }
+                    }
+                    orig
+                };
+                if let Some(m) = messages::map_error_position(tag, body, map) {
+                    if !verdict.swallow {
+                        out.extend_from_slice(&m);
+                    }
+                    return Ok(());
+                }
             }
             b'E' => self.server_fatal |= messages::is_fatal(body),
             b'R' => {

@@ -17,6 +17,16 @@ use rand::Rng;
 
 use super::ClientInfo;
 
+/// Turns the payload's `"local":false` into the session's actual
+/// `pgmesh.replicate` setting, read by the server inside the transaction, so SET,
+/// SET LOCAL, RESET, DISCARD and rollbacks all follow PostgreSQL's own rules. `{}`
+/// is the payload expression.
+const LOCAL_FLAG: &str = "replace({}, ',\"local\":false}', CASE WHEN lower(coalesce(current_setting('pgmesh.replicate', true), 'on')) IN ('off', 'false', 'no', '0') THEN ',\"local\":true}' ELSE ',\"local\":false}' END)";
+
+fn content(payload_expr: &str) -> String {
+    LOCAL_FLAG.replace("{}", payload_expr)
+}
+
 /// Name of the statement and portal the proxy uses for extended-protocol stamps.
 const STMT: &str = "pgmesh_stamp";
 /// PostgreSQL type OID of `text`.
@@ -46,8 +56,9 @@ impl Stamper {
         &self.alias
     }
 
-    /// A fresh stamp payload for a session's transaction.
-    pub fn payload(&self, info: &ClientInfo, local: bool) -> Result<String, HlcError> {
+    /// A fresh stamp payload for a session's transaction. Its `local` flag is
+    /// decided by the server when the stamp runs (see [`LOCAL_FLAG`]).
+    pub fn payload(&self, info: &ClientInfo) -> Result<String, HlcError> {
         Ok(Stamp {
             v: STAMP_VERSION,
             hlc: self.clock.now()?,
@@ -56,7 +67,7 @@ impl Stamper {
             user: info.user.clone(),
             app: info.application_name.clone(),
             addr: info.peer.to_string(),
-            local,
+            local: false,
         }
         .encode())
     }
@@ -64,8 +75,9 @@ impl Stamper {
     /// The stamp as one SQL statement for the simple protocol (no trailing `;`).
     pub fn statement(&self, payload: &str) -> String {
         format!(
-            "SELECT pg_logical_emit_message(true, '{STAMP_PREFIX}', $pgmesh${payload}$pgmesh$) AS {} \
+            "SELECT pg_logical_emit_message(true, '{STAMP_PREFIX}', {}) AS {} \
              WHERE pg_current_xact_id_if_assigned() IS NOT NULL",
+            content(&format!("$pgmesh${payload}$pgmesh$")),
             self.alias
         )
     }
@@ -75,8 +87,9 @@ impl Stamper {
     /// CommandComplete and CloseComplete.
     pub fn extended(&self, payload: &str, out: &mut BytesMut) {
         let query = format!(
-            "SELECT pg_logical_emit_message(true, '{STAMP_PREFIX}', $1) \
-             WHERE pg_current_xact_id_if_assigned() IS NOT NULL"
+            "SELECT pg_logical_emit_message(true, '{STAMP_PREFIX}', {}) \
+             WHERE pg_current_xact_id_if_assigned() IS NOT NULL",
+            content("$1::text")
         );
         message(out, b'P', |b| {
             cstr(b, STMT);
@@ -142,7 +155,7 @@ mod tests {
     #[test]
     fn extended_messages_frame_correctly() {
         let s = Stamper::new("eu", "n1");
-        let p = s.payload(&info(), false).unwrap();
+        let p = s.payload(&info()).unwrap();
         let mut out = BytesMut::new();
         s.extended(&p, &mut out);
         let mut rest = &out[..];
@@ -160,10 +173,14 @@ mod tests {
     #[test]
     fn payloads_have_increasing_hlc() {
         let s = Stamper::new("eu", "n1");
-        let a = Stamp::decode(s.payload(&info(), false).unwrap().as_bytes()).unwrap();
-        let b = Stamp::decode(s.payload(&info(), true).unwrap().as_bytes()).unwrap();
+        let a = Stamp::decode(s.payload(&info()).unwrap().as_bytes()).unwrap();
+        let b = Stamp::decode(s.payload(&info()).unwrap().as_bytes()).unwrap();
         assert!(b.hlc > a.hlc);
-        assert!(b.local);
+        let text = s.payload(&info()).unwrap();
+        assert!(
+            text.ends_with(",\"local\":false}"),
+            "the server-side flag rewrite needs this suffix: {text}"
+        );
         assert!(s.statement("{}").contains(s.alias()));
     }
 }

@@ -22,10 +22,6 @@ pub struct TxTrack {
     pub failed: bool,
     /// A statement that may write ran in the current transaction.
     pub wrote: bool,
-    /// `SET LOCAL pgmesh.replicate = off` in this transaction.
-    pub local_txn: bool,
-    /// `SET pgmesh.replicate = off` for the session.
-    pub local_session: bool,
 }
 
 impl TxTrack {
@@ -44,25 +40,18 @@ impl TxTrack {
                 self.wrote = true;
                 false
             }
-            Kind::SetReplicate { on, local } => {
-                if local || self.in_block {
-                    self.local_txn = !on;
-                }
-                if !local {
-                    self.local_session = !on;
-                }
-                false
-            }
-            Kind::Read | Kind::NoTxBlock | Kind::Neutral => false,
+            // `pgmesh.replicate` is read by the server when the stamp runs.
+            Kind::SetReplicate { .. } | Kind::Read | Kind::NoTxBlock | Kind::Neutral => false,
         }
     }
 
     fn end(&mut self, chain: bool, commit: bool) -> bool {
-        let stamp = commit && self.in_block && self.wrote && !self.failed;
+        // A COMMIT also ends an implicit transaction (a multi-statement query or a
+        // pipeline without BEGIN), so `in_block` is not required.
+        let stamp = commit && self.wrote && !self.failed;
         self.in_block = chain;
         self.failed = false;
         self.wrote = false;
-        self.local_txn = false;
         stamp
     }
 
@@ -74,13 +63,7 @@ impl TxTrack {
         }
         let stamp = self.wrote;
         self.wrote = false;
-        self.local_txn = false;
         stamp
-    }
-
-    /// Whether the transaction is marked local-only.
-    pub fn local_only(&self) -> bool {
-        self.local_txn || self.local_session
     }
 
     /// Adopts the server's view after a ReadyForQuery with nothing else in flight.
@@ -89,7 +72,6 @@ impl TxTrack {
         self.failed = status == TxStatus::Failed;
         if status == TxStatus::Idle {
             self.wrote = false;
-            self.local_txn = false;
         }
     }
 }
@@ -257,29 +239,6 @@ mod tests {
         t.sync(TxStatus::Failed);
         t.statement(Kind::MayWrite);
         assert!(!t.statement(Kind::Commit { chain: false }), "failed block");
-    }
-
-    #[test]
-    fn local_only_flags() {
-        let mut t = TxTrack::default();
-        t.statement(Kind::Begin);
-        t.statement(Kind::SetReplicate {
-            on: false,
-            local: true,
-        });
-        assert!(t.local_only());
-        t.statement(Kind::Commit { chain: false });
-        assert!(!t.local_only());
-        t.statement(Kind::SetReplicate {
-            on: false,
-            local: false,
-        });
-        assert!(t.local_only());
-        t.statement(Kind::SetReplicate {
-            on: true,
-            local: false,
-        });
-        assert!(!t.local_only());
     }
 
     #[test]

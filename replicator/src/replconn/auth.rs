@@ -48,6 +48,13 @@ pub fn startup_message(params: &ConnParams) -> FrontendMessage {
         ("application_name", params.application_name.as_str()),
         // Our decoders treat server text as UTF-8.
         ("client_encoding", "UTF8"),
+        // Value text must not depend on the server's output settings: the same
+        // settings PostgreSQL's own logical replication workers use, plus UTC so a
+        // timestamptz key prints the same in every region.
+        ("DateStyle", "ISO"),
+        ("IntervalStyle", "postgres"),
+        ("extra_float_digits", "3"),
+        ("TimeZone", "UTC"),
     ];
     FrontendMessage::Startup {
         params: pairs

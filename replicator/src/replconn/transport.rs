@@ -38,19 +38,19 @@ impl Transport {
         }
     }
 
+    /// Whether a complete frame is already buffered, so `recv` will not wait.
+    pub fn has_complete_frame(&self) -> bool {
+        self.rbuf.len() >= 5
+            && (u32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]])
+                as usize)
+                < self.rbuf.len()
+    }
+
     /// The next complete message from the server.
     ///
     /// Cancel-safe: the only await is `read_buf`, which either appends bytes to
     /// the receive buffer or does nothing, and a frame is taken out of the buffer
     /// only after it is complete, with no await between taking and returning it.
-    /// Whether a complete frame is already buffered, so `recv` will not wait.
-    pub fn has_complete_frame(&self) -> bool {
-        self.rbuf.len() >= 5
-            && u32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]) as usize
-                + 1
-                <= self.rbuf.len()
-    }
-
     pub async fn recv(&mut self) -> Result<BackendMessage, ReplError> {
         loop {
             if let Some(frame) = Frame::parse(&mut self.rbuf)? {

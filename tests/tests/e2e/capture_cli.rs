@@ -1,0 +1,223 @@
+//! `pgmesh init` and `pgmesh log tail`, run as the real binary.
+//!
+//! `init` must be idempotent (the second run changes nothing and says the
+//! catalog is up to date) and must refuse a database that cannot do logical
+//! replication, naming the setting to change, before it creates anything.
+//! `log tail` must print one readable line per captured change with its hlc,
+//! origin, table, op and key, and, when following, print new events as they
+//! arrive. This module owns those command-line checks.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use pgmesh_tests::mesh::{hlc_text, LogEvent, Region};
+use pgmesh_tests::{pgmesh_bin, pgmesh_output, ClusterOptions, DEFAULT_TIMEOUT};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[tokio::test]
+async fn init_is_idempotent() -> Result<()> {
+    let region = Region::start("idem").await?;
+    region
+        .admin
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await?;
+    let first = region.init().await?.ok()?;
+    assert!(
+        first.stdout.contains("applied migrations"),
+        "{}",
+        first.stdout
+    );
+    assert!(
+        first.stdout.contains("slot: pgmesh_idem (created)"),
+        "{}",
+        first.stdout
+    );
+    let catalog = "SELECT (SELECT count(*) FROM mesh.schema_versions),
+                          (SELECT count(*) FROM pg_replication_slots),
+                          (SELECT count(*) FROM pg_publication_tables WHERE pubname = 'pgmesh'),
+                          (SELECT count(*) FROM mesh.regions WHERE is_local)";
+    let read = |r: tokio_postgres::Row| -> (i64, i64, i64, i64) {
+        (r.get(0), r.get(1), r.get(2), r.get(3))
+    };
+    let before = read(region.admin.query_one(catalog, &[]).await?);
+    let second = region.init().await?.ok()?;
+    assert!(
+        second.stdout.contains("catalog: up to date"),
+        "{}",
+        second.stdout
+    );
+    assert!(
+        second.stdout.contains("slot: pgmesh_idem (exists)"),
+        "{}",
+        second.stdout
+    );
+    let after = read(region.admin.query_one(catalog, &[]).await?);
+    assert_eq!(before, after, "the second init changed the catalog");
+    assert_eq!(after.1, 1, "one slot");
+    assert_eq!(after.2, 1, "public.t published, mesh.* not");
+    Ok(())
+}
+
+#[tokio::test]
+async fn init_refuses_wal_level_replica_and_names_the_setting() -> Result<()> {
+    let opts = ClusterOptions::default().setting("wal_level", "replica");
+    let region = Region::start_with("replica", opts).await?;
+    let out = region.init().await?;
+    assert!(!out.success(), "init must fail: {}", out.stdout);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        text.contains("wal_level"),
+        "the error names wal_level:\n{text}"
+    );
+    assert!(text.contains("logical"), "and the value to set:\n{text}");
+    let schema: Option<String> = region
+        .admin
+        .query_one("SELECT to_regnamespace('mesh')::text", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        schema, None,
+        "nothing is installed when a prerequisite is missing"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn init_without_replication_privilege_names_it() -> Result<()> {
+    let region = Region::start("noprivs").await?;
+    region
+        .admin
+        .batch_execute("CREATE ROLE plain LOGIN")
+        .await?;
+    let url = format!(
+        "postgres://plain@127.0.0.1:{}/postgres",
+        region.cluster.port()
+    );
+    let out = pgmesh_output(&["init", "--upstream", &url, "--region", "noprivs"]).await?;
+    assert!(!out.success(), "init must fail");
+    assert!(out.stderr.contains("REPLICATION"), "{}", out.stderr);
+    Ok(())
+}
+
+/// The line `log tail` prints must name this change's hlc, origin, table, op, key.
+fn expect_line(line: &str, e: &LogEvent, i: usize) -> Result<()> {
+    let c = &e.changes[i];
+    for part in [
+        format!("hlc={}", hlc_text(e.hlc)),
+        format!("origin={}", e.origin),
+        c.table.clone(),
+        format!(" {} ", c.op),
+        format!("pk=({})", c.pk_text()),
+    ] {
+        anyhow::ensure!(line.contains(&part), "line {line:?} lacks {part:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn log_tail_prints_one_line_per_change() -> Result<()> {
+    let region = Region::start("tail").await?;
+    region
+        .admin
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await?;
+    region.init().await?.ok()?;
+    let _capture = region.capture("cap");
+    let proxy = region.proxy("tail-node").await?;
+    let p = pgmesh_tests::connect(&proxy.conn_string()).await?;
+    p.batch_execute(
+        "INSERT INTO t VALUES (1, 'a'), (2, 'b');
+         UPDATE t SET v = 'c' WHERE id = 1;
+         DELETE FROM t WHERE id = 2;",
+    )
+    .await?;
+    region
+        .admin
+        .execute("INSERT INTO t VALUES (3, 'direct')", &[])
+        .await?;
+    region.wait_caught_up().await?;
+    let events = region.changelog().await?;
+    let expected: Vec<(&LogEvent, usize)> = events
+        .iter()
+        .flat_map(|e| (0..e.changes.len()).map(move |i| (e, i)))
+        .collect();
+    assert_eq!(expected.len(), 5);
+
+    let url = region.url();
+    let out = pgmesh_output(&[
+        "log",
+        "tail",
+        "--upstream",
+        &url,
+        "--last",
+        "100",
+        "--no-follow",
+    ])
+    .await?
+    .ok()?;
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        expected.len(),
+        "one line per change:\n{}",
+        out.stdout
+    );
+    for (line, (e, i)) in lines.iter().zip(&expected) {
+        expect_line(line, e, *i)?;
+    }
+    // --last N counts events: the last one is the direct insert.
+    let out = pgmesh_output(&[
+        "log",
+        "tail",
+        "--upstream",
+        &url,
+        "--last",
+        "1",
+        "--no-follow",
+    ])
+    .await?
+    .ok()?;
+    let last: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(last.len(), 1, "{}", out.stdout);
+    expect_line(last[0], expected[4].0, expected[4].1)?;
+
+    // Following: a new event is printed as it arrives.
+    let mut child = tokio::process::Command::new(pgmesh_bin()?)
+        .args(["log", "tail", "--upstream", &url, "--last", "0"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut out = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    // Wait until the tail is idle after its first read, which follows its LISTEN.
+    pgmesh_tests::wait_until(DEFAULT_TIMEOUT, "log tail to follow", || async {
+        region
+            .admin
+            .query_opt(
+                "SELECT 1 FROM pg_stat_activity
+                 WHERE state = 'idle' AND query LIKE '%FROM mesh.changelog WHERE seq > $1%'",
+                &[],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await?;
+    p.execute("INSERT INTO t VALUES (4, 'followed')", &[])
+        .await?;
+    let line = tokio::time::timeout(Duration::from_secs(60), out.next_line())
+        .await
+        .context("log tail printed nothing for the new event")??
+        .context("log tail exited")?;
+    region.wait_caught_up().await?;
+    let events = region.changelog().await?;
+    let e = events.last().context("no events")?;
+    expect_line(&line, e, 0)?;
+    assert!(line.contains("pk=(id=4)"), "{line}");
+    child.kill().await?;
+    Ok(())
+}

@@ -1,0 +1,27 @@
+//! The one end-to-end test binary: real PostgreSQL, real clients, pgmesh between.
+//!
+//! Every area is a module here so CI compiles and links one binary. Each test
+//! starts its own cluster (and proxy) and cleans up through `Drop`, so tests run
+//! in parallel and in any order. Tests wait on conditions with deadlines and
+//! never sleep hoping for something. The proxy-process tests need the `pgmesh`
+//! binary: run `cargo build -p pgmesh-proxy` before `cargo test -p pgmesh-tests
+//! --test e2e` (see `pgmesh_tests::pgmesh_bin`).
+
+mod capture_cli;
+mod capture_crash;
+mod capture_exactly_once;
+mod capture_fidelity;
+mod capture_stamps;
+mod capture_values;
+mod harness;
+mod mesh_convergence;
+mod proxy_auth;
+mod proxy_clients;
+mod proxy_copy;
+mod proxy_faults;
+mod proxy_lifecycle;
+mod proxy_streams;
+mod proxy_tls;
+mod proxy_tools;
+mod support;
+mod wire;
