@@ -24,6 +24,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "replication",
         sql: include_str!("../migrations/0002_replication.sql"),
     },
+    Migration {
+        version: 3,
+        name: "nodes_view",
+        sql: include_str!("../migrations/0003_nodes_view.sql"),
+    },
 ];
 
 /// The newest catalog version this binary knows.

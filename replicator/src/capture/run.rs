@@ -234,8 +234,10 @@ async fn run_once(
             }
             _ = tick.tick() => {
                 stream.send_status(status(pump.confirmed, false)).await?;
-                // Keep the lock connection honest: a dead one means we lost leadership.
-                lock.simple_query("").await?;
+                // The heartbeat also proves the lock connection is alive: a dead
+                // one means we lost leadership.
+                lock.execute("UPDATE mesh.node_state SET heartbeat = now() WHERE node = $1", &[&cfg.node])
+                    .await?;
                 continue;
             }
         };
@@ -352,6 +354,14 @@ async fn set_node_role(
     cfg: &CaptureConfig,
     role: &str,
 ) -> Result<(), CaptureError> {
+    if role == "leader" {
+        // We hold the lock, so any other node still listed as leader is gone.
+        c.execute(
+            "UPDATE mesh.node_state SET role = 'stopped' WHERE region = $1 AND node <> $2 AND role = 'leader'",
+            &[&cfg.region, &cfg.node],
+        )
+        .await?;
+    }
     c.execute(
         "INSERT INTO mesh.node_state (node, region, role) VALUES ($1, $2, $3)
          ON CONFLICT (node) DO UPDATE SET role = $3, region = $2, heartbeat = now()",
