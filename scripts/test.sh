@@ -35,7 +35,8 @@ if [ "$status" = 0 ] && [ "${PGMESH_BENCH:-1}" = 1 ]; then
   cargo build --release -p pgmesh-proxy -q
   export PGMESH_BIN="$PWD/target/release/pgmesh" BENCH_FAST=1 BENCH_OUT="${BENCH_OUT:-target/bench-results}"
   BENCH_SECONDS=2 bench/proxy.sh || status=$?
-  if [ -x bench/capture.sh ]; then BENCH_SECONDS=3 bench/capture.sh || status=$?; fi
+  BENCH_SECONDS=3 bench/capture.sh || status=$?
+  if [ -x bench/replication.sh ]; then BENCH_SECONDS=5 BENCH_BACKLOG=2000 bench/replication.sh || status=$?; fi
 fi
 
 echo

@@ -12,8 +12,11 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let runtime = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = std::env::var("PGMESH_WORKER_THREADS").ok().and_then(|v| v.parse().ok()) {
+            b.worker_threads(n);
+        }
+        b.enable_all()
             .build()
             .map_err(anyhow::Error::from)
     };
