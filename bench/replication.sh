@@ -67,7 +67,8 @@ Environment:
 When run as root, initdb and pg_ctl run as the `postgres` OS user.
 
 Examples:
-  bench/replication.sh                     # full run: 60 s lag runs, 100,000-event backlog
+  bench/replication.sh                     # full run: 60 s lag runs, 100,000-event backlog;
+                                           # several minutes, mostly the backlog and its catch-up
   BENCH_FAST=1 bench/replication.sh        # short CI form: 5 s runs, 2,000-event backlog
 EOF
 }
@@ -271,7 +272,7 @@ show_node_logs() {
         else
             log "--- last lines of $TMPD/node-$r.log:"
         fi
-        tail -n 30 "$TMPD/node-$r.log" >&2 || true
+        tail -n 30 "$TMPD/node-$r.log" | sed 's/\x1b\[[0-9;]*m//g' >&2 || true
     done
     for r in "${REGIONS[@]}"; do
         log "--- mesh.links in $r:"
@@ -320,7 +321,7 @@ for r in "${REGIONS[@]}"; do
         [[ "$o" == "$r" ]] || peers+=(--peer "$o=127.0.0.1:${PEER_PORT[$o]}")
     done
     log "starting node $r: proxy 127.0.0.1:${PROXY_PORT[$r]}, peers on 127.0.0.1:${PEER_PORT[$r]}"
-    "$PGMESH_BIN" run --listen "127.0.0.1:${PROXY_PORT[$r]}" \
+    NO_COLOR=1 "$PGMESH_BIN" run --listen "127.0.0.1:${PROXY_PORT[$r]}" \
         --upstream "postgres://postgres@127.0.0.1:${PG_PORT[$r]}/postgres" \
         --region "$r" --node "$r-node" \
         --peer-listen "127.0.0.1:${PEER_PORT[$r]}" "${peers[@]}" \
@@ -518,7 +519,7 @@ log "      r2 and r3 caught up with the lag run $(secs_since "$t0")s after captu
 # Not pg_xact_commit_timestamp() of the applied rows: with a replication origin set
 # up in the session and no per-transaction origin timestamp, PostgreSQL records the
 # session's first commit time for every later commit of that session.
-declare -A LAG=()
+declare -A LAG=() BATCHES=()
 for r in r2 r3; do
     LAG[$r]="$(rsql "$r" "SELECT $(stats_select)
         FROM (SELECT extract(epoch FROM logged_at - commit_ts) * 1000 AS ms
@@ -527,7 +528,10 @@ for r in r2 r3; do
     IFS='|' read -r n p50 p99 mx <<<"${LAG[$r]}"
     [[ "$n" == "$MESH_PROCESSED" ]] ||
         log "WARNING: $r holds $n events of the lag run, pgbench committed $MESH_PROCESSED"
-    log "      $ORIGIN -> $r: lag p50 $p50 ms, p99 $p99 ms, max $mx ms over $n events"
+    # One apply transaction per batch: its rows share an xmin.
+    BATCHES[$r]="$(rsql "$r" "SELECT count(DISTINCT xmin::text) FROM mesh.changelog
+        WHERE origin = '$ORIGIN' AND commit_ts BETWEEN '$T0' AND '$T1'")"
+    log "      $ORIGIN -> $r: lag p50 $p50 ms, p99 $p99 ms, max $mx ms over $n events in ${BATCHES[$r]} apply transactions"
 done
 # The origin's share of it: capture (commit at the origin -> logged in its change log).
 CAPTURE="$(rsql "$ORIGIN" "SELECT $(stats_select)
@@ -584,19 +588,19 @@ t0="$(now_s)"
 wait_replicated "$PAUSED catching up" "$PAUSED"
 log "      $PAUSED caught up in $(secs_since "$t0")s (polled)"
 
-IFS='|' read -r caught DRAIN_SECS FIRST_SECS CATCHUP_RATE < <(rsql "$PAUSED" "
-    SELECT count(*),
+IFS='|' read -r caught CATCHUP_TXNS DRAIN_SECS FIRST_SECS CATCHUP_RATE < <(rsql "$PAUSED" "
+    SELECT count(*), count(DISTINCT x),
            round(extract(epoch FROM max(t) - '$RESUMED_AT'::timestamptz)::numeric, 3),
            round(extract(epoch FROM min(t) - '$RESUMED_AT'::timestamptz)::numeric, 3),
            CASE WHEN max(t) > '$RESUMED_AT'::timestamptz
                 THEN round((count(*) / extract(epoch FROM max(t) - '$RESUMED_AT'::timestamptz))::numeric, 1)::text
                 ELSE 'n/a' END
-    FROM (SELECT logged_at AS t
+    FROM (SELECT logged_at AS t, xmin::text AS x
           FROM mesh.changelog WHERE origin = '$ORIGIN' AND seq > $R2_SEQ0) s")
 [[ "$caught" == "$PENDING" ]] ||
     log "WARNING: $PAUSED applied $caught events after the resume, $PENDING were pending"
 CATCHUP_RATIO="$(ratio "$CATCHUP_RATE" "$WRITE_RATE")"
-log "      catch-up: $caught events applied ${DRAIN_SECS}s after the resume (first after ${FIRST_SECS}s): $CATCHUP_RATE events/s, ${CATCHUP_RATIO}x the write rate"
+log "      catch-up: $caught events in $CATCHUP_TXNS apply transactions, the last ${DRAIN_SECS}s after the resume (first after ${FIRST_SECS}s): $CATCHUP_RATE events/s, ${CATCHUP_RATIO}x the write rate"
 
 DEAD=0
 CONFLICTS=0
@@ -613,7 +617,9 @@ for r in "${REGIONS[@]}"; do
     n="$(grep -cE 'WARN|ERROR' "$TMPD/node-$r.log" || true)"
     NODE_WARNINGS=$((NODE_WARNINGS + n))
     if ((n > 0)); then
-        log "NOTE: node $r logged $n warnings/errors; the first ones:"
+        note=""
+        [[ "$r" == "$PAUSED" ]] && note=" (pausing the link ends one session with 'peer closed the link')"
+        log "NOTE: node $r logged $n warnings/errors$note; the first ones:"
         grep -E 'WARN|ERROR' "$TMPD/node-$r.log" | sed 's/\x1b\[[0-9;]*m//g' | head -n 5 >&2
     fi
 done
@@ -775,15 +781,15 @@ CFMT='%-14s  %-8s  %15s  %18s  %8s  %8s\n'
 }
 
 {
-    echo "measure,system,link,rate_tps,achieved_tps,events,lag_p50_ms,lag_p99_ms,lag_max_ms,write_rate_eps,catchup_rate_eps,catchup_ratio,drain_s,first_apply_s"
+    echo "measure,system,link,rate_tps,achieved_tps,events,apply_txns,lag_p50_ms,lag_p99_ms,lag_max_ms,write_rate_eps,catchup_rate_eps,catchup_ratio,drain_s,first_apply_s"
     for r in r2 r3; do
         IFS='|' read -r n p50 p99 mx <<<"${LAG[$r]}"
-        echo "lag,pgmesh,$ORIGIN->$r,$RATE,$MESH_TPS,$n,$p50,$p99,$mx,,,,,"
+        echo "lag,pgmesh,$ORIGIN->$r,$RATE,$MESH_TPS,$n,${BATCHES[$r]},$p50,$p99,$mx,,,,,"
     done
     IFS='|' read -r n p50 p99 mx <<<"$CAPTURE"
-    echo "capture,pgmesh,$ORIGIN,$RATE,$MESH_TPS,$n,$p50,$p99,$mx,,,,,"
-    echo "lag,native,pub->sub,$RATE,$NATIVE_TPS,$NATIVE_N,$NATIVE_P50,$NATIVE_P99,$NATIVE_MAX,,,,,"
-    echo "catchup,pgmesh,$ORIGIN->$PAUSED,,$BACKLOG_PGBENCH_TPS,$PENDING,,,,$WRITE_RATE,$CATCHUP_RATE,$CATCHUP_RATIO,$DRAIN_SECS,$FIRST_SECS"
+    echo "capture,pgmesh,$ORIGIN,$RATE,$MESH_TPS,$n,,$p50,$p99,$mx,,,,,"
+    echo "lag,native,pub->sub,$RATE,$NATIVE_TPS,$NATIVE_N,,$NATIVE_P50,$NATIVE_P99,$NATIVE_MAX,,,,,"
+    echo "catchup,pgmesh,$ORIGIN->$PAUSED,,$BACKLOG_PGBENCH_TPS,$PENDING,$CATCHUP_TXNS,,,,$WRITE_RATE,$CATCHUP_RATE,$CATCHUP_RATIO,$DRAIN_SECS,$FIRST_SECS"
 } >"$CSV"
 
 GIT_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -801,7 +807,8 @@ fi
     echo "- pgmesh lag: mesh.changelog.logged_at in the peer (clock_timestamp() when apply logs the batch, its last step before the checkpoint update and COMMIT) - commit_ts (origin commit time), every event of the run; the \"capture in $ORIGIN\" row is the origin's share (logged_at - commit_ts in $ORIGIN's change log)"
     echo "- native lag: publication/subscription (copy_data = false) between two fresh clusters, run after the pgmesh clusters were stopped; the TPC-B transaction plus INSERT INTO lagprobe; lag = lagprobe.applied (subscriber-side default clock_timestamp()) - lagprobe.t (clock_timestamp() at the origin)"
     echo "- catch-up: r2 paused its link from r1 (mesh.pause_link), r1 wrote $PENDING $WORKLOAD_DESC (pgbench -c $CLIENTS -j $JOBS -t $PER_CLIENT, $(fmt1 "$BACKLOG_PGBENCH_TPS") tps by pgbench) while r3 replicated live; write rate = events / (last - first origin commit, ${WRITE_SPAN}s); catch-up rate = events / (last logged_at in r2 - resume, ${DRAIN_SECS}s; the first batch was logged ${FIRST_SECS}s after the resume)"
-    echo "- dead letters in the mesh: $DEAD; conflicts: $CONFLICTS; warning/error lines in the node logs: $NODE_WARNINGS"
+    echo "- apply transactions (batches) during the lag run: r2 ${BATCHES[r2]}, r3 ${BATCHES[r3]}"
+    echo "- dead letters in the mesh: $DEAD; conflicts: $CONFLICTS; warning/error lines in the node logs: $NODE_WARNINGS (the pause accounts for one)"
     echo "- host: $(nproc 2>/dev/null || echo '?') CPUs, $(uname -sr)"
     echo
     echo "## Replication lag"

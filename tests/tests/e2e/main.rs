@@ -7,10 +7,12 @@
 //! binary: run `cargo build -p pgmesh-proxy` before `cargo test -p pgmesh-tests
 //! --test e2e` (see `pgmesh_tests::pgmesh_bin`).
 
+mod apply_race;
 mod capture_cli;
 mod capture_crash;
 mod capture_exactly_once;
 mod capture_fidelity;
+mod capture_nopk;
 mod capture_stamps;
 mod capture_values;
 mod harness;
@@ -25,3 +27,11 @@ mod proxy_tls;
 mod proxy_tools;
 mod support;
 mod wire;
+mod mesh_races;
+mod mesh_outage;
+mod mesh_replay;
+mod mesh_topology;
+mod mesh_dead_letters;
+mod mesh_tls;
+mod mesh_metrics;
+mod mesh_demo;

@@ -1,0 +1,116 @@
+//! Peer links over mutual TLS, and the refusal of a peer whose certificate the
+//! mesh CA did not sign.
+//!
+//! `tls_a` (the real `pgmesh run` binary, so its log can be read) and `tls_b`
+//! (in-process) use certificates from `pgmesh_replicator::certs::generate` and
+//! replicate both ways. The intruder `tls_x` trusts the mesh CA, so it would
+//! accept `tls_a`'s certificate, but presents one from a CA of its own: `tls_a`
+//! must refuse it during the TLS handshake, `tls_x`'s link must record a TLS
+//! error and never apply anything, and `tls_a` must log the refusal. This
+//! module owns those checks.
+
+use anyhow::Result;
+use pgmesh_replicator::certs;
+use pgmesh_tests::regions::{Mesh, NodeSpec, PeerTls, CONVERGE_TIMEOUT};
+use pgmesh_tests::{wait_for, wait_until};
+
+const SCHEMA: &str = "CREATE TABLE t (id int PRIMARY KEY, v text)";
+
+/// Waits until row `id` of `t` exists in region `i`.
+async fn wait_row(mesh: &Mesh, i: usize, id: i32) -> Result<()> {
+    let admin = &mesh.region(i).admin;
+    let what = format!("row {id} to reach {}", mesh.region(i).name);
+    wait_until(CONVERGE_TIMEOUT, &what, || async {
+        admin
+            .query_opt("SELECT 1 FROM t WHERE id = $1", &[&id])
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_links_replicate_and_a_foreign_certificate_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let good = certs::generate(&dir.path().join("mesh"), &["a", "b"])?;
+    let evil = certs::generate(&dir.path().join("intruder"), &["x"])?;
+    let tls = |cert: &certs::NodeFiles| PeerTls {
+        cert: cert.cert.clone(),
+        key: cert.key.clone(),
+        ca: good.ca_cert.clone(),
+    };
+    let mut mesh = Mesh::start(&["tls_a", "tls_b", "tls_x"]).await?;
+    mesh.exec_all(SCHEMA).await?;
+    mesh.init_all().await?;
+    mesh.start_nodes(|i| match i {
+        0 => NodeSpec {
+            peers: Some(vec!["tls_b".into()]),
+            tls: Some(tls(&good.nodes[0])),
+            process: true,
+            ..NodeSpec::default()
+        },
+        1 => NodeSpec {
+            peers: Some(vec!["tls_a".into()]),
+            tls: Some(tls(&good.nodes[1])),
+            ..NodeSpec::default()
+        },
+        _ => NodeSpec {
+            peers: Some(vec!["tls_a".into()]),
+            tls: Some(tls(&evil.nodes[0])),
+            ..NodeSpec::default()
+        },
+    })
+    .await?;
+
+    // The mesh members replicate both ways over mTLS.
+    mesh.connect_proxy(0)
+        .await?
+        .execute("INSERT INTO t VALUES (1, 'from a')", &[])
+        .await?;
+    mesh.connect_proxy(1)
+        .await?
+        .execute("INSERT INTO t VALUES (2, 'from b')", &[])
+        .await?;
+    wait_row(&mesh, 1, 1).await?;
+    wait_row(&mesh, 0, 2).await?;
+
+    // The intruder's link fails on TLS and applies nothing.
+    let error = wait_for(
+        CONVERGE_TIMEOUT,
+        "tls_x's link to record an error",
+        || async { Ok(mesh.link(2, "tls_a").await?.and_then(|l| l.error)) },
+    )
+    .await?;
+    eprintln!("the intruder's link error: {error}");
+    let lower = error.to_lowercase();
+    assert!(
+        lower.contains("tls") || lower.contains("certificate"),
+        "the intruder's link error does not name TLS: {error}"
+    );
+    let link = mesh.link(2, "tls_a").await?.expect("the link exists");
+    assert_eq!(
+        link.checkpoint, 0,
+        "the intruder applied something: {link:?}"
+    );
+    let rows: i64 = mesh
+        .region(2)
+        .admin
+        .query_one("SELECT count(*) FROM t", &[])
+        .await?
+        .get(0);
+    assert_eq!(rows, 0, "data reached the intruder");
+
+    // The serving node refused it, and said so.
+    let a = mesh.region(0).process().expect("tls_a is a process");
+    wait_until(CONVERGE_TIMEOUT, "tls_a to log the refusal", || async {
+        a.log()
+            .lines()
+            .any(|l| l.contains("peer refused") && l.to_lowercase().contains("cert"))
+    })
+    .await
+    .map_err(|e| e.context(format!("tls_a log:\n{}", a.log())))?;
+    mesh.shutdown().await;
+    Ok(())
+}
