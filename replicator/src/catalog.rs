@@ -226,8 +226,9 @@ pub async fn migrate(c: &mut Client) -> Result<Vec<i32>, CatalogError> {
 /// Registers the local region (idempotent).
 pub async fn register_region(c: &Client, region: &str) -> Result<(), CatalogError> {
     c.execute(
-        "INSERT INTO mesh.regions (name, origin_id, is_local) VALUES ($1, $2, true)
-         ON CONFLICT (name) DO UPDATE SET is_local = true",
+        "INSERT INTO mesh.regions (name, origin_id, is_local, init_txid) VALUES ($1, $2, true, txid_current())
+         ON CONFLICT (name) DO UPDATE SET is_local = true,
+             init_txid = coalesce(mesh.regions.init_txid, excluded.init_txid)",
         &[&region, &origin_id_for(region)],
     )
     .await?;

@@ -29,6 +29,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "nodes_view",
         sql: include_str!("../migrations/0003_nodes_view.sql"),
     },
+    Migration {
+        version: 4,
+        name: "version_xids",
+        sql: include_str!("../migrations/0004_version_xids.sql"),
+    },
 ];
 
 /// The newest catalog version this binary knows.

@@ -1,11 +1,11 @@
 //! Apply: remote events become local rows, one local transaction per batch.
 //!
-//! In that transaction the batch is logged in `mesh.changelog` (which also finds
-//! the events already applied: duplicates and replays do nothing), the target rows
-//! are locked, capture is made to catch up past every local commit that touched
-//! them (the capture race), versions are read, each change is resolved by
-//! last-writer-wins, winners are written, and versions, conflicts and the link
-//! checkpoint are recorded. A crash at any point applies the whole batch or none of
+//! In that transaction the events already in `mesh.changelog` are set aside
+//! (duplicates and replays do nothing), the target rows are locked, capture is made
+//! to catch up past any local commit that touched them and that it has not logged
+//! yet (the capture race), versions are read, each change is resolved by
+//! last-writer-wins, winners are written, and the events (in the change log),
+//! versions, conflicts and the link checkpoint are recorded. A crash at any point applies the whole batch or none of
 //! it. An event that cannot be applied (a constraint or type error) is isolated in
 //! its own savepoint and sent to `mesh.dead_letters`; the link keeps going.
 //!
@@ -29,7 +29,7 @@ use crate::catalog::{self, origin_id_for};
 use crate::event::{ChangeEvent, Op};
 use crate::hlc::Hlc;
 use crate::log::table::{append_params, APPEND, APPEND_LOCK};
-use crate::log::versions::{self, VersionMap};
+use crate::log::versions::{self, RowVersion, VersionMap};
 use crate::log::Logged;
 use crate::pgoutput::Lsn;
 use crate::resolve::{decide, plan, Action, Version, Winner};
@@ -200,6 +200,14 @@ impl Applier {
         let wait = self.capture_wait;
         let mut progress = self.progress.clone();
         let tx = self.client.transaction().await?;
+        if let Some(last) = remote.last() {
+            // Commit timestamps and origin LSN of this transaction are the source's.
+            tx.execute(
+                "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, timestamptz 'epoch' + $2::int8 * interval '1 microsecond')",
+                &[&Lsn(last.source_lsn).to_string(), &last.commit_ts_us],
+            )
+            .await?;
+        }
         let fresh = not_logged(&tx, &remote).await?;
         out.duplicates = events.len() - fresh.len();
         if !fresh.is_empty() {
@@ -348,8 +356,8 @@ async fn not_logged(
         .collect())
 }
 
-/// Locks, waits for capture, resolves and writes the changes of `events`. Returns
-/// the number of conflicts recorded.
+/// Locks, waits for capture when it must, resolves and writes the changes of
+/// `events`. Returns the number of conflicts recorded.
 async fn apply_events(
     tx: &Transaction<'_>,
     events: &[ChangeEvent],
@@ -357,7 +365,7 @@ async fn apply_events(
     progress: Option<&mut Progress>,
     wait: Duration,
 ) -> Result<usize, ApplyError> {
-    // Lock every keyed row the batch touches; learn which exist.
+    // Lock every keyed row the batch touches; learn which exist, and their xmin.
     let mut keys: Vec<(String, String)> = Vec::new();
     let mut locks = String::new();
     let mut index: HashMap<(String, String), usize> = HashMap::new();
@@ -373,31 +381,54 @@ async fn apply_events(
             keys.push(key);
         }
     }
-    let mut exists: HashSet<(String, String)> = HashSet::new();
+    // key -> (xmin, age(xmin)) of rows that exist.
+    let mut exists: HashMap<(String, String), (i64, i64)> = HashMap::new();
     if !locks.is_empty() {
         for m in tx.simple_query(&locks).await? {
             if let SimpleQueryMessage::Row(r) = m {
-                if let Some(i) = r.get(0).and_then(|s| s.parse::<usize>().ok()) {
-                    exists.insert(keys[i].clone());
+                let num = |i: usize| r.get(i).and_then(|s| s.parse::<i64>().ok());
+                if let (Some(i), Some(xmin), Some(age)) = (num(0), num(1), num(2)) {
+                    exists.insert(keys[i as usize].clone(), (xmin, age));
                 }
             }
         }
     }
-    // The capture race: a local write that committed before we locked must be in
-    // the versions we read.
+    let mut current: VersionMap = versions::load(tx, &keys).await?;
+    // The capture race: a local write that committed before we locked must count.
+    // If every locked row was last written by the version we know of (its xmin
+    // matches), or predates capture, nothing is uncaptured and we need not wait.
     if let Some(p) = progress {
-        let lsn: String = tx
-            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        let since_init: Option<i64> = tx
+            .query_one(
+                "SELECT txid_current() - init_txid FROM mesh.regions WHERE is_local",
+                &[],
+            )
             .await?
             .get(0);
-        let lsn: Lsn = lsn.parse().unwrap_or(Lsn(u64::MAX));
-        if !p.wait_for(lsn, wait).await {
-            return Err(ApplyError::CaptureBehind(lsn));
+        let stale = keys.iter().any(|k| match (exists.get(k), current.get(k)) {
+            (Some((xmin, _)), Some(v)) => v.xid != Some(*xmin),
+            (Some((_, age)), None) => since_init.is_none_or(|s| *age <= s),
+            (None, Some(v)) => !v.deleted,
+            (None, None) => false,
+        });
+        if stale {
+            let lsn: String = tx
+                .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+                .await?
+                .get(0);
+            let lsn: Lsn = lsn.parse().unwrap_or(Lsn(u64::MAX));
+            if !p.wait_for(lsn, wait).await {
+                return Err(ApplyError::CaptureBehind(lsn));
+            }
+            current = versions::load(tx, &keys).await?;
         }
     }
-    let mut current: VersionMap = versions::load(tx, &keys).await?;
+    let own_xid: i64 = tx
+        .query_one("SELECT txid_current() % 4294967296", &[])
+        .await?
+        .get(0);
     let mut touched: VersionMap = HashMap::new();
-    let mut writes = String::new();
+    let mut writes = Writes::default();
     let mut conflicts = Vec::new();
     for e in events {
         let remote = Version {
@@ -406,23 +437,22 @@ async fn apply_events(
         };
         for c in &e.changes {
             if c.op == Op::Truncate {
-                writes.push_str(&format!("TRUNCATE {};", sql::table(&c.table)));
+                writes.statement(format!("TRUNCATE {}", sql::table(&c.table)));
                 continue;
             }
             if c.pk.is_empty() {
                 // Tables without a key: inserts replicate as they are.
                 if let (Op::Insert, Some(row)) = (c.op, &c.new) {
-                    writes.push_str(&sql::insert(&c.table, row));
-                    writes.push(';');
+                    writes.insert(&c.table, row);
                 }
                 continue;
             }
             let key = (c.table.clone(), c.key_json());
             let local = current.get(&key).copied();
-            let d = decide(local.map(|(v, _)| v), remote, c.prev);
-            let here = exists.contains(&key);
+            let d = decide(local.map(|v| v.version), remote, c.prev);
+            let here = exists.contains_key(&key);
             if d.conflict {
-                let (lv, _) = local.expect("a conflict has a local version");
+                let lv = local.expect("a conflict has a local version").version;
                 conflicts.push(ConflictRow {
                     tbl: c.table.clone(),
                     pk: key.1.clone(),
@@ -436,37 +466,91 @@ async fn apply_events(
             match plan(c.op, d, here) {
                 Action::Skip => {}
                 Action::Insert => {
-                    writes.push_str(&sql::insert(&c.table, c.new.as_deref().unwrap_or_default()));
-                    writes.push(';');
-                    exists.insert(key.clone());
+                    writes.insert(&c.table, c.new.as_deref().unwrap_or_default());
+                    exists.insert(key.clone(), (own_xid, 0));
                 }
-                Action::Update => {
-                    writes.push_str(&sql::update(
-                        &c.table,
-                        &c.pk,
-                        c.new.as_deref().unwrap_or_default(),
-                    ));
-                    writes.push(';');
-                }
+                Action::Update => writes.statement(sql::update(
+                    &c.table,
+                    &c.pk,
+                    c.new.as_deref().unwrap_or_default(),
+                )),
                 Action::Delete => {
-                    writes.push_str(&sql::delete(&c.table, &c.pk));
-                    writes.push(';');
+                    writes.statement(sql::delete(&c.table, &c.pk));
                     exists.remove(&key);
                 }
             }
             if d.winner == Winner::Remote && !d.duplicate {
-                let v = (remote, c.op == Op::Delete);
+                let v = RowVersion {
+                    version: remote,
+                    deleted: c.op == Op::Delete,
+                    xid: Some(own_xid),
+                };
                 current.insert(key.clone(), v);
                 touched.insert(key, v);
             }
         }
     }
-    if !writes.is_empty() {
-        tx.batch_execute(&writes).await?;
+    let text = writes.finish();
+    if !text.is_empty() {
+        tx.batch_execute(&text).await?;
     }
     versions::store(tx, &touched).await?;
     record_conflicts(tx, &conflicts, names).await?;
     Ok(conflicts.len())
+}
+
+/// The write statements of a batch, in order, with consecutive inserts into the same
+/// table and columns merged into one multi-row INSERT.
+#[derive(Debug, Default)]
+struct Writes {
+    text: String,
+    /// The open multi-row insert: (table, column list) and its VALUES so far.
+    open: Option<((String, Vec<String>), String)>,
+}
+
+impl Writes {
+    fn close(&mut self) {
+        if let Some(((tbl, cols), values)) = self.open.take() {
+            let cols: Vec<String> = cols.iter().map(|c| sql::ident(c)).collect();
+            self.text.push_str(&format!(
+                "INSERT INTO {} ({}) VALUES {values};",
+                sql::table(&tbl),
+                cols.join(", ")
+            ));
+        }
+    }
+
+    fn statement(&mut self, s: String) {
+        self.close();
+        self.text.push_str(&s);
+        self.text.push(';');
+    }
+
+    fn insert(&mut self, tbl: &str, row: &[(String, crate::event::Value)]) {
+        let cols: Vec<String> = row.iter().map(|(c, _)| c.clone()).collect();
+        let tuple = format!(
+            "({})",
+            row.iter()
+                .map(|(_, v)| sql::literal(v))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        match &mut self.open {
+            Some(((t, c), values)) if t == tbl && *c == cols => {
+                values.push_str(", ");
+                values.push_str(&tuple);
+            }
+            _ => {
+                self.close();
+                self.open = Some(((tbl.to_string(), cols), tuple));
+            }
+        }
+    }
+
+    fn finish(mut self) -> String {
+        self.close();
+        self.text
+    }
 }
 
 async fn record_conflicts(

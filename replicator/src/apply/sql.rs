@@ -41,9 +41,13 @@ fn where_key(out: &mut String, pk: &[(String, Value)]) {
     }
 }
 
-/// `SELECT <tag> FROM t WHERE key FOR UPDATE`: locks the row and says if it exists.
+/// `SELECT <tag>, xmin, age(xmin) FROM t WHERE key FOR UPDATE`: locks the row and
+/// says if it exists and which transaction wrote it last.
 pub fn lock(tbl: &str, pk: &[(String, Value)], tag: usize) -> String {
-    let mut s = format!("SELECT {tag} FROM {}", table(tbl));
+    let mut s = format!(
+        "SELECT {tag}, xmin::text::int8, age(xmin) FROM {}",
+        table(tbl)
+    );
     where_key(&mut s, pk);
     s.push_str(" FOR UPDATE");
     s
@@ -107,7 +111,7 @@ mod tests {
         );
         assert_eq!(
             lock("public.t", &[kv("a", Some("1")), kv("b", Some("\\x00"))], 7),
-            r#"SELECT 7 FROM "public"."t" WHERE "a" = '1' AND "b" = '\x00' FOR UPDATE"#
+            r#"SELECT 7, xmin::text::int8, age(xmin) FROM "public"."t" WHERE "a" = '1' AND "b" = '\x00' FOR UPDATE"#
         );
     }
 }

@@ -14,8 +14,19 @@ use crate::event::{ChangeEvent, Op};
 use crate::hlc::Hlc;
 use crate::resolve::Version;
 
-/// Versions of rows keyed by `(table, key json)`, with a tombstone flag.
-pub type VersionMap = HashMap<(String, String), (Version, bool)>;
+/// What `mesh.row_versions` says about one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowVersion {
+    pub version: Version,
+    /// The row was deleted (a tombstone).
+    pub deleted: bool,
+    /// The (32-bit) xid of the transaction that wrote this version here, when known:
+    /// a row whose `xmin` differs was written since.
+    pub xid: Option<i64>,
+}
+
+/// Versions of rows keyed by `(table, key json)`.
+pub type VersionMap = HashMap<(String, String), RowVersion>;
 
 /// Reads the current versions of the given keys.
 pub async fn load<C: GenericClient>(
@@ -30,7 +41,7 @@ pub async fn load<C: GenericClient>(
     let rows = c
         .query(
             // Return the caller's key text: jsonb prints its own canonical form.
-            "SELECT k.tbl, k.pk, v.hlc, v.origin, v.deleted
+            "SELECT k.tbl, k.pk, v.hlc, v.origin, v.deleted, v.xid
              FROM unnest($1::text[], $2::text[]) AS k(tbl, pk)
              JOIN mesh.row_versions v ON v.tbl = k.tbl AND v.pk = k.pk::jsonb",
             &[&tbls, &pks],
@@ -43,7 +54,12 @@ pub async fn load<C: GenericClient>(
                 hlc: Hlc::from_u64(r.get::<_, i64>(2) as u64),
                 origin: r.get(3),
             };
-            ((r.get(0), r.get(1)), (version, r.get(4)))
+            let row = RowVersion {
+                version,
+                deleted: r.get(4),
+                xid: r.get(5),
+            };
+            ((r.get(0), r.get(1)), row)
         })
         .collect())
 }
@@ -61,19 +77,22 @@ pub async fn store<C: GenericClient>(
     let mut hlc = Vec::new();
     let mut origin = Vec::new();
     let mut deleted = Vec::new();
-    for ((t, k), (v, d)) in versions {
+    let mut xid = Vec::new();
+    for ((t, k), v) in versions {
         tbl.push(t.as_str());
         pk.push(k.as_str());
-        hlc.push(v.hlc.as_u64() as i64);
-        origin.push(v.origin);
-        deleted.push(*d);
+        hlc.push(v.version.hlc.as_u64() as i64);
+        origin.push(v.version.origin);
+        deleted.push(v.deleted);
+        xid.push(v.xid);
     }
     c.execute(
-        "INSERT INTO mesh.row_versions (tbl, pk, hlc, origin, deleted)
-         SELECT t, k::jsonb, h, o, d FROM unnest($1::text[], $2::text[], $3::int8[], $4::int2[], $5::bool[])
-           AS u(t, k, h, o, d)
-         ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, deleted = excluded.deleted",
-        &[&tbl, &pk, &hlc, &origin, &deleted],
+        "INSERT INTO mesh.row_versions (tbl, pk, hlc, origin, deleted, xid)
+         SELECT t, k::jsonb, h, o, d, x
+         FROM unnest($1::text[], $2::text[], $3::int8[], $4::int2[], $5::bool[], $6::int8[]) AS u(t, k, h, o, d, x)
+         ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin,
+             deleted = excluded.deleted, xid = excluded.xid",
+        &[&tbl, &pk, &hlc, &origin, &deleted, &xid],
     )
     .await?;
     Ok(())
@@ -106,8 +125,12 @@ pub fn advance_local(events: &mut [ChangeEvent], mut current: VersionMap) -> Ver
                 continue;
             }
             let key = (c.table.clone(), c.key_json());
-            c.prev = current.get(&key).map(|(v, _)| *v);
-            let next = (version, c.op == Op::Delete);
+            c.prev = current.get(&key).map(|v| v.version);
+            let next = RowVersion {
+                version,
+                deleted: c.op == Op::Delete,
+                xid: Some(e.xid as i64),
+            };
             current.insert(key.clone(), next);
             touched.insert(key, next);
         }
