@@ -15,13 +15,14 @@
 //! replication: the origin already enforced them, and cascades arrive as their own
 //! row changes.
 
+pub mod exec;
 pub mod sql;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio_postgres::{Client, SimpleQueryMessage, Transaction};
+use tokio_postgres::{Client, Transaction};
 use tracing::{debug, warn};
 
 use crate::capture::{Progress, APPLIED_PREFIX};
@@ -90,6 +91,7 @@ struct ConflictRow {
 #[derive(Debug)]
 pub struct Applier {
     client: Client,
+    cache: exec::StatementCache,
     region: String,
     names: HashMap<i16, String>,
     progress: Option<Progress>,
@@ -140,6 +142,7 @@ impl Applier {
         names.insert(origin_id_for(region), region.to_string());
         Ok(Self {
             client,
+            cache: exec::StatementCache::default(),
             region: region.to_string(),
             names,
             progress,
@@ -222,6 +225,7 @@ impl Applier {
                     tx.batch_execute(&format!("SAVEPOINT ev{i}")).await?;
                     match apply_events(
                         &tx,
+                        &mut self.cache,
                         std::slice::from_ref(e),
                         &names,
                         progress.as_mut(),
@@ -245,7 +249,15 @@ impl Applier {
                     }
                 }
             } else {
-                out.conflicts = apply_events(&tx, &fresh, &names, progress.as_mut(), wait).await?;
+                out.conflicts = apply_events(
+                    &tx,
+                    &mut self.cache,
+                    &fresh,
+                    &names,
+                    progress.as_mut(),
+                    wait,
+                )
+                .await?;
                 out.applied = fresh.len();
             }
         }
@@ -298,6 +310,7 @@ impl Applier {
             tx.batch_execute("SAVEPOINT retry").await?;
             match apply_events(
                 &tx,
+                &mut self.cache,
                 std::slice::from_ref(&event),
                 &names,
                 progress.as_mut(),
@@ -360,6 +373,7 @@ async fn not_logged(
 /// `events`. Returns the number of conflicts recorded.
 async fn apply_events(
     tx: &Transaction<'_>,
+    cache: &mut exec::StatementCache,
     events: &[ChangeEvent],
     names: &HashMap<i16, String>,
     progress: Option<&mut Progress>,
@@ -367,30 +381,30 @@ async fn apply_events(
 ) -> Result<usize, ApplyError> {
     // Lock every keyed row the batch touches; learn which exist, and their xmin.
     let mut keys: Vec<(String, String)> = Vec::new();
-    let mut locks = String::new();
-    let mut index: HashMap<(String, String), usize> = HashMap::new();
+    let mut locks: Vec<exec::Op> = Vec::new();
+    let mut seen: HashSet<(String, String)> = HashSet::new();
     for c in events.iter().flat_map(|e| &e.changes) {
         if c.pk.is_empty() || !matches!(c.op, Op::Insert | Op::Update | Op::Delete) {
             continue;
         }
         let key = (c.table.clone(), c.key_json());
-        if !index.contains_key(&key) {
-            index.insert(key.clone(), keys.len());
-            locks.push_str(&sql::lock(&c.table, &c.pk, keys.len()));
-            locks.push(';');
+        if seen.insert(key.clone()) {
+            let cols: Vec<&str> = c.pk.iter().map(|(k, _)| k.as_str()).collect();
+            locks.push(exec::Op {
+                sql: sql::lock(&c.table, &cols),
+                values: c.pk.iter().map(|(_, v)| v.clone()).collect(),
+            });
             keys.push(key);
         }
     }
     // key -> (xmin, age(xmin)) of rows that exist.
     let mut exists: HashMap<(String, String), (i64, i64)> = HashMap::new();
-    if !locks.is_empty() {
-        for m in tx.simple_query(&locks).await? {
-            if let SimpleQueryMessage::Row(r) = m {
-                let num = |i: usize| r.get(i).and_then(|s| s.parse::<i64>().ok());
-                if let (Some(i), Some(xmin), Some(age)) = (num(0), num(1), num(2)) {
-                    exists.insert(keys[i as usize].clone(), (xmin, age));
-                }
-            }
+    for (key, row) in keys
+        .iter()
+        .zip(exec::query_first_all(tx, cache, &locks).await?)
+    {
+        if let Some(r) = row {
+            exists.insert(key.clone(), (r[0], r[1]));
         }
     }
     let mut current: VersionMap = versions::load(tx, &keys).await?;
@@ -428,7 +442,7 @@ async fn apply_events(
         .await?
         .get(0);
     let mut touched: VersionMap = HashMap::new();
-    let mut writes = Writes::default();
+    let mut writes: Vec<exec::Op> = Vec::new();
     let mut conflicts = Vec::new();
     for e in events {
         let remote = Version {
@@ -437,13 +451,15 @@ async fn apply_events(
         };
         for c in &e.changes {
             if c.op == Op::Truncate {
-                writes.statement(format!("TRUNCATE {}", sql::table(&c.table)));
+                exec::execute_all(tx, cache, &std::mem::take(&mut writes)).await?;
+                tx.batch_execute(&format!("TRUNCATE {}", sql::table(&c.table)))
+                    .await?;
                 continue;
             }
             if c.pk.is_empty() {
                 // Tables without a key: inserts replicate as they are.
                 if let (Op::Insert, Some(row)) = (c.op, &c.new) {
-                    writes.insert(&c.table, row);
+                    writes.push(insert_op(&c.table, row));
                 }
                 continue;
             }
@@ -466,16 +482,24 @@ async fn apply_events(
             match plan(c.op, d, here) {
                 Action::Skip => {}
                 Action::Insert => {
-                    writes.insert(&c.table, c.new.as_deref().unwrap_or_default());
+                    writes.push(insert_op(&c.table, c.new.as_deref().unwrap_or_default()));
                     exists.insert(key.clone(), (own_xid, 0));
                 }
-                Action::Update => writes.statement(sql::update(
-                    &c.table,
-                    &c.pk,
-                    c.new.as_deref().unwrap_or_default(),
-                )),
+                Action::Update => {
+                    let row = c.new.as_deref().unwrap_or_default();
+                    let cols: Vec<&str> = row.iter().map(|(k, _)| k.as_str()).collect();
+                    let pk: Vec<&str> = c.pk.iter().map(|(k, _)| k.as_str()).collect();
+                    writes.push(exec::Op {
+                        sql: sql::update(&c.table, &cols, &pk),
+                        values: row.iter().chain(&c.pk).map(|(_, v)| v.clone()).collect(),
+                    });
+                }
                 Action::Delete => {
-                    writes.statement(sql::delete(&c.table, &c.pk));
+                    let pk: Vec<&str> = c.pk.iter().map(|(k, _)| k.as_str()).collect();
+                    writes.push(exec::Op {
+                        sql: sql::delete(&c.table, &pk),
+                        values: c.pk.iter().map(|(_, v)| v.clone()).collect(),
+                    });
                     exists.remove(&key);
                 }
             }
@@ -490,66 +514,17 @@ async fn apply_events(
             }
         }
     }
-    let text = writes.finish();
-    if !text.is_empty() {
-        tx.batch_execute(&text).await?;
-    }
+    exec::execute_all(tx, cache, &writes).await?;
     versions::store(tx, &touched).await?;
     record_conflicts(tx, &conflicts, names).await?;
     Ok(conflicts.len())
 }
 
-/// The write statements of a batch, in order, with consecutive inserts into the same
-/// table and columns merged into one multi-row INSERT.
-#[derive(Debug, Default)]
-struct Writes {
-    text: String,
-    /// The open multi-row insert: (table, column list) and its VALUES so far.
-    open: Option<((String, Vec<String>), String)>,
-}
-
-impl Writes {
-    fn close(&mut self) {
-        if let Some(((tbl, cols), values)) = self.open.take() {
-            let cols: Vec<String> = cols.iter().map(|c| sql::ident(c)).collect();
-            self.text.push_str(&format!(
-                "INSERT INTO {} ({}) VALUES {values};",
-                sql::table(&tbl),
-                cols.join(", ")
-            ));
-        }
-    }
-
-    fn statement(&mut self, s: String) {
-        self.close();
-        self.text.push_str(&s);
-        self.text.push(';');
-    }
-
-    fn insert(&mut self, tbl: &str, row: &[(String, crate::event::Value)]) {
-        let cols: Vec<String> = row.iter().map(|(c, _)| c.clone()).collect();
-        let tuple = format!(
-            "({})",
-            row.iter()
-                .map(|(_, v)| sql::literal(v))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        match &mut self.open {
-            Some(((t, c), values)) if t == tbl && *c == cols => {
-                values.push_str(", ");
-                values.push_str(&tuple);
-            }
-            _ => {
-                self.close();
-                self.open = Some(((tbl.to_string(), cols), tuple));
-            }
-        }
-    }
-
-    fn finish(mut self) -> String {
-        self.close();
-        self.text
+fn insert_op(tbl: &str, row: &[(String, crate::event::Value)]) -> exec::Op {
+    let cols: Vec<&str> = row.iter().map(|(k, _)| k.as_str()).collect();
+    exec::Op {
+        sql: sql::insert(tbl, &cols),
+        values: row.iter().map(|(_, v)| v.clone()).collect(),
     }
 }
 

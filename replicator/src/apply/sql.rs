@@ -1,14 +1,11 @@
 //! SQL text for applying row changes.
 //!
-//! Values travel as PostgreSQL text and are written as quoted literals, so the
-//! target column's type parses them exactly as the origin printed them (no numeric
-//! or binary round trip). Identifiers are always double-quoted. The connection runs
-//! with `standard_conforming_strings = on`, which is what makes doubling quotes the
-//! complete escaping rule. This module builds strings; it never executes them.
+//! Statements are parameterised: values travel as text-format parameters (see
+//! `exec`), so the target column's type parses them exactly as the origin printed
+//! them (no numeric or binary round trip). Identifiers are always double-quoted.
+//! This module builds strings; it never executes them.
 
 use std::fmt::Write;
-
-use crate::event::Value;
 
 /// Double-quotes an identifier.
 pub fn ident(s: &str) -> String {
@@ -23,63 +20,56 @@ pub fn table(name: &str) -> String {
     }
 }
 
-/// A text value as a SQL literal (or NULL).
-pub fn literal(v: &Value) -> String {
-    match v {
-        None => "NULL".to_string(),
-        Some(s) => format!("'{}'", s.replace('\'', "''")),
-    }
-}
-
-fn where_key(out: &mut String, pk: &[(String, Value)]) {
+fn where_params(out: &mut String, cols: &[&str], first: usize) {
     out.push_str(" WHERE ");
-    for (i, (c, v)) in pk.iter().enumerate() {
+    for (i, c) in cols.iter().enumerate() {
         if i > 0 {
             out.push_str(" AND ");
         }
-        let _ = write!(out, "{} = {}", ident(c), literal(v));
+        let _ = write!(out, "{} = ${}", ident(c), first + i);
     }
 }
 
-/// `SELECT <tag>, xmin, age(xmin) FROM t WHERE key FOR UPDATE`: locks the row and
-/// says if it exists and which transaction wrote it last.
-pub fn lock(tbl: &str, pk: &[(String, Value)], tag: usize) -> String {
+/// `SELECT xmin, age(xmin) ... FOR UPDATE` of one row: locks it and says whether it
+/// exists and which transaction wrote it last. Parameters are the key columns.
+pub fn lock(tbl: &str, pk: &[&str]) -> String {
     let mut s = format!(
-        "SELECT {tag}, xmin::text::int8, age(xmin) FROM {}",
+        "SELECT xmin::text::int8, age(xmin)::int8 FROM {}",
         table(tbl)
     );
-    where_key(&mut s, pk);
+    where_params(&mut s, pk, 1);
     s.push_str(" FOR UPDATE");
     s
 }
 
-/// `INSERT INTO t (cols) VALUES (...)`.
-pub fn insert(tbl: &str, row: &[(String, Value)]) -> String {
-    let cols: Vec<String> = row.iter().map(|(c, _)| ident(c)).collect();
-    let vals: Vec<String> = row.iter().map(|(_, v)| literal(v)).collect();
+/// Prepared `INSERT`: parameters are the columns.
+pub fn insert(tbl: &str, cols: &[&str]) -> String {
+    let names: Vec<String> = cols.iter().map(|c| ident(c)).collect();
+    let params: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
     format!(
         "INSERT INTO {} ({}) VALUES ({})",
         table(tbl),
-        cols.join(", "),
-        vals.join(", ")
+        names.join(", "),
+        params.join(", ")
     )
 }
 
-/// `UPDATE t SET ... WHERE key`.
-pub fn update(tbl: &str, pk: &[(String, Value)], row: &[(String, Value)]) -> String {
-    let sets: Vec<String> = row
+/// Prepared `UPDATE`: parameters are the set columns, then the key columns.
+pub fn update(tbl: &str, cols: &[&str], pk: &[&str]) -> String {
+    let sets: Vec<String> = cols
         .iter()
-        .map(|(c, v)| format!("{} = {}", ident(c), literal(v)))
+        .enumerate()
+        .map(|(i, c)| format!("{} = ${}", ident(c), i + 1))
         .collect();
     let mut s = format!("UPDATE {} SET {}", table(tbl), sets.join(", "));
-    where_key(&mut s, pk);
+    where_params(&mut s, pk, cols.len() + 1);
     s
 }
 
-/// `DELETE FROM t WHERE key`.
-pub fn delete(tbl: &str, pk: &[(String, Value)]) -> String {
+/// Prepared `DELETE`: parameters are the key columns.
+pub fn delete(tbl: &str, pk: &[&str]) -> String {
     let mut s = format!("DELETE FROM {}", table(tbl));
-    where_key(&mut s, pk);
+    where_params(&mut s, pk, 1);
     s
 }
 
@@ -87,31 +77,23 @@ pub fn delete(tbl: &str, pk: &[(String, Value)]) -> String {
 mod tests {
     use super::*;
 
-    fn kv(k: &str, v: Option<&str>) -> (String, Value) {
-        (k.to_string(), v.map(str::to_string))
-    }
-
     #[test]
-    fn statements() {
-        let pk = [kv("id", Some("1"))];
+    fn prepared_statements() {
         assert_eq!(
-            insert(
-                "public.t",
-                &[kv("id", Some("1")), kv("v", Some("it's")), kv("n", None)]
-            ),
-            r#"INSERT INTO "public"."t" ("id", "v", "n") VALUES ('1', 'it''s', NULL)"#
+            update("public.t", &["v", "w"], &["id"]),
+            r#"UPDATE "public"."t" SET "v" = $1, "w" = $2 WHERE "id" = $3"#
         );
         assert_eq!(
-            update("public.t", &pk, &[kv("v", Some("x"))]),
-            r#"UPDATE "public"."t" SET "v" = 'x' WHERE "id" = '1'"#
+            insert("t", &["a", "b"]),
+            r#"INSERT INTO "t" ("a", "b") VALUES ($1, $2)"#
         );
         assert_eq!(
-            delete("s.T\"", &pk),
-            r#"DELETE FROM "s"."T""" WHERE "id" = '1'"#
+            delete("s.t", &["a", "b"]),
+            r#"DELETE FROM "s"."t" WHERE "a" = $1 AND "b" = $2"#
         );
         assert_eq!(
-            lock("public.t", &[kv("a", Some("1")), kv("b", Some("\\x00"))], 7),
-            r#"SELECT 7, xmin::text::int8, age(xmin) FROM "public"."t" WHERE "a" = '1' AND "b" = '\x00' FOR UPDATE"#
+            lock("t", &["a"]),
+            r#"SELECT xmin::text::int8, age(xmin)::int8 FROM "t" WHERE "a" = $1 FOR UPDATE"#
         );
     }
 }
