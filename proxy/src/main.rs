@@ -13,12 +13,13 @@ fn main() -> std::process::ExitCode {
         .init();
     let runtime = || {
         let mut b = tokio::runtime::Builder::new_multi_thread();
-        if let Some(n) = std::env::var("PGMESH_WORKER_THREADS").ok().and_then(|v| v.parse().ok()) {
+        if let Some(n) = std::env::var("PGMESH_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
             b.worker_threads(n);
         }
-        b.enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
+        b.enable_all().build().map_err(anyhow::Error::from)
     };
     let result = match cli.command {
         Command::CheckConfig { file } => cli::check_config(&file),

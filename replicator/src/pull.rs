@@ -160,18 +160,38 @@ async fn session(
         warn!(expected = %cfg.peer, got = %welcome.region, "peer reports a different region");
     }
     info!(after, head = welcome.head, "link connected");
-    set_head(&applier, &cfg.peer, welcome.head).await?;
+    set_head(&applier, &cfg.peer, welcome.head, None).await?;
     backoff.reset();
+    // Batches with no events (the peer filtered everything out) only move the
+    // checkpoint; it is saved with the next real batch or heartbeat, not in a
+    // transaction of its own.
+    let mut unsaved: Option<i64> = None;
     loop {
         tokio::select! {
             ev = client.next() => match ev? {
+                LinkEvent::Batch { events, upto, head } if events.is_empty() => {
+                    client.ack(upto).await?;
+                    unsaved = Some(upto);
+                    let _ = head;
+                }
                 LinkEvent::Batch { events, upto, head } => {
+                    let started = std::time::Instant::now();
                     let out = applier.apply_batch(&cfg.peer, &events, upto, head).await?;
                     client.ack(upto).await?;
-                    debug!(events = events.len(), applied = out.applied, upto, "batch applied");
+                    unsaved = None;
+                    debug!(
+                        events = events.len(),
+                        applied = out.applied,
+                        upto,
+                        head,
+                        ms = started.elapsed().as_millis() as u64,
+                        "batch applied"
+                    );
                     on_batch(&cfg.peer, &out);
                 }
-                LinkEvent::Heartbeat { head } => set_head(&applier, &cfg.peer, head).await?,
+                LinkEvent::Heartbeat { head } => {
+                    set_head(&applier, &cfg.peer, head, unsaved.take()).await?;
+                }
             },
             s = signals.recv() => match s.as_deref() {
                 None => return Ok(()),
@@ -198,11 +218,19 @@ async fn link_status(a: &Applier, peer: &str) -> Result<String, PullError> {
         .map_or_else(|| "active".to_string(), |r| r.get(0)))
 }
 
-async fn set_head(a: &Applier, peer: &str, head: i64) -> Result<(), PullError> {
+/// Records the peer's log head and, if given, a checkpoint reached by empty batches.
+async fn set_head(
+    a: &Applier,
+    peer: &str,
+    head: i64,
+    checkpoint: Option<i64>,
+) -> Result<(), PullError> {
     a.client()
         .execute(
-            "UPDATE mesh.link_state SET peer_head = $2, updated_at = now() WHERE peer = $1",
-            &[&peer, &head],
+            "UPDATE mesh.link_state SET peer_head = $2, updated_at = now(),
+                    checkpoint = greatest(checkpoint, coalesce($3::int8, checkpoint))
+             WHERE peer = $1",
+            &[&peer, &head, &checkpoint],
         )
         .await?;
     Ok(())

@@ -13,11 +13,11 @@
 //! other regions dial them. It never asserts (tests do) and never sleeps for a
 //! fixed time: every wait has a condition and a deadline.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use pgmesh_proxy::config::{Config, PeerTlsConfig};
@@ -28,18 +28,16 @@ use tokio_postgres::Client;
 
 use crate::cluster::{ClusterOptions, PgCluster};
 use crate::node::PgmeshProcess;
-use crate::wait::{wait_for, wait_until};
+use crate::wait::wait_until;
 
 mod check;
+mod converge;
 pub use check::{http_get, predict_lww, Expected, RowChange};
 
 /// How long a mesh may take to converge after a workload on a loaded 2-core box.
 pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a node may take to become its region's capture leader.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a quiet mesh may show different checksums before it counts as
-/// diverged (nothing is in flight then, so this only absorbs slow scheduling).
-const DIVERGED_FOR: Duration = Duration::from_secs(10);
 
 /// Peer-link TLS files of one node (PEM).
 #[derive(Debug, Clone)]
@@ -392,6 +390,15 @@ impl Mesh {
         Ok(())
     }
 
+    /// Restart region `i`'s PostgreSQL (`pg_ctl restart -m fast`), which drops
+    /// every connection to it, and reconnect the admin connection.
+    pub async fn restart_database(&mut self, i: usize) -> Result<()> {
+        let r = &mut self.regions[i];
+        tokio::task::block_in_place(|| r.cluster.restart())?;
+        r.admin = r.cluster.connect().await?;
+        Ok(())
+    }
+
     /// Stop every node, then every cluster (in parallel).
     pub async fn shutdown(mut self) {
         for i in 0..self.regions.len() {
@@ -487,110 +494,6 @@ impl Mesh {
             .execute("SELECT mesh.resume_link($1)", &[&peer])
             .await?;
         Ok(())
-    }
-
-    /// Wait until every region with a node has logged everything committed in it
-    /// so far (its capture slot confirmed past the current WAL position).
-    pub async fn wait_captured(&self, timeout: Duration) -> Result<()> {
-        for r in self.regions.iter().filter(|r| r.node.is_some()) {
-            let lsn: String = r
-                .admin
-                .query_one("SELECT pg_current_wal_lsn()::text", &[])
-                .await?
-                .get(0);
-            let slot = catalog::slot_name(&r.name);
-            let what = format!("capture of {} to pass {lsn}", r.name);
-            wait_until(timeout, &what, || async {
-                r.admin
-                    .query_opt(
-                        "SELECT 1 FROM pg_replication_slots
-                         WHERE slot_name = $1 AND confirmed_flush_lsn >= $2::text::pg_lsn",
-                        &[&slot, &lsn],
-                    )
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some()
-            })
-            .await?;
-        }
-        Ok(())
-    }
-
-    /// `Ok(Some)` when every link's checkpoint equals its source's change-log
-    /// head and no head moved while checking; `Err` describes what still lags.
-    async fn quiescent_once(&self) -> Result<Option<()>> {
-        let heads = self.heads().await?;
-        for (i, r) in self.regions.iter().enumerate() {
-            if r.node.is_none() {
-                continue;
-            }
-            for p in &r.peers {
-                let want = heads[self.index(p)?];
-                let got = self.link(i, p).await?.map(|l| l.checkpoint);
-                if got != Some(want) {
-                    bail!(
-                        "{} has applied {p}'s log up to {got:?}, its head is {want}",
-                        r.name
-                    );
-                }
-            }
-        }
-        if self.heads().await? != heads {
-            bail!("change logs still growing: {heads:?}");
-        }
-        Ok(Some(()))
-    }
-
-    async fn heads(&self) -> Result<Vec<i64>> {
-        let mut heads = Vec::new();
-        for i in 0..self.regions.len() {
-            heads.push(self.head(i).await?);
-        }
-        Ok(heads)
-    }
-
-    /// Wait until the mesh is quiet: every local write captured, every link caught
-    /// up with its peer's log, and no log growing.
-    pub async fn wait_quiescent(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        self.wait_captured(timeout).await?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        wait_for(left, "every link to catch up with its peer", || {
-            self.quiescent_once()
-        })
-        .await
-    }
-
-    /// Wait until the mesh is quiet and every table has the same checksum in every
-    /// region; returns the checksums.
-    pub async fn wait_converged(&self, timeout: Duration) -> Result<BTreeMap<String, String>> {
-        let deadline = Instant::now() + timeout;
-        self.wait_captured(timeout).await?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        // Quiet yet different is divergence, not lag: give up on it early.
-        let diverged_since = Mutex::new(None::<Instant>);
-        let verdict = wait_for(left, "every region to converge", || async {
-            self.quiescent_once().await?;
-            let first = self.checksums(0).await?;
-            for i in 1..self.regions.len() {
-                let other = self.checksums(i).await?;
-                if other != first {
-                    let msg = format!(
-                        "quiet, but checksums differ: {} {first:?} vs {} {other:?}",
-                        self.regions[0].name, self.regions[i].name
-                    );
-                    let mut since = diverged_since.lock().unwrap_or_else(|e| e.into_inner());
-                    if since.get_or_insert_with(Instant::now).elapsed() > DIVERGED_FOR {
-                        return Ok(Some(Err(anyhow!(msg))));
-                    }
-                    bail!(msg);
-                }
-            }
-            Ok(Some(Ok(first)))
-        })
-        .await?;
-        verdict
     }
 }
 

@@ -425,6 +425,7 @@ async fn apply_events(
             (None, Some(v)) => !v.deleted,
             (None, None) => false,
         });
+        debug!(stale, rows = keys.len(), "capture race check");
         if stale {
             let lsn: String = tx
                 .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])

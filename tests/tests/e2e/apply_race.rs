@@ -49,7 +49,9 @@ fn remote_update(id: i32, value: &str, hlc: Hlc) -> Logged {
 }
 
 async fn value(c: &tokio_postgres::Client, id: i32) -> Result<String> {
-    Ok(c.query_one("SELECT v FROM t WHERE id = $1", &[&id]).await?.get(0))
+    Ok(c.query_one("SELECT v FROM t WHERE id = $1", &[&id])
+        .await?
+        .get(0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,20 +76,35 @@ async fn local_write_not_yet_captured_wins_against_an_older_remote_change() -> R
 
     // Control: without waiting for capture, the uncaptured local write is invisible
     // to apply and the older remote change overwrites it.
-    admin.execute("INSERT INTO t VALUES (1, 'local')", &[]).await?;
+    admin
+        .execute("INSERT INTO t VALUES (1, 'local')", &[])
+        .await?;
     let mut blind = Applier::connect(&url, "near", "far", &regions, None).await?;
-    blind.apply_batch("far", &[remote_update(1, "remote", old)], 1, 1).await?;
-    assert_eq!(value(&admin, 1).await?, "remote", "control: the race is real");
+    blind
+        .apply_batch("far", &[remote_update(1, "remote", old)], 1, 1)
+        .await?;
+    assert_eq!(
+        value(&admin, 1).await?,
+        "remote",
+        "control: the race is real"
+    );
     drop(blind);
 
     // The protocol: capture is down while the local write commits...
-    admin.execute("INSERT INTO t VALUES (2, 'local')", &[]).await?;
+    admin
+        .execute("INSERT INTO t VALUES (2, 'local')", &[])
+        .await?;
     // ...and comes up only after apply has started waiting for it.
     let capture = node::spawn(CaptureConfig::new(&url, "near", "n1"));
     let mut applier =
         Applier::connect(&url, "near", "far2", &regions, Some(capture.progress())).await?;
     let outcome = applier
-        .apply_batch("far2", &[remote_update(2, "remote", old.saturating_next())], 2, 2)
+        .apply_batch(
+            "far2",
+            &[remote_update(2, "remote", old.saturating_next())],
+            2,
+            2,
+        )
         .await?;
     assert_eq!(capture.role(), Role::Leader);
     assert_eq!(value(&admin, 2).await?, "local", "the local write must win");
