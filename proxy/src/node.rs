@@ -13,7 +13,6 @@ use std::time::Duration;
 use pgmesh_replicator::capture::{self, CaptureConfig, Progress, Role};
 use pgmesh_replicator::link::server::{LinkServer, ServeConfig, SharedTableLog};
 use pgmesh_replicator::log::notify::LogNotifier;
-use pgmesh_replicator::log::TableLog;
 use pgmesh_replicator::pull::{self, OnBatch, PullConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -154,9 +153,7 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
     if capture.is_some() {
         if let Some(listen) = &v.config.peer_listen {
             let tls = peer_server_tls(&v)?;
-            let log = SharedTableLog::new(
-                TableLog::new(pgmesh_replicator::catalog::connect(&url).await?).await?,
-            );
+            let log = SharedTableLog::reconnecting(&url);
             let (wake, notifier) = LogNotifier::start(&url);
             let mut cfg = ServeConfig::new(
                 listen.parse()?,

@@ -30,10 +30,10 @@ use crate::catalog::{self, origin_id_for};
 use crate::event::{ChangeEvent, Op};
 use crate::hlc::Hlc;
 use crate::log::table::{append_params, APPEND, APPEND_LOCK};
-use crate::log::versions::{self, RowVersion, VersionMap};
+use crate::log::versions::{self, RowVersion, VersionMap, WATERMARK};
 use crate::log::Logged;
 use crate::pgoutput::Lsn;
-use crate::resolve::{decide, plan, Action, Version, Winner};
+use crate::resolve::{decide, plan, Action, Decision, Version, Winner};
 
 /// Errors of apply. `Retry` errors leave the batch for the next attempt.
 #[derive(Debug, Error)]
@@ -47,6 +47,11 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
+    /// A unique violation (23505), which a concurrent local insert can cause.
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(self, ApplyError::Db(e) if e.code().is_some_and(|c| c.code() == "23505"))
+    }
+
     /// Whether the error is about the data of one event (so it belongs in dead
     /// letters) rather than about the connection or the database as a whole.
     pub fn is_data_error(&self) -> bool {
@@ -91,6 +96,7 @@ struct ConflictRow {
 #[derive(Debug)]
 pub struct Applier {
     client: Client,
+    peer: String,
     cache: exec::StatementCache,
     region: String,
     names: HashMap<i16, String>,
@@ -110,7 +116,11 @@ impl Applier {
     ) -> Result<Self, ApplyError> {
         let client = catalog::connect(url).await?;
         client
-            .batch_execute("SET synchronous_commit = on; SET standard_conforming_strings = on")
+            .batch_execute(
+                "SET synchronous_commit = on; SET standard_conforming_strings = on; \
+                 SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3; \
+                 SET TimeZone = 'UTC'",
+            )
             .await?;
         if let Err(e) = client
             .batch_execute("SET session_replication_role = replica")
@@ -142,6 +152,7 @@ impl Applier {
         names.insert(origin_id_for(region), region.to_string());
         Ok(Self {
             client,
+            peer: peer.to_string(),
             cache: exec::StatementCache::default(),
             region: region.to_string(),
             names,
@@ -175,7 +186,20 @@ impl Applier {
         upto: i64,
         head: i64,
     ) -> Result<BatchOutcome, ApplyError> {
-        match self.run_batch(peer, events, upto, head, false).await {
+        let mut result = self.run_batch(peer, events, upto, head, false).await;
+        // A unique violation usually means a local insert of the same key committed
+        // while we waited on it: run the batch again, and it is resolved by
+        // last-writer-wins against the now-visible row.
+        for _ in 0..3 {
+            match &result {
+                Err(e) if e.is_unique_violation() => {
+                    debug!(error = %e, "batch raced a local insert; retrying");
+                    result = self.run_batch(peer, events, upto, head, false).await;
+                }
+                _ => break,
+            }
+        }
+        match result {
             Err(e) if e.is_data_error() => {
                 debug!(error = %e, "batch failed on data; isolating events");
                 self.run_batch(peer, events, upto, head, true).await
@@ -290,11 +314,12 @@ impl Applier {
 
     /// Re-applies dead letters marked for retry (`mesh.retry_dead_letter`).
     pub async fn retry_dead_letters(&mut self) -> Result<usize, ApplyError> {
+        // Only this link's dead letters; another link never retries them.
         let rows = self
             .client
             .query(
-                "SELECT id, event::text FROM mesh.dead_letters WHERE status = 'retry' ORDER BY id",
-                &[],
+                "SELECT id, event::text FROM mesh.dead_letters WHERE status = 'retry' AND peer = $1 ORDER BY id",
+                &[&self.peer],
             )
             .await?;
         let mut done = 0;
@@ -407,7 +432,21 @@ async fn apply_events(
             exists.insert(key.clone(), (r[0], r[1]));
         }
     }
-    let mut current: VersionMap = versions::load(tx, &keys).await?;
+    // Versions of the rows, plus each table's TRUNCATE watermark.
+    let mut vkeys = keys.clone();
+    let mut tables: Vec<&str> = events
+        .iter()
+        .flat_map(|e| &e.changes)
+        .map(|c| c.table.as_str())
+        .collect();
+    tables.sort_unstable();
+    tables.dedup();
+    vkeys.extend(
+        tables
+            .iter()
+            .map(|t| (t.to_string(), WATERMARK.to_string())),
+    );
+    let mut current: VersionMap = versions::load(tx, &vkeys).await?;
     // The capture race: a local write that committed before we locked must count.
     // If every locked row was last written by the version we know of (its xmin
     // matches), or predates capture, nothing is uncaptured and we need not wait.
@@ -420,6 +459,14 @@ async fn apply_events(
             .await?
             .get(0);
         let stale = keys.iter().any(|k| match (exists.get(k), current.get(k)) {
+            // A row truncated here (its table's watermark is newer) is not stale.
+            (None, Some(v))
+                if current
+                    .get(&(k.0.clone(), WATERMARK.to_string()))
+                    .is_some_and(|w| w.version > v.version) =>
+            {
+                false
+            }
             (Some((xmin, _)), Some(v)) => v.xid != Some(*xmin),
             (Some((_, age)), None) => since_init.is_none_or(|s| *age <= s),
             (None, Some(v)) => !v.deleted,
@@ -435,7 +482,7 @@ async fn apply_events(
             if !p.wait_for(lsn, wait).await {
                 return Err(ApplyError::CaptureBehind(lsn));
             }
-            current = versions::load(tx, &keys).await?;
+            current = versions::load(tx, &vkeys).await?;
         }
     }
     let own_xid: i64 = tx
@@ -450,11 +497,32 @@ async fn apply_events(
             hlc: e.hlc,
             origin: origin_id_for(&e.origin),
         };
+        // Rows this event already wrote: a second change to the same row in one
+        // transaction carries the same version and must still apply.
+        let mut written: HashSet<(String, String)> = HashSet::new();
         for c in &e.changes {
             if c.op == Op::Truncate {
                 exec::execute_all(tx, cache, &std::mem::take(&mut writes)).await?;
-                tx.batch_execute(&format!("TRUNCATE {}", sql::table(&c.table)))
-                    .await?;
+                let wm_key = (c.table.clone(), WATERMARK.to_string());
+                if current.get(&wm_key).is_some_and(|w| w.version >= remote) {
+                    continue;
+                }
+                truncate_older(tx, &c.table, remote, own_xid).await?;
+                let tomb = RowVersion {
+                    version: remote,
+                    deleted: true,
+                    xid: Some(own_xid),
+                };
+                for (k, v) in current.iter_mut() {
+                    if k.0 == c.table && v.version < remote {
+                        *v = tomb;
+                    }
+                }
+                exists.retain(|k, _| {
+                    k.0 != c.table || current.get(k).is_some_and(|v| v.version > remote)
+                });
+                current.insert(wm_key.clone(), tomb);
+                touched.insert(wm_key, tomb);
                 continue;
             }
             if c.pk.is_empty() {
@@ -465,8 +533,25 @@ async fn apply_events(
                 continue;
             }
             let key = (c.table.clone(), c.key_json());
-            let local = current.get(&key).copied();
-            let d = decide(local.map(|v| v.version), remote, c.prev);
+            let row = current.get(&key).copied();
+            let watermark = current
+                .get(&(c.table.clone(), WATERMARK.to_string()))
+                .copied();
+            // A TRUNCATE newer than the row's own version is the row's version.
+            let local = match (row, watermark) {
+                (Some(r), Some(w)) if w.version > r.version => Some(w),
+                (None, w) => w,
+                (r, _) => r,
+            };
+            let d = if written.contains(&key) {
+                Decision {
+                    winner: Winner::Remote,
+                    duplicate: false,
+                    conflict: false,
+                }
+            } else {
+                decide(local.map(|v| v.version), remote, c.prev)
+            };
             let here = exists.contains_key(&key);
             if d.conflict {
                 let lv = local.expect("a conflict has a local version").version;
@@ -511,7 +596,8 @@ async fn apply_events(
                     xid: Some(own_xid),
                 };
                 current.insert(key.clone(), v);
-                touched.insert(key, v);
+                touched.insert(key.clone(), v);
+                written.insert(key);
             }
         }
     }
@@ -519,6 +605,69 @@ async fn apply_events(
     versions::store(tx, &touched).await?;
     record_conflicts(tx, &conflicts, names).await?;
     Ok(conflicts.len())
+}
+
+/// A replicated TRUNCATE at version `v`: deletes every row of `tbl` whose version is
+/// older (or unknown) and turns those versions into tombstones at `v`. Rows written
+/// after the TRUNCATE survive, as they would anywhere else, so the result does not
+/// depend on arrival order.
+async fn truncate_older(
+    tx: &Transaction<'_>,
+    tbl: &str,
+    v: Version,
+    own_xid: i64,
+) -> Result<(), ApplyError> {
+    let pk: Vec<String> = tx
+        .query(
+            "SELECT a.attname FROM pg_index i
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+             WHERE i.indrelid = $1::text::regclass AND i.indisprimary
+             ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            &[&sql::table(tbl)],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let hlc = v.hlc.as_u64() as i64;
+    if pk.is_empty() {
+        tx.batch_execute(&format!("DELETE FROM {}", sql::table(tbl)))
+            .await?;
+        return Ok(());
+    }
+    let key = pk
+        .iter()
+        .map(|c| {
+            format!(
+                "jsonb_build_array({}, x.{}::text)",
+                literal_text(c),
+                sql::ident(c)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    tx.execute(
+        &format!(
+            "DELETE FROM {} x WHERE NOT EXISTS (
+                SELECT 1 FROM mesh.row_versions v
+                WHERE v.tbl = $1 AND v.pk = jsonb_build_array({key}) AND (v.hlc, v.origin) > ($2::int8, $3::int2))",
+            sql::table(tbl)
+        ),
+        &[&tbl, &hlc, &v.origin],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE mesh.row_versions SET hlc = $2, origin = $3, deleted = true, xid = $4
+         WHERE tbl = $1 AND jsonb_typeof(pk) = 'array' AND (hlc, origin) < ($2::int8, $3::int2)",
+        &[&tbl, &hlc, &v.origin, &own_xid],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A string as a SQL literal (identifiers in generated SQL text).
+fn literal_text(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
 fn insert_op(tbl: &str, row: &[(String, crate::event::Value)]) -> exec::Op {

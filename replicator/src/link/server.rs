@@ -80,33 +80,73 @@ pub trait LogReader: Send + Sync {
     fn head(&self) -> BoxFuture<'_, Result<i64, LogError>>;
 }
 
-/// A [`TableLog`] shared by all sessions. Reads take turns on its one connection.
+/// A [`TableLog`] shared by all sessions. Reads take turns on its one connection,
+/// which is reopened when it has closed (the database restarted).
 #[derive(Debug)]
-pub struct SharedTableLog(tokio::sync::Mutex<TableLog>);
+pub struct SharedTableLog {
+    url: Option<String>,
+    log: tokio::sync::Mutex<Option<TableLog>>,
+}
 
 impl SharedTableLog {
+    /// Wraps an open log; it is not reopened if its connection closes.
     pub fn new(log: TableLog) -> Self {
-        Self(tokio::sync::Mutex::new(log))
+        Self {
+            url: None,
+            log: tokio::sync::Mutex::new(Some(log)),
+        }
+    }
+
+    /// A log on `url`, connected on first use and reconnected after a failure.
+    pub fn reconnecting(url: &str) -> Self {
+        Self {
+            url: Some(url.to_string()),
+            log: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn with_log<T>(
+        &self,
+        f: impl for<'a> FnOnce(&'a mut TableLog) -> BoxFuture<'a, Result<T, LogError>>,
+    ) -> Result<T, LogError> {
+        let mut guard = self.log.lock().await;
+        if let Some(url) = &self.url {
+            if guard.as_ref().is_none_or(|l| l.client().is_closed()) {
+                let client = crate::catalog::connect(url)
+                    .await
+                    .map_err(|e| LogError::Unavailable(e.to_string()))?;
+                *guard = Some(TableLog::new(client).await?);
+            }
+        }
+        let log = guard
+            .as_mut()
+            .ok_or_else(|| LogError::Unavailable("no connection".into()))?;
+        let r = f(log).await;
+        if r.is_err() && log.client().is_closed() {
+            *guard = None;
+        }
+        r
     }
 }
 
 impl LogReader for SharedTableLog {
     fn read_after(&self, after: i64, limit: i64) -> BoxFuture<'_, Result<Vec<Logged>, LogError>> {
-        Box::pin(async move { self.0.lock().await.read_after(after, limit).await })
+        Box::pin(self.with_log(move |log| Box::pin(log.read_after(after, limit))))
     }
 
     fn head(&self) -> BoxFuture<'_, Result<i64, LogError>> {
-        Box::pin(async move {
-            let log = self.0.lock().await;
-            let row = log
-                .client()
-                .query_one(
-                    "SELECT coalesce(max(seq), 0)::int8 FROM mesh.changelog",
-                    &[],
-                )
-                .await?;
-            Ok(row.get(0))
-        })
+        Box::pin(self.with_log(|log| {
+            Box::pin(async move {
+                let row = log
+                    .client()
+                    .query_one(
+                        "SELECT coalesce(max(seq), 0)::int8 FROM mesh.changelog",
+                        &[],
+                    )
+                    .await?;
+                Ok(row.get(0))
+            })
+        }))
     }
 }
 

@@ -24,6 +24,8 @@ pub use table::TableLog;
 pub enum LogError {
     #[error("change log database: {}", crate::catalog::pg_error(.0))]
     Db(#[from] tokio_postgres::Error),
+    #[error("change log database unavailable: {0}")]
+    Unavailable(String),
     #[error("change log row {seq} is corrupt: {reason}")]
     Corruption { seq: i64, reason: String },
 }

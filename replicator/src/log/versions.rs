@@ -25,6 +25,9 @@ pub struct RowVersion {
     pub xid: Option<i64>,
 }
 
+/// Key json of a table's TRUNCATE watermark: every change older than it loses.
+pub const WATERMARK: &str = "\"*\"";
+
 /// Versions of rows keyed by `(table, key json)`.
 pub type VersionMap = HashMap<(String, String), RowVersion>;
 
@@ -121,6 +124,16 @@ pub fn advance_local(events: &mut [ChangeEvent], mut current: VersionMap) -> Ver
             origin: origin_id_for(&e.origin),
         };
         for c in e.changes.iter_mut() {
+            if c.op == Op::Truncate {
+                let wm = RowVersion {
+                    version,
+                    deleted: true,
+                    xid: Some(e.xid as i64),
+                };
+                current.insert((c.table.clone(), WATERMARK.to_string()), wm);
+                touched.insert((c.table.clone(), WATERMARK.to_string()), wm);
+                continue;
+            }
             if c.pk.is_empty() || !matches!(c.op, Op::Insert | Op::Update | Op::Delete) {
                 continue;
             }

@@ -147,9 +147,6 @@ async fn insert(mesh: &Mesh, id: i64) -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: the peer server reads the change log over one connection opened at node \
-            start (node::start -> SharedTableLog::new), never reopened, so after the regional \
-            database restarts every peer session fails with `connection closed` for good"]
 async fn a_region_keeps_serving_its_log_after_its_database_restarts() -> Result<()> {
     let mut mesh = Mesh::start(&["restart_a", "restart_b"]).await?;
     mesh.exec_all(SCHEMA).await?;

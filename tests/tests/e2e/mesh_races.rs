@@ -36,9 +36,6 @@ async fn two_regions(a: &str, b: &str) -> Result<Mesh> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: apply skips the second change to the same row within one event \
-            (apply_events records the first change's version in `current`, so \
-            resolve::decide sees local == remote and calls the next change a duplicate)"]
 async fn a_row_written_twice_in_one_transaction_replicates_its_final_image() -> Result<()> {
     let mesh = two_regions("twice_a", "twice_b").await?;
     let mut a = mesh.connect_proxy(0).await?;
@@ -105,9 +102,6 @@ async fn backend_pid(c: &tokio_postgres::Client) -> Result<i32> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a unique violation from a concurrent local insert is a dead letter \
-            when it recurs in apply's per-event retry (ApplyError::is_data_error treats \
-            23505 as a data error; apply_events decided `exists` before the local insert committed)"]
 async fn a_concurrent_local_insert_of_the_same_key_is_resolved_not_dead_lettered() -> Result<()> {
     let mesh = two_regions("race_a", "race_b").await?;
     // Two local writers in race_b insert 501 and 602 and keep their
@@ -160,10 +154,6 @@ async fn a_concurrent_local_insert_of_the_same_key_is_resolved_not_dead_lettered
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: every link's apply session retries every dead letter marked `retry` \
-            (Applier::retry_dead_letters selects by status only, with no row lock or peer \
-            filter), so with two links the loser of the race marks the applied dead letter \
-            `pending` again with a unique violation"]
 async fn a_retried_dead_letter_is_applied_once_and_marked_applied() -> Result<()> {
     let mut mesh = Mesh::start(&["retry_a", "retry_b", "retry_c"]).await?;
     mesh.exec_all("CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL)")
@@ -252,9 +242,6 @@ async fn a_retried_dead_letter_is_applied_once_and_marked_applied() -> Result<()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a replicated TRUNCATE is applied unconditionally (apply_events emits \
-            `TRUNCATE` for Op::Truncate without comparing HLCs), so it also removes rows \
-            the target wrote after it, and regions diverge"]
 async fn a_truncate_does_not_remove_rows_written_after_it() -> Result<()> {
     let mesh = two_regions("trunc_a", "trunc_b").await?;
     let (a, b) = (mesh.connect_proxy(0).await?, mesh.connect_proxy(1).await?);
