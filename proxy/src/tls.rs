@@ -4,70 +4,18 @@
 //! with an explicit crypto provider (so the binary never depends on a process-wide
 //! default). It never opens sockets.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use thiserror::Error;
 
-/// Errors loading TLS material.
-#[derive(Debug, Error)]
-pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} holds no {what}")]
-    Empty { path: PathBuf, what: &'static str },
-    #[error("TLS configuration: {0}")]
-    Rustls(#[from] rustls::Error),
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Reads every certificate in a PEM file.
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let data = std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.into(),
-        source,
-    })?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::Read {
-            path: path.into(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Empty {
-            path: path.into(),
-            what: "certificate",
-        });
-    }
-    Ok(certs)
-}
-
-/// Reads the first private key in a PEM file.
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let data = std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.into(),
-        source,
-    })?;
-    rustls_pemfile::private_key(&mut data.as_slice())
-        .map_err(|source| TlsError::Read {
-            path: path.into(),
-            source,
-        })?
-        .ok_or_else(|| TlsError::Empty {
-            path: path.into(),
-            what: "private key",
-        })
-}
+/// Errors loading TLS material (shared with peer-link TLS, which loads PEM files the
+/// same way).
+pub use pgmesh_replicator::link::tls::TlsError;
+pub use pgmesh_replicator::link::tls::{load_certs, load_key, provider};
 
 /// Server-side config for terminating client TLS.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
