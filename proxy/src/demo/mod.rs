@@ -71,7 +71,23 @@ impl Demo {
     }
 }
 
-/// Runs the demo until Ctrl-C (or until `stop` resolves, for tests).
+/// Ctrl-C or SIGTERM: either way the demo removes what it created.
+async fn interrupted() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// Runs the demo until Ctrl-C or SIGTERM (or until `stop` resolves, for tests).
 pub async fn run(
     regions: usize,
     base_port: u16,
@@ -95,7 +111,7 @@ pub async fn run(
     };
     let result = tokio::select! {
         r = start_and_show(&mut demo, regions, base_port) => r,
-        _ = tokio::signal::ctrl_c() => Ok(false),
+        _ = interrupted() => Ok(false),
     };
     let wait = match &result {
         Ok(true) => {
@@ -106,7 +122,7 @@ pub async fn run(
     };
     if wait {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = interrupted() => {}
             _ = stop => {}
         }
     }
