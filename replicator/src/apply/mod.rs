@@ -16,7 +16,9 @@
 //! row changes.
 
 pub mod exec;
+mod records;
 pub mod sql;
+mod truncate;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -34,6 +36,8 @@ use crate::log::versions::{self, RowVersion, VersionMap, WATERMARK};
 use crate::log::Logged;
 use crate::pgoutput::Lsn;
 use crate::resolve::{decide, plan, Action, Decision, Version, Winner};
+use records::{dead_letter, not_logged, record_conflicts, ConflictRow};
+use truncate::truncate_older;
 
 /// Errors of apply. `Retry` errors leave the batch for the next attempt.
 #[derive(Debug, Error)]
@@ -78,18 +82,6 @@ pub struct BatchOutcome {
     pub conflicts: usize,
     pub dead_letters: usize,
     pub max_commit_ts_us: Option<i64>,
-}
-
-/// A conflict to record.
-#[derive(Debug, Clone)]
-struct ConflictRow {
-    tbl: String,
-    pk: String,
-    local: Version,
-    remote: Version,
-    remote_origin: String,
-    remote_op: Op,
-    winner: Winner,
 }
 
 /// The apply session of one link.
@@ -368,32 +360,6 @@ impl Applier {
     }
 }
 
-/// The events not in the change log yet (in batch order, without repeats): the log
-/// doubles as the record of applied event ids.
-async fn not_logged(
-    tx: &Transaction<'_>,
-    events: &[ChangeEvent],
-) -> Result<Vec<ChangeEvent>, ApplyError> {
-    if events.is_empty() {
-        return Ok(Vec::new());
-    }
-    let origins: Vec<&str> = events.iter().map(|e| e.origin.as_str()).collect();
-    let hlcs: Vec<i64> = events.iter().map(|e| e.hlc.as_u64() as i64).collect();
-    let rows = tx
-        .query(
-            "SELECT c.origin, c.hlc FROM unnest($1::text[], $2::int8[]) AS k(origin, hlc)
-             JOIN mesh.changelog c ON c.origin = k.origin AND c.hlc = k.hlc",
-            &[&origins, &hlcs],
-        )
-        .await?;
-    let mut seen: HashSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(events
-        .iter()
-        .filter(|e| seen.insert((e.origin.clone(), e.hlc.as_u64() as i64)))
-        .cloned()
-        .collect())
-}
-
 /// Locks, waits for capture when it must, resolves and writes the changes of
 /// `events`. Returns the number of conflicts recorded.
 async fn apply_events(
@@ -607,146 +573,10 @@ async fn apply_events(
     Ok(conflicts.len())
 }
 
-/// A replicated TRUNCATE at version `v`: deletes every row of `tbl` whose version is
-/// older (or unknown) and turns those versions into tombstones at `v`. Rows written
-/// after the TRUNCATE survive, as they would anywhere else, so the result does not
-/// depend on arrival order.
-async fn truncate_older(
-    tx: &Transaction<'_>,
-    tbl: &str,
-    v: Version,
-    own_xid: i64,
-) -> Result<(), ApplyError> {
-    let pk: Vec<String> = tx
-        .query(
-            "SELECT a.attname FROM pg_index i
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-             WHERE i.indrelid = $1::text::regclass AND i.indisprimary
-             ORDER BY array_position(i.indkey::int2[], a.attnum)",
-            &[&sql::table(tbl)],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let hlc = v.hlc.as_u64() as i64;
-    if pk.is_empty() {
-        tx.batch_execute(&format!("DELETE FROM {}", sql::table(tbl)))
-            .await?;
-        return Ok(());
-    }
-    let key = pk
-        .iter()
-        .map(|c| {
-            format!(
-                "jsonb_build_array({}, x.{}::text)",
-                literal_text(c),
-                sql::ident(c)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    tx.execute(
-        &format!(
-            "DELETE FROM {} x WHERE NOT EXISTS (
-                SELECT 1 FROM mesh.row_versions v
-                WHERE v.tbl = $1 AND v.pk = jsonb_build_array({key}) AND (v.hlc, v.origin) > ($2::int8, $3::int2))",
-            sql::table(tbl)
-        ),
-        &[&tbl, &hlc, &v.origin],
-    )
-    .await?;
-    tx.execute(
-        "UPDATE mesh.row_versions SET hlc = $2, origin = $3, deleted = true, xid = $4
-         WHERE tbl = $1 AND jsonb_typeof(pk) = 'array' AND (hlc, origin) < ($2::int8, $3::int2)",
-        &[&tbl, &hlc, &v.origin, &own_xid],
-    )
-    .await?;
-    Ok(())
-}
-
-/// A string as a SQL literal (identifiers in generated SQL text).
-fn literal_text(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 fn insert_op(tbl: &str, row: &[(String, crate::event::Value)]) -> exec::Op {
     let cols: Vec<&str> = row.iter().map(|(k, _)| k.as_str()).collect();
     exec::Op {
         sql: sql::insert(tbl, &cols),
         values: row.iter().map(|(_, v)| v.clone()).collect(),
     }
-}
-
-async fn record_conflicts(
-    tx: &Transaction<'_>,
-    rows: &[ConflictRow],
-    names: &HashMap<i16, String>,
-) -> Result<(), ApplyError> {
-    for c in rows {
-        let local_origin = names
-            .get(&c.local.origin)
-            .cloned()
-            .unwrap_or_else(|| format!("origin#{}", c.local.origin));
-        let op = serde_json::to_value(c.remote_op)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        let winner = match c.winner {
-            Winner::Local => "local",
-            Winner::Remote => "remote",
-        };
-        tx.execute(
-            "INSERT INTO mesh.conflicts (tbl, pk, local_origin, local_hlc, remote_origin, remote_hlc,
-                                         remote_op, winner, strategy)
-             VALUES ($1, $2::text::jsonb, $3, $4, $5, $6, $7, $8, 'lww')",
-            &[
-                &c.tbl,
-                &c.pk,
-                &local_origin,
-                &(c.local.hlc.as_u64() as i64),
-                &c.remote_origin,
-                &(c.remote.hlc.as_u64() as i64),
-                &op,
-                &winner,
-            ],
-        )
-        .await?;
-    }
-    Ok(())
-}
-
-async fn dead_letter(
-    tx: &Transaction<'_>,
-    peer: &str,
-    e: &ChangeEvent,
-    err: &ApplyError,
-) -> Result<(), ApplyError> {
-    let sqlstate = match err {
-        ApplyError::Db(d) => d.code().map(|c| c.code().to_string()),
-        _ => None,
-    };
-    let msg = match err {
-        ApplyError::Db(d) => d
-            .as_db_error()
-            .map_or_else(|| d.to_string(), |db| db.message().to_string()),
-        other => other.to_string(),
-    };
-    warn!(peer, origin = %e.origin, hlc = %e.hlc, error = %msg, "event sent to dead letters");
-    tx.execute(
-        "INSERT INTO mesh.dead_letters (peer, origin, hlc, event, error, sqlstate)
-         VALUES ($1, $2, $3, $4::text::jsonb, $5, $6)
-         ON CONFLICT (origin, hlc) DO UPDATE SET attempts = mesh.dead_letters.attempts + 1,
-             error = excluded.error, updated_at = now()",
-        &[
-            &peer,
-            &e.origin,
-            &(e.hlc.as_u64() as i64),
-            &serde_json::to_string(e).expect("events serialize"),
-            &msg,
-            &sqlstate,
-        ],
-    )
-    .await?;
-    Ok(())
 }

@@ -1,0 +1,124 @@
+//! Apply's records: which events are already applied (the change log doubles as that
+//! record), the conflicts it resolved, and the events it could not apply.
+//!
+//! These run inside the batch transaction; they never decide a winner.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio_postgres::Transaction;
+use tracing::warn;
+
+use super::ApplyError;
+use crate::event::{ChangeEvent, Op};
+use crate::resolve::{Version, Winner};
+
+/// A conflict to record.
+#[derive(Debug, Clone)]
+pub(super) struct ConflictRow {
+    pub tbl: String,
+    pub pk: String,
+    pub local: Version,
+    pub remote: Version,
+    pub remote_origin: String,
+    pub remote_op: Op,
+    pub winner: Winner,
+}
+
+/// The events not in the change log yet (in batch order, without repeats): the log
+/// doubles as the record of applied event ids.
+pub(super) async fn not_logged(
+    tx: &Transaction<'_>,
+    events: &[ChangeEvent],
+) -> Result<Vec<ChangeEvent>, ApplyError> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let origins: Vec<&str> = events.iter().map(|e| e.origin.as_str()).collect();
+    let hlcs: Vec<i64> = events.iter().map(|e| e.hlc.as_u64() as i64).collect();
+    let rows = tx
+        .query(
+            "SELECT c.origin, c.hlc FROM unnest($1::text[], $2::int8[]) AS k(origin, hlc)
+             JOIN mesh.changelog c ON c.origin = k.origin AND c.hlc = k.hlc",
+            &[&origins, &hlcs],
+        )
+        .await?;
+    let mut seen: HashSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(events
+        .iter()
+        .filter(|e| seen.insert((e.origin.clone(), e.hlc.as_u64() as i64)))
+        .cloned()
+        .collect())
+}
+
+pub(super) async fn record_conflicts(
+    tx: &Transaction<'_>,
+    rows: &[ConflictRow],
+    names: &HashMap<i16, String>,
+) -> Result<(), ApplyError> {
+    for c in rows {
+        let local_origin = names
+            .get(&c.local.origin)
+            .cloned()
+            .unwrap_or_else(|| format!("origin#{}", c.local.origin));
+        let op = serde_json::to_value(c.remote_op)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let winner = match c.winner {
+            Winner::Local => "local",
+            Winner::Remote => "remote",
+        };
+        tx.execute(
+            "INSERT INTO mesh.conflicts (tbl, pk, local_origin, local_hlc, remote_origin, remote_hlc,
+                                         remote_op, winner, strategy)
+             VALUES ($1, $2::text::jsonb, $3, $4, $5, $6, $7, $8, 'lww')",
+            &[
+                &c.tbl,
+                &c.pk,
+                &local_origin,
+                &(c.local.hlc.as_u64() as i64),
+                &c.remote_origin,
+                &(c.remote.hlc.as_u64() as i64),
+                &op,
+                &winner,
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+pub(super) async fn dead_letter(
+    tx: &Transaction<'_>,
+    peer: &str,
+    e: &ChangeEvent,
+    err: &ApplyError,
+) -> Result<(), ApplyError> {
+    let sqlstate = match err {
+        ApplyError::Db(d) => d.code().map(|c| c.code().to_string()),
+        _ => None,
+    };
+    let msg = match err {
+        ApplyError::Db(d) => d
+            .as_db_error()
+            .map_or_else(|| d.to_string(), |db| db.message().to_string()),
+        other => other.to_string(),
+    };
+    warn!(peer, origin = %e.origin, hlc = %e.hlc, error = %msg, "event sent to dead letters");
+    tx.execute(
+        "INSERT INTO mesh.dead_letters (peer, origin, hlc, event, error, sqlstate)
+         VALUES ($1, $2, $3, $4::text::jsonb, $5, $6)
+         ON CONFLICT (origin, hlc) DO UPDATE SET attempts = mesh.dead_letters.attempts + 1,
+             error = excluded.error, updated_at = now()",
+        &[
+            &peer,
+            &e.origin,
+            &(e.hlc.as_u64() as i64),
+            &serde_json::to_string(e).expect("events serialize"),
+            &msg,
+            &sqlstate,
+        ],
+    )
+    .await?;
+    Ok(())
+}

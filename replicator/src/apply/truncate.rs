@@ -1,0 +1,70 @@
+//! A replicated TRUNCATE, resolved by last-writer-wins: the TRUNCATE becomes the
+//! table's watermark version and removes only the rows older than it.
+
+use tokio_postgres::Transaction;
+
+use super::{sql, ApplyError};
+use crate::resolve::Version;
+
+/// A replicated TRUNCATE at version `v`: deletes every row of `tbl` whose version is
+/// older (or unknown) and turns those versions into tombstones at `v`. Rows written
+/// after the TRUNCATE survive, as they would anywhere else, so the result does not
+/// depend on arrival order.
+pub(super) async fn truncate_older(
+    tx: &Transaction<'_>,
+    tbl: &str,
+    v: Version,
+    own_xid: i64,
+) -> Result<(), ApplyError> {
+    let pk: Vec<String> = tx
+        .query(
+            "SELECT a.attname FROM pg_index i
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+             WHERE i.indrelid = $1::text::regclass AND i.indisprimary
+             ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            &[&sql::table(tbl)],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let hlc = v.hlc.as_u64() as i64;
+    if pk.is_empty() {
+        tx.batch_execute(&format!("DELETE FROM {}", sql::table(tbl)))
+            .await?;
+        return Ok(());
+    }
+    let key = pk
+        .iter()
+        .map(|c| {
+            format!(
+                "jsonb_build_array({}, x.{}::text)",
+                literal_text(c),
+                sql::ident(c)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    tx.execute(
+        &format!(
+            "DELETE FROM {} x WHERE NOT EXISTS (
+                SELECT 1 FROM mesh.row_versions v
+                WHERE v.tbl = $1 AND v.pk = jsonb_build_array({key}) AND (v.hlc, v.origin) > ($2::int8, $3::int2))",
+            sql::table(tbl)
+        ),
+        &[&tbl, &hlc, &v.origin],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE mesh.row_versions SET hlc = $2, origin = $3, deleted = true, xid = $4
+         WHERE tbl = $1 AND jsonb_typeof(pk) = 'array' AND (hlc, origin) < ($2::int8, $3::int2)",
+        &[&tbl, &hlc, &v.origin, &own_xid],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A string as a SQL literal (identifiers in generated SQL text).
+fn literal_text(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
