@@ -33,7 +33,7 @@ type Series = (&'static str, &'static str, fn(&LinkCounters) -> u64);
 #[derive(Debug, Default)]
 pub struct Metrics {
     region: String,
-    sessions: AtomicI64,
+    sessions: Arc<AtomicI64>,
     links: Mutex<BTreeMap<String, LinkCounters>>,
 }
 
@@ -48,6 +48,11 @@ impl Metrics {
     /// Open proxy sessions changed by `delta`.
     pub fn sessions_add(&self, delta: i64) {
         self.sessions.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// The open-sessions counter, for the proxy server to keep up to date.
+    pub fn session_counter(&self) -> Arc<AtomicI64> {
+        self.sessions.clone()
     }
 
     /// Adds to a link's counters.

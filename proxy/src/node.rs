@@ -194,7 +194,7 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
         ),
         None => None,
     };
-    let proxy = server::start(v).await?;
+    let proxy = server::start_counting(v, metrics.session_counter()).await?;
     Ok(NodeHandle {
         proxy,
         capture,

@@ -7,7 +7,7 @@
 //! bytes itself, except the one refusal sent when the connection cap is reached.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -129,6 +129,15 @@ impl ProxyHandle {
 
 /// Binds the listener and starts accepting.
 pub async fn start(validated: Validated) -> Result<ProxyHandle, ServerError> {
+    start_counting(validated, Arc::new(AtomicI64::new(0))).await
+}
+
+/// Like [`start`], keeping `sessions` equal to the number of open client sessions
+/// (for the `pgmesh_proxy_sessions` gauge).
+pub async fn start_counting(
+    validated: Validated,
+    sessions: Arc<AtomicI64>,
+) -> Result<ProxyHandle, ServerError> {
     let tls = match (&validated.config.tls.cert, &validated.config.tls.key) {
         (Some(c), Some(k)) => Some(TlsAcceptor::from(tls::server_config(c, k)?)),
         _ => None,
@@ -156,7 +165,7 @@ pub async fn start(validated: Validated) -> Result<ProxyHandle, ServerError> {
         shutdown: rx,
     });
     info!(listen = %local_addr, upstream = %shared.upstream().addr(), "proxy listening");
-    let task = tokio::spawn(accept_loop(listener, shared.clone()));
+    let task = tokio::spawn(accept_loop(listener, shared.clone(), sessions));
     Ok(ProxyHandle {
         local_addr,
         shutdown: tx,
@@ -165,7 +174,7 @@ pub async fn start(validated: Validated) -> Result<ProxyHandle, ServerError> {
     })
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, sessions: Arc<AtomicI64>) {
     let limit = Arc::new(Semaphore::new(shared.config().max_connections));
     let tracker = TaskTracker::new();
     let mut shutdown = shared.shutdown_rx();
@@ -178,8 +187,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     match limit.clone().try_acquire_owned() {
                         Ok(permit) => {
                             let shared = shared.clone();
+                            let sessions = sessions.clone();
                             tracker.spawn(async move {
+                                sessions.fetch_add(1, Ordering::Relaxed);
                                 session::serve(shared, tcp, peer, id).await;
+                                sessions.fetch_sub(1, Ordering::Relaxed);
                                 drop(permit);
                             });
                         }

@@ -92,6 +92,11 @@ async fn metrics_show_lag_applied_events_conflicts_and_dead_letters() -> Result<
         );
     }
 
+    // `b` is still connected through m_b's proxy.
+    let sessions = sample(&body, "pgmesh_proxy_sessions{region=\"m_b\"}")?;
+    assert!(sessions >= 1.0, "open proxy sessions {sessions}");
+    b.simple_query("SELECT 1").await?;
+
     let (status, _) = http_get(addr, "/nope").await?;
     assert!(status.contains(" 404 "), "{status}");
     mesh.shutdown().await;
