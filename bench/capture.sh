@@ -137,13 +137,6 @@ fi
 "$PGMESH_BIN" init --help >/dev/null 2>&1 || die "$PGMESH_BIN has no 'init' command (stale build?)"
 
 PGBIN="$(pg_bindir)"
-pick_client() {
-    if [[ -x "$PGBIN/$1" ]]; then
-        printf '%s\n' "$PGBIN/$1"
-    else
-        command -v "$1" || die "$1 not found in $PGBIN or on PATH"
-    fi
-}
 PGBENCH="$(pick_client pgbench)"
 PSQL="$(pick_client psql)"
 

@@ -230,3 +230,13 @@ pgbench_failed_txns() {
 pgbench_processed() {
     sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$1" | head -n 1
 }
+
+# Path of a client program ($1): from $PGBIN (set by the caller) first, else PATH.
+# shellcheck disable=SC2153
+pick_client() {
+    if [[ -x "$PGBIN/$1" ]]; then
+        printf '%s\n' "$PGBIN/$1"
+    else
+        command -v "$1" || die "$1 not found in $PGBIN or on PATH"
+    fi
+}

@@ -166,13 +166,6 @@ fi
     die "$PGMESH_BIN run has no --peer-listen (stale build?)"
 
 PGBIN="$(pg_bindir)"
-pick_client() {
-    if [[ -x "$PGBIN/$1" ]]; then
-        printf '%s\n' "$PGBIN/$1"
-    else
-        command -v "$1" || die "$1 not found in $PGBIN or on PATH"
-    fi
-}
 PGBENCH="$(pick_client pgbench)"
 PSQL="$(pick_client psql)"
 
