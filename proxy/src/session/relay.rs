@@ -6,7 +6,8 @@
 //! DataRow never has to fit in memory. The frames it acts on are read whole: from the
 //! client the requests (`Q P B E S C D F X`), from the server the answers that end a
 //! request plus `K` (cancel key rewrite), `E` (fatal errors), `R` (SASL mechanisms)
-//! and `S` (application_name). It stamps write transactions (see `stamp`) and
+//! and `S` (application_name). It stamps write transactions (see `stamp`; the
+//! simple-protocol splicing is in `splice`) and
 //! swallows exactly the answers to what it injected (see `track`). It must never
 //! re-encode a frame it does not change.
 
@@ -14,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use pgmesh_sql::{lexer::split_statements, Kind};
+use pgmesh_sql::Kind;
 use thiserror::Error;
 
 use super::stamp::{self, read_cstr, Stamper};
@@ -365,58 +366,6 @@ impl Relay {
         }
     }
 
-    /// Tracks the statements of a simple query and splices stamp statements in
-    /// where transactions that wrote end. Returns the new text if it changed.
-    fn rewrite_query(&mut self, text: &[u8]) -> Option<String> {
-        let sql = String::from_utf8_lossy(text);
-        let ranges = split_statements(&sql);
-        let kinds: Vec<Kind> = ranges
-            .iter()
-            .map(|r| pgmesh_sql::classify(&sql[r.clone()]))
-            .collect();
-        // Statements that cannot run in a transaction block must not gain company.
-        let may_splice = self.stamper.is_some() && !kinds.contains(&Kind::NoTxBlock);
-        let mut cuts = Vec::new();
-        for (r, &k) in ranges.iter().zip(&kinds) {
-            if self.track.statement(k) && may_splice {
-                cuts.push(r.start);
-            }
-        }
-        if self.track.end_implicit() && may_splice {
-            cuts.push(sql.len());
-        }
-        if cuts.is_empty() {
-            return None;
-        }
-        let stamper = self.stamper.clone()?;
-        let mut outq = String::with_capacity(sql.len() + 256 * cuts.len());
-        let mut at = 0;
-        self.splices.clear();
-        for pos in cuts {
-            let payload = match stamper.payload(&self.info) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot stamp transaction");
-                    continue;
-                }
-            };
-            outq.push_str(&sql[at..pos]);
-            let start = outq.chars().count();
-            if pos == sql.len() {
-                outq.push(';');
-            }
-            outq.push_str(&stamper.statement(&payload));
-            if pos < sql.len() {
-                outq.push(';');
-            }
-            self.splices.push((start, outq.chars().count() - start));
-            at = pos;
-            self.simple_stamps += 1;
-        }
-        outq.push_str(&sql[at..]);
-        Some(outq)
-    }
-
     /// Moves server frames from `input` to `out`, acting on the few it must read.
     pub fn on_server(
         &mut self,
@@ -557,39 +506,6 @@ impl Relay {
         }
         Ok(())
     }
-
-    /// Recognises and swallows the answer to a stamp spliced into a simple query:
-    /// a RowDescription with the stamper's alias, its DataRow, its CommandComplete.
-    fn simple_stamp_answer(&mut self, tag: u8, body: &[u8]) -> bool {
-        if self.simple_stamps == 0 {
-            return false;
-        }
-        if self.in_stamp_answer {
-            match tag {
-                b'D' => return true,
-                b'C' => {
-                    self.in_stamp_answer = false;
-                    self.simple_stamps -= 1;
-                    return true;
-                }
-                _ => self.in_stamp_answer = false,
-            }
-        }
-        if tag == b'T' && self.is_stamp_row_description(body) {
-            self.in_stamp_answer = true;
-            return true;
-        }
-        false
-    }
-
-    fn is_stamp_row_description(&self, body: &[u8]) -> bool {
-        let Some(stamper) = &self.stamper else {
-            return false;
-        };
-        body.len() > 2
-            && body[..2] == [0, 1]
-            && read_cstr(&body[2..]).is_some_and(|(name, _)| name == stamper.alias().as_bytes())
-    }
 }
 
 /// The kind of a (normally single-statement) extended-protocol query.
@@ -613,6 +529,9 @@ fn move_bytes(input: &mut BytesMut, out: &mut BytesMut, n: usize) {
         input.advance(n);
     }
 }
+
+#[path = "splice.rs"]
+mod splice;
 
 #[cfg(test)]
 #[path = "relay_tests.rs"]
