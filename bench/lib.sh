@@ -182,6 +182,11 @@ pg_cluster_create() {
         for line in "$@"; do
             echo "$line"
         done
+        # BENCH_PG_CONF: extra lines for every bench cluster, separated by ';'
+        # (profiling, e.g. "shared_preload_libraries = 'pg_stat_statements'").
+        if [[ -n "${BENCH_PG_CONF:-}" ]]; then
+            tr ';' '\n' <<<"$BENCH_PG_CONF"
+        fi
     } >>"$dir/postgresql.conf"
 }
 

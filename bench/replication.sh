@@ -61,6 +61,8 @@ Environment:
                        show up as lag that is not the replication's.
   BENCH_STALL_TIMEOUT  seconds without replication progress before giving up [60]
   BENCH_OUT            directory for the result files              [bench-results]
+  BENCH_PG_CONF        extra postgresql.conf lines for every cluster, separated by ";"
+                       (profiling: "shared_preload_libraries = 'pg_stat_statements'")
   PGMESH_BIN           pgmesh binary to use; skips `cargo build --release -p pgmesh-proxy`
   PGMESH_PG_BIN        PostgreSQL bin dir  [dir of initdb on PATH, else /usr/lib/postgresql/*/bin]
 

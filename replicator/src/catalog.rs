@@ -115,12 +115,21 @@ pub fn pg_error(e: &tokio_postgres::Error) -> String {
 
 /// Opens a plain SQL connection and drives it in the background.
 pub async fn connect(url: &str) -> Result<Client, CatalogError> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(|source| CatalogError::Connect {
-            url: redact(url),
-            source,
-        })?;
+    connect_as(url, "pgmesh").await
+}
+
+/// [`connect`], reporting `application_name` = `role` unless the URL sets one, so a
+/// DBA can tell pgmesh's sessions apart in `pg_stat_activity`.
+pub async fn connect_as(url: &str, role: &str) -> Result<Client, CatalogError> {
+    let bad = |source| CatalogError::Connect {
+        url: redact(url),
+        source,
+    };
+    let mut config: tokio_postgres::Config = url.parse().map_err(bad)?;
+    if config.get_application_name().is_none() {
+        config.application_name(role);
+    }
+    let (client, conn) = config.connect(NoTls).await.map_err(bad)?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "catalog connection closed");

@@ -13,7 +13,7 @@ use std::error::Error;
 use bytes::BytesMut;
 use futures::TryStreamExt;
 use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
-use tokio_postgres::{Statement, Transaction};
+use tokio_postgres::{GenericClient, Statement, Transaction};
 
 use crate::event::Value;
 
@@ -54,16 +54,17 @@ pub struct StatementCache {
 }
 
 impl StatementCache {
-    /// The prepared statement for `sql`, preparing it on first use.
-    pub async fn get(
+    /// The prepared statement for `sql`, preparing it on first use. A statement
+    /// belongs to the connection it was prepared on: use one cache per connection.
+    pub async fn get<C: GenericClient>(
         &mut self,
-        tx: &Transaction<'_>,
+        c: &C,
         sql: &str,
     ) -> Result<Statement, tokio_postgres::Error> {
         if let Some(s) = self.map.get(sql) {
             return Ok(s.clone());
         }
-        let s = tx.prepare(sql).await?;
+        let s = c.prepare(sql).await?;
         self.map.insert(sql.to_string(), s.clone());
         Ok(s)
     }
@@ -76,8 +77,8 @@ pub struct Op {
     pub values: Vec<Value>,
 }
 
-/// Prepares every distinct statement of `ops` (in one pipelined round).
-async fn prepare_all(
+/// The prepared statement of each of `ops` (a round trip only for new ones).
+pub async fn prepare_all(
     tx: &Transaction<'_>,
     cache: &mut StatementCache,
     ops: &[Op],
@@ -96,22 +97,34 @@ pub async fn execute_all(
     ops: &[Op],
 ) -> Result<Vec<u64>, tokio_postgres::Error> {
     let stmts = prepare_all(tx, cache, ops).await?;
-    let runs = ops
-        .iter()
-        .zip(&stmts)
-        .map(|(op, st)| tx.execute_raw(st, op.values.iter().map(|v| TextParam(v.as_deref()))));
-    futures::future::try_join_all(runs).await
+    run_all(tx, &stmts, ops).await
 }
 
-/// Runs `ops` (queries), pipelined; returns the first row's int8 columns of each,
-/// or `None` when a query returned no row.
-pub async fn query_first_all(
-    tx: &Transaction<'_>,
-    cache: &mut StatementCache,
-    ops: &[Op],
-) -> Result<Vec<Option<Vec<i64>>>, tokio_postgres::Error> {
-    let stmts = prepare_all(tx, cache, ops).await?;
-    let runs = ops.iter().zip(&stmts).map(|(op, st)| async move {
+/// Runs `ops` with their statements from [`prepare_all`]. The requests are sent on
+/// the first poll, in order, so this future can be joined with other statements of
+/// the same transaction and they all travel in one round trip.
+pub fn run_all<'a>(
+    tx: &'a Transaction<'_>,
+    stmts: &'a [Statement],
+    ops: &'a [Op],
+) -> impl std::future::Future<Output = Result<Vec<u64>, tokio_postgres::Error>> + 'a {
+    let runs = ops
+        .iter()
+        .zip(stmts)
+        .map(|(op, st)| tx.execute_raw(st, op.values.iter().map(|v| TextParam(v.as_deref()))));
+    futures::future::try_join_all(runs)
+}
+
+/// Runs `ops` (queries) with statements from [`prepare_all`]; returns the first
+/// row's int8 columns of each, or `None` when a query returned no row. Like
+/// [`run_all`], the requests are sent on the first poll, in order.
+pub fn query_first_run<'a>(
+    tx: &'a Transaction<'_>,
+    stmts: &'a [Statement],
+    ops: &'a [Op],
+) -> impl std::future::Future<Output = Result<Vec<Option<Vec<i64>>>, tokio_postgres::Error>> + 'a
+{
+    let runs = ops.iter().zip(stmts).map(|(op, st)| async move {
         let rows: Vec<tokio_postgres::Row> = tx
             .query_raw(st, op.values.iter().map(|v| TextParam(v.as_deref())))
             .await?
@@ -122,5 +135,5 @@ pub async fn query_first_all(
                 .map(|r| (0..r.len()).map(|i| r.get::<_, i64>(i)).collect()),
         )
     });
-    futures::future::try_join_all(runs).await
+    futures::future::try_join_all(runs)
 }

@@ -16,28 +16,58 @@
 //! row changes.
 
 pub mod exec;
+mod plan;
 mod records;
 pub mod sql;
 mod truncate;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
+use futures::future::{try_join, try_join3, try_join_all, BoxFuture};
 use thiserror::Error;
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement, Transaction};
 use tracing::{debug, warn};
 
 use crate::capture::{Progress, APPLIED_PREFIX};
 use crate::catalog::{self, origin_id_for};
-use crate::event::{ChangeEvent, Op};
+use crate::event::ChangeEvent;
 use crate::hlc::Hlc;
-use crate::log::table::{append_params, APPEND, APPEND_LOCK};
-use crate::log::versions::{self, RowVersion, VersionMap, WATERMARK};
+use crate::log::table::{append_params, APPEND, APPEND_LOCK, LOCK};
+use crate::log::versions;
 use crate::log::Logged;
 use crate::pgoutput::Lsn;
-use crate::resolve::{decide, plan, Action, Decision, Version, Winner};
-use records::{dead_letter, not_logged, record_conflicts, ConflictRow};
-use truncate::truncate_older;
+use plan::{plan_events, Plan};
+use records::{dead_letter, not_logged, record_conflicts};
+
+/// Sets the transaction's replication-origin LSN and commit timestamp to the source's.
+const ORIGIN_SETUP: &str = "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn,
+     timestamptz 'epoch' + $2::int8 * interval '1 microsecond')";
+
+/// Tells capture the highest HLC a batch applied (a transactional logical message).
+const EMIT: &str = "SELECT pg_logical_emit_message(true, $1, $2)";
+
+/// Advances the link checkpoint, in the batch's transaction.
+const CHECKPOINT: &str = "UPDATE mesh.link_state SET checkpoint = $2::int8,
+        peer_head = greatest($3::int8, $2::int8),
+        applied_hlc = greatest(applied_hlc, $4::int8),
+        last_commit_ts = coalesce(timestamptz 'epoch' + $5::int8 * interval '1 microsecond', last_commit_ts),
+        last_applied_at = now(), updated_at = now(), error = NULL
+     WHERE peer = $1";
+
+/// Statements every batch runs, prepared once per session.
+#[derive(Debug)]
+struct Statements {
+    origin_setup: Statement,
+    logged: Statement,
+    emit: Statement,
+    lock: Statement,
+    append: Statement,
+    checkpoint: Statement,
+    store: Statement,
+    conflict: Statement,
+}
 
 /// Errors of apply. `Retry` errors leave the batch for the next attempt.
 #[derive(Debug, Error)]
@@ -106,7 +136,7 @@ impl Applier {
         regions: &[String],
         progress: Option<Progress>,
     ) -> Result<Self, ApplyError> {
-        let client = catalog::connect(url).await?;
+        let client = catalog::connect_as(url, &format!("pgmesh-apply-{peer}")).await?;
         client
             .batch_execute(
                 "SET synchronous_commit = on; SET standard_conforming_strings = on; \
@@ -214,75 +244,63 @@ impl Applier {
             .map(|l| l.event.clone())
             .collect();
         let mut out = BatchOutcome::default();
-        let region = self.region.clone();
         let names = self.names.clone();
         let wait = self.capture_wait;
         let mut progress = self.progress.clone();
+        let st = self.statements().await?;
+        // Round trips: BEGIN; origin + duplicates; locks + versions (in
+        // `plan_events`); writes + bookkeeping; COMMIT.
         let tx = self.client.transaction().await?;
-        if let Some(last) = remote.last() {
-            // Commit timestamps and origin LSN of this transaction are the source's.
-            tx.execute(
-                "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, timestamptz 'epoch' + $2::int8 * interval '1 microsecond')",
-                &[&Lsn(last.source_lsn).to_string(), &last.commit_ts_us],
-            )
-            .await?;
-        }
-        let fresh = not_logged(&tx, &remote).await?;
-        out.duplicates = events.len() - fresh.len();
-        if !fresh.is_empty() {
-            let max = fresh.iter().map(|e| e.hlc).max().unwrap_or(Hlc::ZERO);
-            tx.execute(
-                "SELECT pg_logical_emit_message(true, $1, $2)",
-                &[&APPLIED_PREFIX, &max.as_u64().to_string()],
-            )
-            .await?;
-            if isolate {
-                for (i, e) in fresh.iter().enumerate() {
-                    tx.batch_execute(&format!("SAVEPOINT ev{i}")).await?;
-                    match apply_events(
-                        &tx,
-                        &mut self.cache,
-                        std::slice::from_ref(e),
-                        &names,
-                        progress.as_mut(),
-                        wait,
+        let setup = async {
+            match remote.last() {
+                // Commit timestamps and origin LSN of this transaction are the source's.
+                Some(last) => tx
+                    .execute(
+                        &st.origin_setup,
+                        &[&Lsn(last.source_lsn).to_string(), &last.commit_ts_us],
                     )
                     .await
-                    {
-                        Ok(r) => {
-                            tx.batch_execute(&format!("RELEASE SAVEPOINT ev{i}"))
-                                .await?;
-                            out.applied += 1;
-                            out.conflicts += r;
-                        }
-                        Err(err) if err.is_data_error() => {
-                            tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT ev{i}"))
-                                .await?;
-                            dead_letter(&tx, peer, e, &err).await?;
-                            out.dead_letters += 1;
-                        }
-                        Err(err) => return Err(err),
-                    }
-                }
-            } else {
-                out.conflicts = apply_events(
-                    &tx,
-                    &mut self.cache,
-                    &fresh,
-                    &names,
-                    progress.as_mut(),
-                    wait,
-                )
-                .await?;
-                out.applied = fresh.len();
+                    .map(drop),
+                None => Ok(()),
             }
-        }
-        // Log the applied events last, under the append lock, so sequence numbers
-        // become visible in order and capture never waits on a batch that waits on it.
-        if !fresh.is_empty() {
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
-                .await?;
-            tx.execute(APPEND, &append_params(&fresh).refs()).await?;
+        };
+        let (_, fresh) = try_join(
+            async { setup.await.map_err(ApplyError::from) },
+            not_logged(&tx, &st.logged, &remote),
+        )
+        .await?;
+        out.duplicates = events.len() - fresh.len();
+        let mut planned = Plan::default();
+        if isolate {
+            for (i, e) in fresh.iter().enumerate() {
+                tx.batch_execute(&format!("SAVEPOINT ev{i}")).await?;
+                let one = std::slice::from_ref(e);
+                let r = match plan_events(&tx, &mut self.cache, one, progress.as_mut(), wait)
+                    .await
+                {
+                    Ok(p) => run_plan(&tx, &st, &p, &names).await.map(|()| p.conflicts.len()),
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Ok(conflicts) => {
+                        tx.batch_execute(&format!("RELEASE SAVEPOINT ev{i}"))
+                            .await?;
+                        out.applied += 1;
+                        out.conflicts += conflicts;
+                    }
+                    Err(err) if err.is_data_error() => {
+                        tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT ev{i}"))
+                            .await?;
+                        dead_letter(&tx, peer, e, &err).await?;
+                        out.dead_letters += 1;
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+        } else if !fresh.is_empty() {
+            planned = plan_events(&tx, &mut self.cache, &fresh, progress.as_mut(), wait).await?;
+            out.conflicts = planned.conflicts.len();
+            out.applied = fresh.len();
         }
         out.max_commit_ts_us = events.iter().map(|l| l.event.commit_ts_us).max();
         let max_hlc = events
@@ -290,18 +308,47 @@ impl Applier {
             .map(|l| l.event.hlc.as_u64() as i64)
             .max()
             .unwrap_or(0);
-        tx.execute(
-            "UPDATE mesh.link_state SET checkpoint = $2::int8, peer_head = greatest($3::int8, $2::int8),
-                    applied_hlc = greatest(applied_hlc, $4::int8),
-                    last_commit_ts = coalesce(timestamptz 'epoch' + $5::int8 * interval '1 microsecond', last_commit_ts),
-                    last_applied_at = now(), updated_at = now(), error = NULL
-             WHERE peer = $1",
-            &[&peer, &upto, &head, &max_hlc, &out.max_commit_ts_us],
+        // One round trip for the rest. The applied events are logged last, under the
+        // append lock, so sequence numbers become visible in order, and capture never
+        // waits on a batch that waits on it (`plan_events` waited before this).
+        let params = append_params(&fresh);
+        let max = fresh.iter().map(|e| e.hlc).max().unwrap_or(Hlc::ZERO);
+        let max_text = max.as_u64().to_string();
+        let emit_params: [&(dyn ToSql + Sync); 2] = [&APPLIED_PREFIX, &max_text];
+        let lock_params: [&(dyn ToSql + Sync); 1] = [&APPEND_LOCK];
+        let append_params = params.refs();
+        let cp_params: [&(dyn ToSql + Sync); 5] =
+            [&peer, &upto, &head, &max_hlc, &out.max_commit_ts_us];
+        let mut rest: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = Vec::new();
+        if !fresh.is_empty() {
+            rest.push(Box::pin(tx.execute(&st.emit, &emit_params)));
+            rest.push(Box::pin(tx.execute(&st.lock, &lock_params)));
+            rest.push(Box::pin(tx.execute(&st.append, &append_params)));
+        }
+        rest.push(Box::pin(tx.execute(&st.checkpoint, &cp_params)));
+        try_join(
+            run_plan(&tx, &st, &planned, &names),
+            async { try_join_all(rest).await.map_err(ApplyError::from) },
         )
         .await?;
         tx.commit().await?;
-        let _ = region;
         Ok(out)
+    }
+
+    /// The session's fixed statements, prepared on first use.
+    async fn statements(&mut self) -> Result<Statements, ApplyError> {
+        let c = &self.client;
+        let cache = &mut self.cache;
+        Ok(Statements {
+            origin_setup: cache.get(c, ORIGIN_SETUP).await?,
+            logged: cache.get(c, records::LOGGED).await?,
+            emit: cache.get(c, EMIT).await?,
+            lock: cache.get(c, LOCK).await?,
+            append: cache.get(c, APPEND).await?,
+            checkpoint: cache.get(c, CHECKPOINT).await?,
+            store: cache.get(c, versions::STORE).await?,
+            conflict: cache.get(c, records::CONFLICT).await?,
+        })
     }
 
     /// Re-applies dead letters marked for retry (`mesh.retry_dead_letter`).
@@ -318,6 +365,7 @@ impl Applier {
         let names = self.names.clone();
         let wait = self.capture_wait;
         let mut progress = self.progress.clone();
+        let st = self.statements().await?;
         for r in rows {
             let id: i64 = r.get(0);
             let Ok(event) = serde_json::from_str::<ChangeEvent>(r.get(1)) else {
@@ -325,16 +373,14 @@ impl Applier {
             };
             let tx = self.client.transaction().await?;
             tx.batch_execute("SAVEPOINT retry").await?;
-            match apply_events(
-                &tx,
-                &mut self.cache,
-                std::slice::from_ref(&event),
-                &names,
-                progress.as_mut(),
-                wait,
-            )
-            .await
+            let one = std::slice::from_ref(&event);
+            let applied = match plan_events(&tx, &mut self.cache, one, progress.as_mut(), wait)
+                .await
             {
+                Ok(p) => run_plan(&tx, &st, &p, &names).await,
+                Err(e) => Err(e),
+            };
+            match applied {
                 Ok(_) => {
                     tx.execute(
                         "UPDATE mesh.dead_letters SET status = 'applied', attempts = attempts + 1, updated_at = now() WHERE id = $1",
@@ -360,223 +406,26 @@ impl Applier {
     }
 }
 
-/// Locks, waits for capture when it must, resolves and writes the changes of
-/// `events`. Returns the number of conflicts recorded.
-async fn apply_events(
+/// Runs a plan's writes, versions and conflict records, pipelined.
+async fn run_plan(
     tx: &Transaction<'_>,
-    cache: &mut exec::StatementCache,
-    events: &[ChangeEvent],
+    st: &Statements,
+    p: &Plan,
     names: &HashMap<i16, String>,
-    progress: Option<&mut Progress>,
-    wait: Duration,
-) -> Result<usize, ApplyError> {
-    // Lock every keyed row the batch touches; learn which exist, and their xmin.
-    let mut keys: Vec<(String, String)> = Vec::new();
-    let mut locks: Vec<exec::Op> = Vec::new();
-    let mut seen: HashSet<(String, String)> = HashSet::new();
-    for c in events.iter().flat_map(|e| &e.changes) {
-        if c.pk.is_empty() || !matches!(c.op, Op::Insert | Op::Update | Op::Delete) {
-            continue;
-        }
-        let key = (c.table.clone(), c.key_json());
-        if seen.insert(key.clone()) {
-            let cols: Vec<&str> = c.pk.iter().map(|(k, _)| k.as_str()).collect();
-            locks.push(exec::Op {
-                sql: sql::lock(&c.table, &cols),
-                values: c.pk.iter().map(|(_, v)| v.clone()).collect(),
-            });
-            keys.push(key);
-        }
-    }
-    // key -> (xmin, age(xmin)) of rows that exist.
-    let mut exists: HashMap<(String, String), (i64, i64)> = HashMap::new();
-    for (key, row) in keys
-        .iter()
-        .zip(exec::query_first_all(tx, cache, &locks).await?)
-    {
-        if let Some(r) = row {
-            exists.insert(key.clone(), (r[0], r[1]));
-        }
-    }
-    // Versions of the rows, plus each table's TRUNCATE watermark.
-    let mut vkeys = keys.clone();
-    let mut tables: Vec<&str> = events
-        .iter()
-        .flat_map(|e| &e.changes)
-        .map(|c| c.table.as_str())
-        .collect();
-    tables.sort_unstable();
-    tables.dedup();
-    vkeys.extend(
-        tables
-            .iter()
-            .map(|t| (t.to_string(), WATERMARK.to_string())),
-    );
-    let mut current: VersionMap = versions::load(tx, &vkeys).await?;
-    // The capture race: a local write that committed before we locked must count.
-    // If every locked row was last written by the version we know of (its xmin
-    // matches), or predates capture, nothing is uncaptured and we need not wait.
-    if let Some(p) = progress {
-        let since_init: Option<i64> = tx
-            .query_one(
-                "SELECT txid_current() - init_txid FROM mesh.regions WHERE is_local",
-                &[],
-            )
-            .await?
-            .get(0);
-        let stale = keys.iter().any(|k| match (exists.get(k), current.get(k)) {
-            // A row truncated here (its table's watermark is newer) is not stale.
-            (None, Some(v))
-                if current
-                    .get(&(k.0.clone(), WATERMARK.to_string()))
-                    .is_some_and(|w| w.version > v.version) =>
-            {
-                false
-            }
-            (Some((xmin, _)), Some(v)) => v.xid != Some(*xmin),
-            (Some((_, age)), None) => since_init.is_none_or(|s| *age <= s),
-            (None, Some(v)) => !v.deleted,
-            (None, None) => false,
-        });
-        debug!(stale, rows = keys.len(), "capture race check");
-        if stale {
-            let lsn: String = tx
-                .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-                .await?
-                .get(0);
-            let lsn: Lsn = lsn.parse().unwrap_or(Lsn(u64::MAX));
-            if !p.wait_for(lsn, wait).await {
-                return Err(ApplyError::CaptureBehind(lsn));
-            }
-            current = versions::load(tx, &vkeys).await?;
-        }
-    }
-    let own_xid: i64 = tx
-        .query_one("SELECT txid_current() % 4294967296", &[])
-        .await?
-        .get(0);
-    let mut touched: VersionMap = HashMap::new();
-    let mut writes: Vec<exec::Op> = Vec::new();
-    let mut conflicts = Vec::new();
-    for e in events {
-        let remote = Version {
-            hlc: e.hlc,
-            origin: origin_id_for(&e.origin),
-        };
-        // Rows this event already wrote: a second change to the same row in one
-        // transaction carries the same version and must still apply.
-        let mut written: HashSet<(String, String)> = HashSet::new();
-        for c in &e.changes {
-            if c.op == Op::Truncate {
-                exec::execute_all(tx, cache, &std::mem::take(&mut writes)).await?;
-                let wm_key = (c.table.clone(), WATERMARK.to_string());
-                if current.get(&wm_key).is_some_and(|w| w.version >= remote) {
-                    continue;
-                }
-                truncate_older(tx, &c.table, remote, own_xid).await?;
-                let tomb = RowVersion {
-                    version: remote,
-                    deleted: true,
-                    xid: Some(own_xid),
-                };
-                for (k, v) in current.iter_mut() {
-                    if k.0 == c.table && v.version < remote {
-                        *v = tomb;
-                    }
-                }
-                exists.retain(|k, _| {
-                    k.0 != c.table || current.get(k).is_some_and(|v| v.version > remote)
-                });
-                current.insert(wm_key.clone(), tomb);
-                touched.insert(wm_key, tomb);
-                continue;
-            }
-            if c.pk.is_empty() {
-                // Tables without a key: inserts replicate as they are.
-                if let (Op::Insert, Some(row)) = (c.op, &c.new) {
-                    writes.push(insert_op(&c.table, row));
-                }
-                continue;
-            }
-            let key = (c.table.clone(), c.key_json());
-            let row = current.get(&key).copied();
-            let watermark = current
-                .get(&(c.table.clone(), WATERMARK.to_string()))
-                .copied();
-            // A TRUNCATE newer than the row's own version is the row's version.
-            let local = match (row, watermark) {
-                (Some(r), Some(w)) if w.version > r.version => Some(w),
-                (None, w) => w,
-                (r, _) => r,
-            };
-            let d = if written.contains(&key) {
-                Decision {
-                    winner: Winner::Remote,
-                    duplicate: false,
-                    conflict: false,
-                }
-            } else {
-                decide(local.map(|v| v.version), remote, c.prev)
-            };
-            let here = exists.contains_key(&key);
-            if d.conflict {
-                let lv = local.expect("a conflict has a local version").version;
-                conflicts.push(ConflictRow {
-                    tbl: c.table.clone(),
-                    pk: key.1.clone(),
-                    local: lv,
-                    remote,
-                    remote_origin: e.origin.clone(),
-                    remote_op: c.op,
-                    winner: d.winner,
-                });
-            }
-            match plan(c.op, d, here) {
-                Action::Skip => {}
-                Action::Insert => {
-                    writes.push(insert_op(&c.table, c.new.as_deref().unwrap_or_default()));
-                    exists.insert(key.clone(), (own_xid, 0));
-                }
-                Action::Update => {
-                    let row = c.new.as_deref().unwrap_or_default();
-                    let cols: Vec<&str> = row.iter().map(|(k, _)| k.as_str()).collect();
-                    let pk: Vec<&str> = c.pk.iter().map(|(k, _)| k.as_str()).collect();
-                    writes.push(exec::Op {
-                        sql: sql::update(&c.table, &cols, &pk),
-                        values: row.iter().chain(&c.pk).map(|(_, v)| v.clone()).collect(),
-                    });
-                }
-                Action::Delete => {
-                    let pk: Vec<&str> = c.pk.iter().map(|(k, _)| k.as_str()).collect();
-                    writes.push(exec::Op {
-                        sql: sql::delete(&c.table, &pk),
-                        values: c.pk.iter().map(|(_, v)| v.clone()).collect(),
-                    });
-                    exists.remove(&key);
-                }
-            }
-            if d.winner == Winner::Remote && !d.duplicate {
-                let v = RowVersion {
-                    version: remote,
-                    deleted: c.op == Op::Delete,
-                    xid: Some(own_xid),
-                };
-                current.insert(key.clone(), v);
-                touched.insert(key.clone(), v);
-                written.insert(key);
-            }
-        }
-    }
-    exec::execute_all(tx, cache, &writes).await?;
-    versions::store(tx, &touched).await?;
-    record_conflicts(tx, &conflicts, names).await?;
-    Ok(conflicts.len())
-}
-
-fn insert_op(tbl: &str, row: &[(String, crate::event::Value)]) -> exec::Op {
-    let cols: Vec<&str> = row.iter().map(|(k, _)| k.as_str()).collect();
-    exec::Op {
-        sql: sql::insert(tbl, &cols),
-        values: row.iter().map(|(_, v)| v.clone()).collect(),
-    }
+) -> Result<(), ApplyError> {
+    try_join3(
+        async {
+            exec::run_all(tx, &p.stmts, &p.writes)
+                .await
+                .map_err(ApplyError::from)
+        },
+        async {
+            versions::store(tx, &st.store, &p.touched)
+                .await
+                .map_err(ApplyError::from)
+        },
+        record_conflicts(tx, &st.conflict, &p.conflicts, names),
+    )
+    .await?;
+    Ok(())
 }

@@ -5,7 +5,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tokio_postgres::Transaction;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Statement, Transaction};
 use tracing::warn;
 
 use super::ApplyError;
@@ -24,10 +25,20 @@ pub(super) struct ConflictRow {
     pub winner: Winner,
 }
 
-/// The events not in the change log yet (in batch order, without repeats): the log
-/// doubles as the record of applied event ids.
+/// Finds which of `$1` origins / `$2` hlcs are in the change log already.
+pub(super) const LOGGED: &str = "SELECT c.origin, c.hlc FROM unnest($1::text[], $2::int8[]) AS k(origin, hlc)
+     JOIN mesh.changelog c ON c.origin = k.origin AND c.hlc = k.hlc";
+
+/// Records one conflict.
+pub(super) const CONFLICT: &str = "INSERT INTO mesh.conflicts (tbl, pk, local_origin, local_hlc,
+         remote_origin, remote_hlc, remote_op, winner, strategy)
+     VALUES ($1, $2::text::jsonb, $3, $4, $5, $6, $7, $8, 'lww')";
+
+/// The events not in the change log yet (in batch order, without repeats), with
+/// `st` the prepared [`LOGGED`]: the log doubles as the record of applied event ids.
 pub(super) async fn not_logged(
     tx: &Transaction<'_>,
+    st: &Statement,
     events: &[ChangeEvent],
 ) -> Result<Vec<ChangeEvent>, ApplyError> {
     if events.is_empty() {
@@ -35,13 +46,7 @@ pub(super) async fn not_logged(
     }
     let origins: Vec<&str> = events.iter().map(|e| e.origin.as_str()).collect();
     let hlcs: Vec<i64> = events.iter().map(|e| e.hlc.as_u64() as i64).collect();
-    let rows = tx
-        .query(
-            "SELECT c.origin, c.hlc FROM unnest($1::text[], $2::int8[]) AS k(origin, hlc)
-             JOIN mesh.changelog c ON c.origin = k.origin AND c.hlc = k.hlc",
-            &[&origins, &hlcs],
-        )
-        .await?;
+    let rows = tx.query(st, &[&origins, &hlcs]).await?;
     let mut seen: HashSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     Ok(events
         .iter()
@@ -50,41 +55,45 @@ pub(super) async fn not_logged(
         .collect())
 }
 
+/// Records `rows` with `st`, the prepared [`CONFLICT`], pipelined.
 pub(super) async fn record_conflicts(
     tx: &Transaction<'_>,
+    st: &Statement,
     rows: &[ConflictRow],
     names: &HashMap<i16, String>,
 ) -> Result<(), ApplyError> {
-    for c in rows {
-        let local_origin = names
-            .get(&c.local.origin)
-            .cloned()
-            .unwrap_or_else(|| format!("origin#{}", c.local.origin));
-        let op = serde_json::to_value(c.remote_op)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        let winner = match c.winner {
-            Winner::Local => "local",
-            Winner::Remote => "remote",
-        };
-        tx.execute(
-            "INSERT INTO mesh.conflicts (tbl, pk, local_origin, local_hlc, remote_origin, remote_hlc,
-                                         remote_op, winner, strategy)
-             VALUES ($1, $2::text::jsonb, $3, $4, $5, $6, $7, $8, 'lww')",
-            &[
-                &c.tbl,
-                &c.pk,
-                &local_origin,
-                &(c.local.hlc.as_u64() as i64),
-                &c.remote_origin,
-                &(c.remote.hlc.as_u64() as i64),
-                &op,
-                &winner,
-            ],
-        )
-        .await?;
-    }
+    let params: Vec<(String, String, i64, String, i64, String, &str)> = rows
+        .iter()
+        .map(|c| {
+            let local_origin = names
+                .get(&c.local.origin)
+                .cloned()
+                .unwrap_or_else(|| format!("origin#{}", c.local.origin));
+            let op = serde_json::to_value(c.remote_op)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let winner = match c.winner {
+                Winner::Local => "local",
+                Winner::Remote => "remote",
+            };
+            (
+                c.pk.clone(),
+                local_origin,
+                c.local.hlc.as_u64() as i64,
+                c.remote_origin.clone(),
+                c.remote.hlc.as_u64() as i64,
+                op,
+                winner,
+            )
+        })
+        .collect();
+    let runs = rows.iter().zip(&params).map(|(c, p)| {
+        let values: [&(dyn ToSql + Sync); 8] =
+            [&c.tbl, &p.0, &p.1, &p.2, &p.3, &p.4, &p.5, &p.6];
+        tx.execute_raw(st, values)
+    });
+    futures::future::try_join_all(runs).await?;
     Ok(())
 }
 

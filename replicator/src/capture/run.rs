@@ -172,7 +172,7 @@ async fn run_once(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), CaptureError> {
     // This connection holds the leader lock for as long as it lives.
-    let lock = catalog::connect(&cfg.url).await?;
+    let lock = catalog::connect_as(&cfg.url, "pgmesh-capture-lock").await?;
     let installed: bool = lock
         .query_one("SELECT to_regclass('mesh.changelog') IS NOT NULL", &[])
         .await?
@@ -197,7 +197,7 @@ async fn run_once(
     }
     set_node_role(&lock, cfg, "leader").await?;
     info!(region = %cfg.region, node = %cfg.node, "capture leader");
-    let mut log = TableLog::new(catalog::connect(&cfg.url).await?).await?;
+    let mut log = TableLog::new(catalog::connect_as(&cfg.url, "pgmesh-capture-log").await?).await?;
     let resume = log.resume_point(&cfg.region).await?;
     let skip_upto = resume.map_or(Lsn(0), |r| r.lsn);
     let mut asm = Assembler::new(&cfg.region, resume.map_or(Hlc::ZERO, |r| r.hlc));

@@ -26,9 +26,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use super::backoff::Backoff;
 use super::protocol::ProtocolError;
 use super::session::Session;
-use crate::log::{ChangeLog, LogError, Logged, TableLog};
-
-pub use super::session::ships_to;
+use crate::log::{LogError, Scan, ShipFilter, TableLog};
 
 /// Errors of the serving side. Variants say whether the peer or the local log failed.
 #[derive(Debug, Error)]
@@ -74,8 +72,14 @@ impl ServeError {
 
 /// Reads the change log for peer sessions. Shared by every session of a server.
 pub trait LogReader: Send + Sync {
-    /// Up to `limit` events with a sequence number above `after`, in log order.
-    fn read_after(&self, after: i64, limit: i64) -> BoxFuture<'_, Result<Vec<Logged>, LogError>>;
+    /// Reads up to `limit` log rows above `after`, in log order, and returns the
+    /// events among them that `filter` lets through, with how far the read went.
+    fn read_for(
+        &self,
+        after: i64,
+        limit: i64,
+        filter: &ShipFilter,
+    ) -> BoxFuture<'_, Result<Scan, LogError>>;
     /// The highest sequence number in the log (0 when it is empty).
     fn head(&self) -> BoxFuture<'_, Result<i64, LogError>>;
 }
@@ -112,7 +116,7 @@ impl SharedTableLog {
         let mut guard = self.log.lock().await;
         if let Some(url) = &self.url {
             if guard.as_ref().is_none_or(|l| l.client().is_closed()) {
-                let client = crate::catalog::connect(url)
+                let client = crate::catalog::connect_as(url, "pgmesh-serve")
                     .await
                     .map_err(|e| LogError::Unavailable(e.to_string()))?;
                 *guard = Some(TableLog::new(client).await?);
@@ -130,8 +134,16 @@ impl SharedTableLog {
 }
 
 impl LogReader for SharedTableLog {
-    fn read_after(&self, after: i64, limit: i64) -> BoxFuture<'_, Result<Vec<Logged>, LogError>> {
-        Box::pin(self.with_log(move |log| Box::pin(log.read_after(after, limit))))
+    fn read_for(
+        &self,
+        after: i64,
+        limit: i64,
+        filter: &ShipFilter,
+    ) -> BoxFuture<'_, Result<Scan, LogError>> {
+        let filter = filter.clone();
+        Box::pin(self.with_log(move |log| {
+            Box::pin(async move { log.read_for(after, limit, &filter).await })
+        }))
     }
 
     fn head(&self) -> BoxFuture<'_, Result<i64, LogError>> {

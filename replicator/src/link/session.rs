@@ -2,7 +2,7 @@
 //!
 //! The session validates the [`Hello`], answers [`Welcome`] with the log head, then
 //! reads the log after the peer's checkpoint and sends what the peer may see (see
-//! [`ships_to`]). At most `window` batches are unacknowledged; with no credit left it
+//! [`ShipFilter`]). At most `window` batches are unacknowledged; with no credit left it
 //! waits for an ack. Once caught up it waits for the wake watch (the change log's
 //! NOTIFY) or the heartbeat timer, whichever comes first; each heartbeat also checks the
 //! log head, which catches a notification lost while the notifier reconnected.
@@ -25,15 +25,7 @@ use super::protocol::{
     self, Batch, ClientMsg, Hello, ProtocolError, ServerMsg, Welcome, PROTO_VERSION,
 };
 use super::server::{LinkServer, ServeError};
-use crate::log::Logged;
-
-/// Whether an event may go to a peer in `peer_region`: never local-only events, never
-/// the peer's own events back to it; this region's events always; other regions'
-/// events only when this server relays (hub mode), with their origin preserved.
-pub fn ships_to(server_region: &str, relay: bool, peer_region: &str, l: &Logged) -> bool {
-    let e = &l.event;
-    !e.local_only && e.origin != peer_region && (e.origin == server_region || relay)
-}
+use crate::log::{Logged, ShipFilter};
 
 pub(super) struct Session<'a, S> {
     server: &'a LinkServer,
@@ -43,7 +35,8 @@ pub(super) struct Session<'a, S> {
 
 /// Where the stream stands.
 struct Flow {
-    peer_region: String,
+    /// What this peer may receive.
+    filter: ShipFilter,
     max_batch: i64,
     window: usize,
     /// Highest seq sent (the `upto` of the last batch).
@@ -106,7 +99,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let mut flow = Flow {
             max_batch: i64::from(hello.max_batch.min(cfg.max_batch_cap.max(1))),
             window: hello.window.min(cfg.max_window_cap.max(1)) as usize,
-            peer_region: hello.region,
+            filter: ShipFilter {
+                server_region: cfg.region.clone(),
+                relay: cfg.relay,
+                peer_region: hello.region,
+            },
             cursor: hello.after,
             head,
             in_flight: VecDeque::new(),
@@ -211,30 +208,28 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     async fn send_next_batch(&mut self, f: &mut Flow) -> Result<(), ServeError> {
         // Mark the wake-up seen before reading: an append after this read wakes us.
         self.wake.borrow_and_update();
-        let rows = self.server.log.read_after(f.cursor, f.max_batch).await?;
-        let Some(last) = rows.last() else {
+        let scan = self
+            .server
+            .log
+            .read_for(f.cursor, f.max_batch, &f.filter)
+            .await?;
+        let Some(read_upto) = scan.upto else {
             f.caught_up = true;
             return Ok(());
         };
-        let read_upto = last.seq;
         if read_upto <= f.cursor {
             return Err(ServeError::Log(crate::log::LogError::Corruption {
                 seq: read_upto,
                 reason: format!("read after {} returned an earlier seq", f.cursor),
             }));
         }
-        f.head = if rows.len() as i64 >= f.max_batch {
+        f.head = if read_upto - f.cursor >= f.max_batch {
             // More may follow; learn how far behind the peer is.
             self.server.log.head().await?.max(read_upto)
         } else {
             f.head.max(read_upto)
         };
-        let cfg = &self.server.cfg;
-        let events: Vec<Logged> = rows
-            .into_iter()
-            .filter(|l| ships_to(&cfg.region, cfg.relay, &f.peer_region, l))
-            .collect();
-        let (bytes, upto) = encode_batch(events, read_upto, f.head)?;
+        let (bytes, upto) = encode_batch(scan.events, read_upto, f.head)?;
         self.framed.send(bytes).await?;
         f.in_flight.push_back(upto);
         f.cursor = upto;

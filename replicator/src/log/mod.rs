@@ -44,6 +44,36 @@ pub struct Logged {
     pub event: ChangeEvent,
 }
 
+/// Which events a peer may receive from this server (see [`ShipFilter::ships`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShipFilter {
+    /// This server's region.
+    pub server_region: String,
+    /// Hub mode: other regions' events are served too.
+    pub relay: bool,
+    /// The pulling peer's region.
+    pub peer_region: String,
+}
+
+impl ShipFilter {
+    /// Never local-only events, never the peer's own events back to it; this
+    /// region's events always; other regions' events only in hub mode, with their
+    /// origin preserved. `TableLog::read_for` evaluates the same rule in SQL.
+    pub fn ships(&self, e: &ChangeEvent) -> bool {
+        !e.local_only
+            && e.origin != self.peer_region
+            && (e.origin == self.server_region || self.relay)
+    }
+}
+
+/// One read of the log for a peer: the events it may see, and the highest sequence
+/// number the read covered (`None` when there was nothing after the cursor).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scan {
+    pub events: Vec<Logged>,
+    pub upto: Option<i64>,
+}
+
 /// A durable, ordered log of change events.
 pub trait ChangeLog {
     /// Appends events in order; durable when this returns. Events already in the log

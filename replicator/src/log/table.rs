@@ -5,9 +5,11 @@
 //! `synchronous_commit = on` so it is durable when it returns. Values are stored as
 //! JSON strings, never numbers. It never updates or deletes rows.
 
-use tokio_postgres::Client;
+use futures::future::try_join;
+use tokio_postgres::{Client, Row};
 
-use super::{versions, ChangeLog, LogError, Logged, ResumePoint};
+use super::{versions, ChangeLog, LogError, Logged, ResumePoint, Scan, ShipFilter};
+use crate::apply::exec::StatementCache;
 use crate::event::{Change, ChangeEvent, Stamp};
 use crate::hlc::Hlc;
 use crate::pgoutput::Lsn;
@@ -33,17 +35,30 @@ WITH ins AS (
 )
 SELECT pg_notify('pgmesh_changelog', count(*)::text) FROM ins";
 
+/// Takes [`APPEND_LOCK`].
+pub const LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
+
+/// The columns of a log row, in the order [`logged_from_row`] reads them. `tags` and
+/// `changes` are NULL for an event the reader may not ship (`ship` is false).
+const READ_COLUMNS: &str = "seq, origin, hlc, source_lsn::text, xid,
+    (extract(epoch FROM commit_ts) * 1000000)::int8, stamped, local_only,
+    CASE WHEN ship THEN tags::text END, CASE WHEN ship THEN changes::text END, ship";
+
 /// The change log as a table in PostgreSQL.
 #[derive(Debug)]
 pub struct TableLog {
     client: Client,
+    cache: StatementCache,
 }
 
 impl TableLog {
     /// Wraps a connection to the regional database (with the catalog installed).
     pub async fn new(client: Client) -> Result<Self, LogError> {
         client.batch_execute("SET synchronous_commit = on").await?;
-        Ok(Self { client })
+        Ok(Self {
+            client,
+            cache: StatementCache::default(),
+        })
     }
 
     /// The underlying connection.
@@ -63,16 +78,94 @@ impl TableLog {
         if events.is_empty() {
             return Ok(());
         }
+        let lock = self.cache.get(&self.client, LOCK).await?;
+        let load = self.cache.get(&self.client, versions::LOAD).await?;
+        let append = self.cache.get(&self.client, APPEND).await?;
+        let store = self.cache.get(&self.client, versions::STORE).await?;
+        // Four round trips: BEGIN, lock + read versions, log + write versions, COMMIT.
         let tx = self.client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
-            .await?;
-        let current = versions::load(&tx, &versions::keys_of(events)).await?;
+        let keys = versions::keys_of(events);
+        let (_, current) = try_join(
+            tx.execute(&lock, &[&APPEND_LOCK]),
+            versions::load(&tx, &load, &keys),
+        )
+        .await?;
         let touched = versions::advance_local(events, current);
-        tx.execute(APPEND, &append_params(events).refs()).await?;
-        versions::store(&tx, &touched).await?;
+        let params = append_params(events);
+        try_join(
+            tx.execute(&append, &params.refs()),
+            versions::store(&tx, &store, &touched),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
+
+    /// Up to `limit` log rows after `after`, of which only the events `filter` lets
+    /// through are decoded and returned; `upto` says how far the read went, so a
+    /// reader skips what it may not ship without transferring it.
+    pub async fn read_for(
+        &mut self,
+        after: i64,
+        limit: i64,
+        filter: &ShipFilter,
+    ) -> Result<Scan, LogError> {
+        let sql = format!(
+            "SELECT {READ_COLUMNS} FROM (
+               SELECT *, (NOT local_only AND origin <> $3 AND (origin = $4 OR $5)) AS ship
+               FROM mesh.changelog WHERE seq > $1 ORDER BY seq LIMIT $2) s"
+        );
+        let st = self.cache.get(&self.client, &sql).await?;
+        let rows = self
+            .client
+            .query(
+                &st,
+                &[
+                    &after,
+                    &limit,
+                    &filter.peer_region,
+                    &filter.server_region,
+                    &filter.relay,
+                ],
+            )
+            .await?;
+        let upto = rows.last().map(|r| r.get::<_, i64>(0));
+        let events = rows
+            .iter()
+            .filter(|r| r.get::<_, bool>(10))
+            .map(logged_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Scan { events, upto })
+    }
+}
+
+/// Decodes a row of [`READ_COLUMNS`] whose `ship` is true.
+fn logged_from_row(r: &Row) -> Result<Logged, LogError> {
+    let seq: i64 = r.get(0);
+    let bad = |reason: String| LogError::Corruption { seq, reason };
+    let lsn: String = r.get(3);
+    let stamped: bool = r.get(6);
+    let tags: String = r.get(8);
+    let changes: String = r.get(9);
+    let stamp = if stamped {
+        Some(serde_json::from_str::<Stamp>(&tags).map_err(|e| bad(e.to_string()))?)
+    } else {
+        None
+    };
+    Ok(Logged {
+        seq,
+        event: ChangeEvent {
+            origin: r.get(1),
+            hlc: Hlc::from_u64(r.get::<_, i64>(2) as u64),
+            source_lsn: lsn.parse::<Lsn>().map_err(|e| bad(e.to_string()))?.0,
+            xid: r.get::<_, i64>(4) as u32,
+            commit_ts_us: r.get(5),
+            stamp,
+            local_only: r.get(7),
+            changes: serde_json::from_str::<Vec<Change>>(&changes)
+                .map_err(|e| bad(e.to_string()))?,
+        },
+    })
 }
 
 /// The array parameters of [`APPEND`].
@@ -172,44 +265,12 @@ impl ChangeLog for TableLog {
     }
 
     async fn read_after(&mut self, after: i64, limit: i64) -> Result<Vec<Logged>, LogError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT seq, origin, hlc, source_lsn::text, xid,
-                        (extract(epoch FROM commit_ts) * 1000000)::int8,
-                        stamped, local_only, tags::text, changes::text
-                 FROM mesh.changelog WHERE seq > $1 ORDER BY seq LIMIT $2",
-                &[&after, &limit],
-            )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let seq: i64 = r.get(0);
-                let bad = |reason: String| LogError::Corruption { seq, reason };
-                let lsn: String = r.get(3);
-                let stamped: bool = r.get(6);
-                let tags: String = r.get(8);
-                let changes: String = r.get(9);
-                let stamp = if stamped {
-                    Some(serde_json::from_str::<Stamp>(&tags).map_err(|e| bad(e.to_string()))?)
-                } else {
-                    None
-                };
-                Ok(Logged {
-                    seq,
-                    event: ChangeEvent {
-                        origin: r.get(1),
-                        hlc: Hlc::from_u64(r.get::<_, i64>(2) as u64),
-                        source_lsn: lsn.parse::<Lsn>().map_err(|e| bad(e.to_string()))?.0,
-                        xid: r.get::<_, i64>(4) as u32,
-                        commit_ts_us: r.get(5),
-                        stamp,
-                        local_only: r.get(7),
-                        changes: serde_json::from_str::<Vec<Change>>(&changes)
-                            .map_err(|e| bad(e.to_string()))?,
-                    },
-                })
-            })
-            .collect()
+        let sql = format!(
+            "SELECT {READ_COLUMNS} FROM (SELECT *, true AS ship FROM mesh.changelog
+               WHERE seq > $1 ORDER BY seq LIMIT $2) s"
+        );
+        let st = self.cache.get(&self.client, &sql).await?;
+        let rows = self.client.query(&st, &[&after, &limit]).await?;
+        rows.iter().map(logged_from_row).collect()
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::GenericClient;
+use tokio_postgres::{GenericClient, Statement};
 
 use crate::catalog::origin_id_for;
 use crate::event::{ChangeEvent, Op};
@@ -31,9 +31,24 @@ pub const WATERMARK: &str = "\"*\"";
 /// Versions of rows keyed by `(table, key json)`.
 pub type VersionMap = HashMap<(String, String), RowVersion>;
 
-/// Reads the current versions of the given keys.
+/// Reads versions: `$1` tables, `$2` key json texts. Returns the caller's key text,
+/// because jsonb prints its own canonical form.
+pub const LOAD: &str = "SELECT k.tbl, k.pk, v.hlc, v.origin, v.deleted, v.xid
+     FROM unnest($1::text[], $2::text[]) AS k(tbl, pk)
+     JOIN mesh.row_versions v ON v.tbl = k.tbl AND v.pk = k.pk::jsonb";
+
+/// Upserts versions from arrays (see [`store`]).
+pub const STORE: &str = "INSERT INTO mesh.row_versions (tbl, pk, hlc, origin, deleted, xid)
+     SELECT t, k::jsonb, h, o, d, x
+     FROM unnest($1::text[], $2::text[], $3::int8[], $4::int2[], $5::bool[], $6::int8[]) AS u(t, k, h, o, d, x)
+     ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin,
+         deleted = excluded.deleted, xid = excluded.xid";
+
+/// Reads the current versions of the given keys with `st`, the prepared [`LOAD`].
+/// The request is sent on the first poll, so it pipelines with other statements.
 pub async fn load<C: GenericClient>(
     c: &C,
+    st: &Statement,
     keys: &[(String, String)],
 ) -> Result<VersionMap, tokio_postgres::Error> {
     if keys.is_empty() {
@@ -43,10 +58,7 @@ pub async fn load<C: GenericClient>(
     let pks: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
     let rows = c
         .query(
-            // Return the caller's key text: jsonb prints its own canonical form.
-            "SELECT k.tbl, k.pk, v.hlc, v.origin, v.deleted, v.xid
-             FROM unnest($1::text[], $2::text[]) AS k(tbl, pk)
-             JOIN mesh.row_versions v ON v.tbl = k.tbl AND v.pk = k.pk::jsonb",
+            st,
             &[&tbls, &pks],
         )
         .await?;
@@ -67,9 +79,10 @@ pub async fn load<C: GenericClient>(
         .collect())
 }
 
-/// Writes versions (insert or overwrite).
+/// Writes versions (insert or overwrite) with `st`, the prepared [`STORE`].
 pub async fn store<C: GenericClient>(
     c: &C,
+    st: &Statement,
     versions: &VersionMap,
 ) -> Result<(), tokio_postgres::Error> {
     if versions.is_empty() {
@@ -89,14 +102,7 @@ pub async fn store<C: GenericClient>(
         deleted.push(v.deleted);
         xid.push(v.xid);
     }
-    c.execute(
-        "INSERT INTO mesh.row_versions (tbl, pk, hlc, origin, deleted, xid)
-         SELECT t, k::jsonb, h, o, d, x
-         FROM unnest($1::text[], $2::text[], $3::int8[], $4::int2[], $5::bool[], $6::int8[]) AS u(t, k, h, o, d, x)
-         ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin,
-             deleted = excluded.deleted, xid = excluded.xid",
-        &[&tbl, &pk, &hlc, &origin, &deleted, &xid],
-    )
+    c.execute(st, &[&tbl, &pk, &hlc, &origin, &deleted, &xid])
     .await?;
     Ok(())
 }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::{ClientConfig, LinkEvent, LinkServer, LogReader, ServeConfig};
 use crate::event::ChangeEvent;
 use crate::hlc::Hlc;
-use crate::log::{LogError, Logged};
+use crate::log::{LogError, Logged, Scan, ShipFilter};
 
 pub(super) const MESH: &str = "test-mesh";
 
@@ -50,16 +50,28 @@ impl MemLog {
 }
 
 impl LogReader for MemLog {
-    fn read_after(&self, after: i64, limit: i64) -> BoxFuture<'_, Result<Vec<Logged>, LogError>> {
+    fn read_for(
+        &self,
+        after: i64,
+        limit: i64,
+        filter: &ShipFilter,
+    ) -> BoxFuture<'_, Result<Scan, LogError>> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         let rows = self.rows.lock().unwrap();
-        let out = rows
+        let read: Vec<&Logged> = rows
             .iter()
             .filter(|l| l.seq > after)
             .take(limit as usize)
-            .cloned()
             .collect();
-        Box::pin(async move { Ok(out) })
+        let scan = Scan {
+            upto: read.last().map(|l| l.seq),
+            events: read
+                .into_iter()
+                .filter(|l| filter.ships(&l.event))
+                .cloned()
+                .collect(),
+        };
+        Box::pin(async move { Ok(scan) })
     }
 
     fn head(&self) -> BoxFuture<'_, Result<i64, LogError>> {
