@@ -25,9 +25,10 @@ pub(super) struct ConflictRow {
     pub winner: Winner,
 }
 
-/// Finds which of `$1` origins / `$2` hlcs are in the change log already.
-pub(super) const LOGGED: &str = "SELECT c.origin, c.hlc FROM unnest($1::text[], $2::int8[]) AS k(origin, hlc)
-     JOIN mesh.changelog c ON c.origin = k.origin AND c.hlc = k.hlc";
+/// Finds which of `$1` origins / `$2` hlcs are in the change log already, one index
+/// probe per id (see `versions::LOAD` for why the LIMIT).
+pub(super) const LOGGED: &str = "SELECT k.origin, k.hlc FROM unnest($1::text[], $2::int8[]) AS k(origin, hlc),
+     LATERAL (SELECT 1 FROM mesh.changelog c WHERE c.origin = k.origin AND c.hlc = k.hlc LIMIT 1) c";
 
 /// Records one conflict.
 pub(super) const CONFLICT: &str = "INSERT INTO mesh.conflicts (tbl, pk, local_origin, local_hlc,

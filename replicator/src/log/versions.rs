@@ -32,10 +32,13 @@ pub const WATERMARK: &str = "\"*\"";
 pub type VersionMap = HashMap<(String, String), RowVersion>;
 
 /// Reads versions: `$1` tables, `$2` key json texts. Returns the caller's key text,
-/// because jsonb prints its own canonical form.
+/// because jsonb prints its own canonical form. The LIMIT keeps the lookup a
+/// per-key index probe: as a plain join, a cached generic plan (which knows neither
+/// the array's length nor the table's current size) can turn into a full scan.
 pub const LOAD: &str = "SELECT k.tbl, k.pk, v.hlc, v.origin, v.deleted, v.xid
-     FROM unnest($1::text[], $2::text[]) AS k(tbl, pk)
-     JOIN mesh.row_versions v ON v.tbl = k.tbl AND v.pk = k.pk::jsonb";
+     FROM unnest($1::text[], $2::text[]) AS k(tbl, pk),
+     LATERAL (SELECT r.hlc, r.origin, r.deleted, r.xid FROM mesh.row_versions r
+              WHERE r.tbl = k.tbl AND r.pk = k.pk::jsonb LIMIT 1) v";
 
 /// Upserts versions from arrays (see [`store`]).
 pub const STORE: &str = "INSERT INTO mesh.row_versions (tbl, pk, hlc, origin, deleted, xid)
