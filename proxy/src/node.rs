@@ -154,7 +154,12 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
         if let Some(listen) = &v.config.peer_listen {
             let tls = peer_server_tls(&v)?;
             let log = SharedTableLog::reconnecting(&url);
-            let (wake, notifier) = LogNotifier::start(&url);
+            // A hub relays every origin; any other node ships only its own events.
+            let (wake, notifier) = if v.config.relay {
+                LogNotifier::start(&url)
+            } else {
+                LogNotifier::start_for_origin(&url, &v.config.region)
+            };
             let mut cfg = ServeConfig::new(
                 listen.parse()?,
                 &v.config.mesh,

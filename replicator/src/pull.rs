@@ -151,7 +151,9 @@ async fn session(
             node: cfg.node.clone(),
             after,
             max_batch: cfg.max_batch,
-            window: 4,
+            // Batches that queue up are folded into one apply, so a deeper window
+            // costs no latency and lets the peer keep sending while we apply.
+            window: 16,
             tls: cfg.tls.clone(),
         },
     )
@@ -169,25 +171,49 @@ async fn session(
     loop {
         tokio::select! {
             ev = client.next() => match ev? {
-                LinkEvent::Batch { events, upto, head } if events.is_empty() => {
-                    client.ack(upto).await?;
-                    unsaved = Some(upto);
-                    let _ = head;
-                }
-                LinkEvent::Batch { events, upto, head } => {
-                    let started = std::time::Instant::now();
-                    let out = applier.apply_batch(&cfg.peer, &events, upto, head).await?;
-                    client.ack(upto).await?;
-                    unsaved = None;
-                    debug!(
-                        events = events.len(),
-                        applied = out.applied,
-                        upto,
-                        head,
-                        ms = started.elapsed().as_millis() as u64,
-                        "batch applied"
-                    );
-                    on_batch(&cfg.peer, &out);
+                LinkEvent::Batch { mut events, mut upto, mut head } => {
+                    // Fold in the batches that arrived while the last one applied: one
+                    // transaction for all of them keeps the queue (and the lag) short.
+                    let mut beat = None;
+                    let mut folded = 1;
+                    while events.len() < cfg.max_batch as usize {
+                        match client.try_next() {
+                            Some(Ok(LinkEvent::Batch { events: more, upto: u, head: h })) => {
+                                events.extend(more);
+                                upto = u;
+                                head = h;
+                                folded += 1;
+                            }
+                            Some(Ok(LinkEvent::Heartbeat { head })) => {
+                                beat = Some(head);
+                                break;
+                            }
+                            Some(Err(e)) => return Err(e.into()),
+                            None => break,
+                        }
+                    }
+                    if events.is_empty() {
+                        client.ack(upto).await?;
+                        unsaved = Some(upto);
+                    } else {
+                        let started = std::time::Instant::now();
+                        let out = applier.apply_batch(&cfg.peer, &events, upto, head).await?;
+                        client.ack(upto).await?;
+                        unsaved = None;
+                        debug!(
+                            events = events.len(),
+                            batches = folded,
+                            applied = out.applied,
+                            upto,
+                            head,
+                            ms = started.elapsed().as_millis() as u64,
+                            "batch applied"
+                        );
+                        on_batch(&cfg.peer, &out);
+                    }
+                    if let Some(head) = beat {
+                        set_head(&applier, &cfg.peer, head, unsaved.take()).await?;
+                    }
                 }
                 LinkEvent::Heartbeat { head } => {
                     set_head(&applier, &cfg.peer, head, unsaved.take()).await?;

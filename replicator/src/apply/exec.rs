@@ -122,8 +122,7 @@ pub fn query_first_run<'a>(
     tx: &'a Transaction<'_>,
     stmts: &'a [Statement],
     ops: &'a [Op],
-) -> impl std::future::Future<Output = Result<Vec<Option<Vec<i64>>>, tokio_postgres::Error>> + 'a
-{
+) -> impl std::future::Future<Output = Result<Vec<Option<Vec<i64>>>, tokio_postgres::Error>> + 'a {
     let runs = ops.iter().zip(stmts).map(|(op, st)| async move {
         let rows: Vec<tokio_postgres::Row> = tx
             .query_raw(st, op.values.iter().map(|v| TextParam(v.as_deref())))

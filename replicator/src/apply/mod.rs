@@ -39,6 +39,7 @@ use crate::log::versions;
 use crate::log::Logged;
 use crate::pgoutput::Lsn;
 use plan::{plan_events, Plan};
+pub use records::LOGGED;
 use records::{dead_letter, not_logged, record_conflicts};
 
 /// Sets the transaction's replication-origin LSN and commit timestamp to the source's.
@@ -275,10 +276,11 @@ impl Applier {
             for (i, e) in fresh.iter().enumerate() {
                 tx.batch_execute(&format!("SAVEPOINT ev{i}")).await?;
                 let one = std::slice::from_ref(e);
-                let r = match plan_events(&tx, &mut self.cache, one, progress.as_mut(), wait)
-                    .await
+                let r = match plan_events(&tx, &mut self.cache, one, progress.as_mut(), wait).await
                 {
-                    Ok(p) => run_plan(&tx, &st, &p, &names).await.map(|()| p.conflicts.len()),
+                    Ok(p) => run_plan(&tx, &st, &p, &names)
+                        .await
+                        .map(|()| p.conflicts.len()),
                     Err(e) => Err(e),
                 };
                 match r {
@@ -326,10 +328,9 @@ impl Applier {
             rest.push(Box::pin(tx.execute(&st.append, &append_params)));
         }
         rest.push(Box::pin(tx.execute(&st.checkpoint, &cp_params)));
-        try_join(
-            run_plan(&tx, &st, &planned, &names),
-            async { try_join_all(rest).await.map_err(ApplyError::from) },
-        )
+        try_join(run_plan(&tx, &st, &planned, &names), async {
+            try_join_all(rest).await.map_err(ApplyError::from)
+        })
         .await?;
         tx.commit().await?;
         Ok(out)
@@ -374,12 +375,11 @@ impl Applier {
             let tx = self.client.transaction().await?;
             tx.batch_execute("SAVEPOINT retry").await?;
             let one = std::slice::from_ref(&event);
-            let applied = match plan_events(&tx, &mut self.cache, one, progress.as_mut(), wait)
-                .await
-            {
-                Ok(p) => run_plan(&tx, &st, &p, &names).await,
-                Err(e) => Err(e),
-            };
+            let applied =
+                match plan_events(&tx, &mut self.cache, one, progress.as_mut(), wait).await {
+                    Ok(p) => run_plan(&tx, &st, &p, &names).await,
+                    Err(e) => Err(e),
+                };
             match applied {
                 Ok(_) => {
                     tx.execute(

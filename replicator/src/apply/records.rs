@@ -27,7 +27,7 @@ pub(super) struct ConflictRow {
 
 /// Finds which of `$1` origins / `$2` hlcs are in the change log already, one index
 /// probe per id (see `versions::LOAD` for why the LIMIT).
-pub(super) const LOGGED: &str = "SELECT k.origin, k.hlc FROM unnest($1::text[], $2::int8[]) AS k(origin, hlc),
+pub const LOGGED: &str = "SELECT k.origin, k.hlc FROM unnest($1::text[], $2::int8[]) AS k(origin, hlc),
      LATERAL (SELECT 1 FROM mesh.changelog c WHERE c.origin = k.origin AND c.hlc = k.hlc LIMIT 1) c";
 
 /// Records one conflict.
@@ -90,8 +90,7 @@ pub(super) async fn record_conflicts(
         })
         .collect();
     let runs = rows.iter().zip(&params).map(|(c, p)| {
-        let values: [&(dyn ToSql + Sync); 8] =
-            [&c.tbl, &p.0, &p.1, &p.2, &p.3, &p.4, &p.5, &p.6];
+        let values: [&(dyn ToSql + Sync); 8] = [&c.tbl, &p.0, &p.1, &p.2, &p.3, &p.4, &p.5, &p.6];
         tx.execute_raw(st, values)
     });
     futures::future::try_join_all(runs).await?;

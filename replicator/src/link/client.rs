@@ -268,6 +268,13 @@ impl LinkClient {
         }
     }
 
+    /// The next batch or heartbeat if one has already arrived, without waiting.
+    /// Lets the puller fold batches that queued up while it applied into one apply.
+    pub fn try_next(&mut self) -> Option<Result<LinkEvent, LinkError>> {
+        // `next` is cancel-safe: when it is not ready, nothing is taken off the stream.
+        futures::FutureExt::now_or_never(self.next())
+    }
+
     /// Batches must move forward: seqs strictly increasing, above the last batch, and
     /// not above the batch's own `upto`.
     fn check_batch(&self, events: &[Logged], upto: i64) -> Result<(), LinkError> {

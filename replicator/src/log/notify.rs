@@ -46,22 +46,33 @@ impl LogNotifier {
     /// notification and after every (re)connect. The task ends once every receiver is
     /// dropped (or when aborted).
     pub fn start(url: &str) -> (watch::Receiver<u64>, JoinHandle<()>) {
-        Self::start_with(url, Backoff::default())
+        Self::start_with(url, None, Backoff::default())
     }
 
-    /// [`LogNotifier::start`] with a given reconnect backoff.
-    pub fn start_with(url: &str, backoff: Backoff) -> (watch::Receiver<u64>, JoinHandle<()>) {
+    /// [`LogNotifier::start`], but only appends of events from `origin` (the
+    /// notification payload) tick the counter; reconnects still do. For a server that
+    /// ships only its own region's events: applying a peer's batch then wakes no one.
+    pub fn start_for_origin(url: &str, origin: &str) -> (watch::Receiver<u64>, JoinHandle<()>) {
+        Self::start_with(url, Some(origin.to_string()), Backoff::default())
+    }
+
+    /// [`LogNotifier::start`] with an origin filter and a given reconnect backoff.
+    pub fn start_with(
+        url: &str,
+        origin: Option<String>,
+        backoff: Backoff,
+    ) -> (watch::Receiver<u64>, JoinHandle<()>) {
         let (tx, rx) = watch::channel(0u64);
         let span = info_span!("log_notifier", db = %redact(url));
-        let task = tokio::spawn(run(url.to_string(), tx, backoff).instrument(span));
+        let task = tokio::spawn(run(url.to_string(), origin, tx, backoff).instrument(span));
         (rx, task)
     }
 }
 
-async fn run(url: String, tx: watch::Sender<u64>, mut backoff: Backoff) {
+async fn run(url: String, origin: Option<String>, tx: watch::Sender<u64>, mut backoff: Backoff) {
     loop {
         let err = tokio::select! {
-            e = listen(&url, &tx, &mut backoff) => e,
+            e = listen(&url, origin.as_deref(), &tx, &mut backoff) => e,
             _ = tx.closed() => return,
         };
         // Readers fall back to their heartbeat checks meanwhile, so data still flows.
@@ -79,7 +90,12 @@ fn bump(tx: &watch::Sender<u64>) {
 }
 
 /// One connection's life: connect, LISTEN, bump per notification. Returns why it ended.
-async fn listen(url: &str, tx: &watch::Sender<u64>, backoff: &mut Backoff) -> NotifyError {
+async fn listen(
+    url: &str,
+    origin: Option<&str>,
+    tx: &watch::Sender<u64>,
+    backoff: &mut Backoff,
+) -> NotifyError {
     let mut config: tokio_postgres::Config = match url.parse() {
         Ok(c) => c,
         Err(e) => return NotifyError::Url(e),
@@ -117,7 +133,11 @@ async fn listen(url: &str, tx: &watch::Sender<u64>, backoff: &mut Backoff) -> No
     bump(tx);
     loop {
         match messages.next().await {
-            Some(Ok(AsyncMessage::Notification(_))) => bump(tx),
+            Some(Ok(AsyncMessage::Notification(n))) => {
+                if origin.is_none_or(|o| n.payload() == o) {
+                    bump(tx)
+                }
+            }
             Some(Ok(m)) => debug!(message = ?m, "notifier connection message"),
             Some(Err(e)) => return NotifyError::Lost(e),
             None => return NotifyError::Closed,
@@ -144,7 +164,7 @@ mod tests {
             Duration::from_millis(5),
             rand::rngs::StdRng::seed_from_u64(1),
         );
-        let (rx, task) = LogNotifier::start_with(&url, backoff);
+        let (rx, task) = LogNotifier::start_with(&url, None, backoff);
         // It keeps trying (the task is alive) and never bumps without a connection.
         tokio::task::yield_now().await;
         assert!(!task.is_finished());

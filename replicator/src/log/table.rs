@@ -22,7 +22,9 @@ pub const APPEND_LOCK: i64 = 0x7067_6d65_7368_0002;
 /// Channel notified after every append, so readers wake without polling.
 pub const NOTIFY_CHANNEL: &str = "pgmesh_changelog";
 
-/// Inserts events (from [`append_params`]) and notifies readers.
+/// Inserts events (from [`append_params`]) and notifies readers. The payload is an
+/// origin of the appended events (all of them share it, except in a hub's relayed
+/// batches), so a reader that serves only one origin can ignore the rest.
 pub const APPEND: &str = "
 WITH ins AS (
   INSERT INTO mesh.changelog
@@ -31,9 +33,9 @@ WITH ins AS (
   FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::bool[], $7::bool[],
               $8::text[], $9::text[]) AS u(o, h, l, x, t, s, lo, tg, ch)
   ON CONFLICT DO NOTHING
-  RETURNING 1
+  RETURNING origin
 )
-SELECT pg_notify('pgmesh_changelog', count(*)::text) FROM ins";
+SELECT pg_notify('pgmesh_changelog', coalesce(min(origin), '')) FROM ins";
 
 /// Takes [`APPEND_LOCK`].
 pub const LOCK: &str = "SELECT pg_advisory_xact_lock($1)";

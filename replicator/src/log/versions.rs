@@ -59,12 +59,7 @@ pub async fn load<C: GenericClient>(
     }
     let tbls: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
     let pks: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
-    let rows = c
-        .query(
-            st,
-            &[&tbls, &pks],
-        )
-        .await?;
+    let rows = c.query(st, &[&tbls, &pks]).await?;
     Ok(rows
         .iter()
         .map(|r| {
@@ -106,7 +101,7 @@ pub async fn store<C: GenericClient>(
         xid.push(v.xid);
     }
     c.execute(st, &[&tbl, &pk, &hlc, &origin, &deleted, &xid])
-    .await?;
+        .await?;
     Ok(())
 }
 

@@ -16,6 +16,7 @@ mod capture_nopk;
 mod capture_stamps;
 mod capture_values;
 mod harness;
+mod log_reads;
 mod mesh_convergence;
 mod mesh_dead_letters;
 mod mesh_demo;
