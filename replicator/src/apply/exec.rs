@@ -13,7 +13,7 @@ use std::error::Error;
 use bytes::BytesMut;
 use futures::TryStreamExt;
 use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
-use tokio_postgres::{GenericClient, Statement, Transaction};
+use tokio_postgres::{Client, GenericClient, Statement};
 
 use crate::event::Value;
 
@@ -79,7 +79,7 @@ pub struct Op {
 
 /// The prepared statement of each of `ops` (a round trip only for new ones).
 pub async fn prepare_all(
-    tx: &Transaction<'_>,
+    tx: &Client,
     cache: &mut StatementCache,
     ops: &[Op],
 ) -> Result<Vec<Statement>, tokio_postgres::Error> {
@@ -92,7 +92,7 @@ pub async fn prepare_all(
 
 /// Runs `ops` in order, pipelined. Returns the affected row counts.
 pub async fn execute_all(
-    tx: &Transaction<'_>,
+    tx: &Client,
     cache: &mut StatementCache,
     ops: &[Op],
 ) -> Result<Vec<u64>, tokio_postgres::Error> {
@@ -104,7 +104,7 @@ pub async fn execute_all(
 /// the first poll, in order, so this future can be joined with other statements of
 /// the same transaction and they all travel in one round trip.
 pub fn run_all<'a>(
-    tx: &'a Transaction<'_>,
+    tx: &'a Client,
     stmts: &'a [Statement],
     ops: &'a [Op],
 ) -> impl std::future::Future<Output = Result<Vec<u64>, tokio_postgres::Error>> + 'a {
@@ -119,7 +119,7 @@ pub fn run_all<'a>(
 /// row's int8 columns of each, or `None` when a query returned no row. Like
 /// [`run_all`], the requests are sent on the first poll, in order.
 pub fn query_first_run<'a>(
-    tx: &'a Transaction<'_>,
+    tx: &'a Client,
     stmts: &'a [Statement],
     ops: &'a [Op],
 ) -> impl std::future::Future<Output = Result<Vec<Option<Vec<i64>>>, tokio_postgres::Error>> + 'a {

@@ -27,7 +27,7 @@ use std::time::Duration;
 use futures::future::{try_join, try_join3, try_join_all, BoxFuture};
 use thiserror::Error;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Statement, Transaction};
+use tokio_postgres::{Client, Statement};
 use tracing::{debug, warn};
 
 use crate::capture::{Progress, APPLIED_PREFIX};
@@ -140,7 +140,7 @@ impl Applier {
         let client = catalog::connect_as(url, &format!("pgmesh-apply-{peer}")).await?;
         client
             .batch_execute(
-                "SET synchronous_commit = on; SET standard_conforming_strings = on; \
+                "SET synchronous_commit = off; SET standard_conforming_strings = on; \
                  SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3; \
                  SET TimeZone = 'UTC'",
             )
@@ -239,6 +239,31 @@ impl Applier {
         head: i64,
         isolate: bool,
     ) -> Result<BatchOutcome, ApplyError> {
+        let mut commit_sent = false;
+        let r = self
+            .batch_body(peer, events, upto, head, isolate, &mut commit_sent)
+            .await;
+        if r.is_err() && !commit_sent {
+            // The transaction may still be open (and aborted): end it. A COMMIT that
+            // was sent already ended it (as a ROLLBACK, after an error).
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        r
+    }
+
+    /// One batch in three round trips: BEGIN + origin + duplicates; locks +
+    /// versions (in `plan_events`); writes + bookkeeping + COMMIT. BEGIN and
+    /// COMMIT travel pipelined with the statements around them, so the transaction
+    /// is managed by hand here rather than by `tokio_postgres::Transaction`.
+    async fn batch_body(
+        &mut self,
+        peer: &str,
+        events: &[Logged],
+        upto: i64,
+        head: i64,
+        isolate: bool,
+        commit_sent: &mut bool,
+    ) -> Result<BatchOutcome, ApplyError> {
         let remote: Vec<ChangeEvent> = events
             .iter()
             .filter(|l| l.event.origin != self.region)
@@ -249,9 +274,8 @@ impl Applier {
         let wait = self.capture_wait;
         let mut progress = self.progress.clone();
         let st = self.statements().await?;
-        // Round trips: BEGIN; origin + duplicates; locks + versions (in
-        // `plan_events`); writes + bookkeeping; COMMIT.
-        let tx = self.client.transaction().await?;
+        let tx = &self.client;
+        let begin = async { tx.batch_execute("BEGIN").await.map_err(ApplyError::from) };
         let setup = async {
             match remote.last() {
                 // Commit timestamps and origin LSN of this transaction are the source's.
@@ -265,9 +289,10 @@ impl Applier {
                 None => Ok(()),
             }
         };
-        let (_, fresh) = try_join(
+        let (_, _, fresh) = try_join3(
+            begin,
             async { setup.await.map_err(ApplyError::from) },
-            not_logged(&tx, &st.logged, &remote),
+            not_logged(tx, &st.logged, &remote),
         )
         .await?;
         out.duplicates = events.len() - fresh.len();
@@ -276,9 +301,8 @@ impl Applier {
             for (i, e) in fresh.iter().enumerate() {
                 tx.batch_execute(&format!("SAVEPOINT ev{i}")).await?;
                 let one = std::slice::from_ref(e);
-                let r = match plan_events(&tx, &mut self.cache, one, progress.as_mut(), wait).await
-                {
-                    Ok(p) => run_plan(&tx, &st, &p, &names)
+                let r = match plan_events(tx, &mut self.cache, one, progress.as_mut(), wait).await {
+                    Ok(p) => run_plan(tx, &st, &p, &names)
                         .await
                         .map(|()| p.conflicts.len()),
                     Err(e) => Err(e),
@@ -293,14 +317,14 @@ impl Applier {
                     Err(err) if err.is_data_error() => {
                         tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT ev{i}"))
                             .await?;
-                        dead_letter(&tx, peer, e, &err).await?;
+                        dead_letter(tx, peer, e, &err).await?;
                         out.dead_letters += 1;
                     }
                     Err(err) => return Err(err),
                 }
             }
         } else if !fresh.is_empty() {
-            planned = plan_events(&tx, &mut self.cache, &fresh, progress.as_mut(), wait).await?;
+            planned = plan_events(tx, &mut self.cache, &fresh, progress.as_mut(), wait).await?;
             out.conflicts = planned.conflicts.len();
             out.applied = fresh.len();
         }
@@ -328,11 +352,14 @@ impl Applier {
             rest.push(Box::pin(tx.execute(&st.append, &append_params)));
         }
         rest.push(Box::pin(tx.execute(&st.checkpoint, &cp_params)));
-        try_join(run_plan(&tx, &st, &planned, &names), async {
+        rest.push(Box::pin(async {
+            tx.batch_execute("COMMIT").await.map(|()| 0)
+        }));
+        *commit_sent = true;
+        try_join(run_plan(tx, &st, &planned, &names), async {
             try_join_all(rest).await.map_err(ApplyError::from)
         })
         .await?;
-        tx.commit().await?;
         Ok(out)
     }
 
@@ -372,35 +399,43 @@ impl Applier {
             let Ok(event) = serde_json::from_str::<ChangeEvent>(r.get(1)) else {
                 continue;
             };
-            let tx = self.client.transaction().await?;
-            tx.batch_execute("SAVEPOINT retry").await?;
+            let tx = &self.client;
+            tx.batch_execute("BEGIN; SAVEPOINT retry").await?;
             let one = std::slice::from_ref(&event);
-            let applied =
-                match plan_events(&tx, &mut self.cache, one, progress.as_mut(), wait).await {
-                    Ok(p) => run_plan(&tx, &st, &p, &names).await,
-                    Err(e) => Err(e),
-                };
-            match applied {
+            let applied = match plan_events(tx, &mut self.cache, one, progress.as_mut(), wait).await
+            {
+                Ok(p) => run_plan(tx, &st, &p, &names).await,
+                Err(e) => Err(e),
+            };
+            let settled = match applied {
                 Ok(_) => {
+                    done += 1;
                     tx.execute(
                         "UPDATE mesh.dead_letters SET status = 'applied', attempts = attempts + 1, updated_at = now() WHERE id = $1",
                         &[&id],
                     )
-                    .await?;
-                    done += 1;
+                    .await
+                    .map_err(ApplyError::from)
                 }
                 Err(e) if e.is_data_error() => {
-                    tx.batch_execute("ROLLBACK TO SAVEPOINT retry").await?;
-                    tx.execute(
-                        "UPDATE mesh.dead_letters SET status = 'pending', attempts = attempts + 1,
-                                error = $2, updated_at = now() WHERE id = $1",
-                        &[&id, &e.to_string()],
-                    )
-                    .await?;
+                    let note = async {
+                        tx.batch_execute("ROLLBACK TO SAVEPOINT retry").await?;
+                        tx.execute(
+                            "UPDATE mesh.dead_letters SET status = 'pending', attempts = attempts + 1,
+                                    error = $2, updated_at = now() WHERE id = $1",
+                            &[&id, &e.to_string()],
+                        )
+                        .await
+                    };
+                    note.await.map_err(ApplyError::from)
                 }
-                Err(e) => return Err(e),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = settled {
+                let _ = tx.batch_execute("ROLLBACK").await;
+                return Err(e);
             }
-            tx.commit().await?;
+            tx.batch_execute("COMMIT").await?;
         }
         Ok(done)
     }
@@ -408,7 +443,7 @@ impl Applier {
 
 /// Runs a plan's writes, versions and conflict records, pipelined.
 async fn run_plan(
-    tx: &Transaction<'_>,
+    tx: &Client,
     st: &Statements,
     p: &Plan,
     names: &HashMap<i16, String>,

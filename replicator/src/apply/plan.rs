@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::future::try_join3;
-use tokio_postgres::{Statement, Transaction};
+use tokio_postgres::{Client, Statement};
 use tracing::debug;
 
 use super::exec::{self, StatementCache};
@@ -68,7 +68,7 @@ fn row_locks(events: &[ChangeEvent]) -> (Vec<(String, String)>, Vec<exec::Op>) {
 /// Locks, waits for capture when it must, and resolves the changes of `events`.
 /// TRUNCATEs run here; everything else is returned as a [`Plan`].
 pub(super) async fn plan_events(
-    tx: &Transaction<'_>,
+    tx: &Client,
     cache: &mut StatementCache,
     events: &[ChangeEvent],
     progress: Option<&mut Progress>,

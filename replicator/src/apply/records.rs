@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Statement, Transaction};
+use tokio_postgres::{Client, Statement};
 use tracing::warn;
 
 use super::ApplyError;
@@ -38,7 +38,7 @@ pub(super) const CONFLICT: &str = "INSERT INTO mesh.conflicts (tbl, pk, local_or
 /// The events not in the change log yet (in batch order, without repeats), with
 /// `st` the prepared [`LOGGED`]: the log doubles as the record of applied event ids.
 pub(super) async fn not_logged(
-    tx: &Transaction<'_>,
+    tx: &Client,
     st: &Statement,
     events: &[ChangeEvent],
 ) -> Result<Vec<ChangeEvent>, ApplyError> {
@@ -58,7 +58,7 @@ pub(super) async fn not_logged(
 
 /// Records `rows` with `st`, the prepared [`CONFLICT`], pipelined.
 pub(super) async fn record_conflicts(
-    tx: &Transaction<'_>,
+    tx: &Client,
     st: &Statement,
     rows: &[ConflictRow],
     names: &HashMap<i16, String>,
@@ -98,7 +98,7 @@ pub(super) async fn record_conflicts(
 }
 
 pub(super) async fn dead_letter(
-    tx: &Transaction<'_>,
+    tx: &Client,
     peer: &str,
     e: &ChangeEvent,
     err: &ApplyError,

@@ -1,7 +1,7 @@
 //! A replicated TRUNCATE, resolved by last-writer-wins: the TRUNCATE becomes the
 //! table's watermark version and removes only the rows older than it.
 
-use tokio_postgres::Transaction;
+use tokio_postgres::Client;
 
 use super::{sql, ApplyError};
 use crate::resolve::Version;
@@ -11,7 +11,7 @@ use crate::resolve::Version;
 /// after the TRUNCATE survive, as they would anywhere else, so the result does not
 /// depend on arrival order.
 pub(super) async fn truncate_older(
-    tx: &Transaction<'_>,
+    tx: &Client,
     tbl: &str,
     v: Version,
     own_xid: i64,

@@ -304,8 +304,13 @@ impl Pump {
         stream: &mut ReplStream,
     ) -> Result<(), CaptureError> {
         if !self.batch.is_empty() {
+            let started = std::time::Instant::now();
             log.append_local(&mut self.batch).await?;
-            debug!(events = self.batch.len(), "appended to change log");
+            debug!(
+                events = self.batch.len(),
+                us = started.elapsed().as_micros() as u64,
+                "appended to change log"
+            );
             self.batch.clear();
         }
         if self.pending_end > self.confirmed {

@@ -5,7 +5,7 @@
 //! `synchronous_commit = on` so it is durable when it returns. Values are stored as
 //! JSON strings, never numbers. It never updates or deletes rows.
 
-use futures::future::try_join;
+use futures::future::try_join3;
 use tokio_postgres::{Client, Row};
 
 use super::{versions, ChangeLog, LogError, Logged, ResumePoint, Scan, ShipFilter};
@@ -84,22 +84,32 @@ impl TableLog {
         let load = self.cache.get(&self.client, versions::LOAD).await?;
         let append = self.cache.get(&self.client, APPEND).await?;
         let store = self.cache.get(&self.client, versions::STORE).await?;
-        // Four round trips: BEGIN, lock + read versions, log + write versions, COMMIT.
-        let tx = self.client.transaction().await?;
+        // Two round trips: BEGIN + lock + read versions; log + write versions +
+        // COMMIT. The transaction is managed by hand so BEGIN and COMMIT pipeline.
+        let c = &self.client;
         let keys = versions::keys_of(events);
-        let (_, current) = try_join(
-            tx.execute(&lock, &[&APPEND_LOCK]),
-            versions::load(&tx, &load, &keys),
+        let first = try_join3(
+            c.batch_execute("BEGIN"),
+            c.execute(&lock, &[&APPEND_LOCK]),
+            versions::load(c, &load, &keys),
         )
-        .await?;
+        .await;
+        let current = match first {
+            Ok((_, _, current)) => current,
+            Err(e) => {
+                let _ = c.batch_execute("ROLLBACK").await;
+                return Err(e.into());
+            }
+        };
         let touched = versions::advance_local(events, current);
         let params = append_params(events);
-        try_join(
-            tx.execute(&append, &params.refs()),
-            versions::store(&tx, &store, &touched),
+        // After an error the pipelined COMMIT ends the transaction as a ROLLBACK.
+        try_join3(
+            c.execute(&append, &params.refs()),
+            versions::store(c, &store, &touched),
+            c.batch_execute("COMMIT"),
         )
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 

@@ -198,7 +198,7 @@ async fn log_tail_prints_one_line_per_change() -> Result<()> {
             .admin
             .query_opt(
                 "SELECT 1 FROM pg_stat_activity
-                 WHERE state = 'idle' AND query LIKE '%FROM mesh.changelog WHERE seq > $1%'",
+                 WHERE state = 'idle' AND query LIKE '%FROM mesh.changelog%WHERE seq > $1%'",
                 &[],
             )
             .await
