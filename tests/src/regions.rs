@@ -399,6 +399,18 @@ impl Mesh {
         Ok(())
     }
 
+    /// Crash region `i`'s PostgreSQL (SIGKILL of the postmaster), start it again
+    /// (crash recovery), and reconnect the admin connection.
+    pub async fn crash_database(&mut self, i: usize) -> Result<()> {
+        let r = &mut self.regions[i];
+        tokio::task::block_in_place(|| {
+            r.cluster.kill9()?;
+            r.cluster.start_again()
+        })?;
+        r.admin = r.cluster.connect().await?;
+        Ok(())
+    }
+
     /// Stop every node, then every cluster (in parallel).
     pub async fn shutdown(mut self) {
         for i in 0..self.regions.len() {

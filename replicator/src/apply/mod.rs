@@ -129,7 +129,12 @@ pub struct Applier {
 
 impl Applier {
     /// Opens the apply session for the link from `peer`: replication origin
-    /// `pgmesh_from_<peer>`, replica role when allowed, synchronous commit.
+    /// `pgmesh_from_<peer>`, replica role when allowed, and `synchronous_commit =
+    /// off`. That is safe because the link checkpoint commits in the same
+    /// transaction as the batch: a crash that loses an unflushed batch loses its
+    /// checkpoint too, and the batch is pulled again (`mesh_crash` tests it). A local
+    /// write that read an applied row flushes the WAL up to its own commit, which
+    /// includes the applied batch, so nothing observed is lost either.
     pub async fn connect(
         url: &str,
         region: &str,

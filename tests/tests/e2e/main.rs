@@ -18,6 +18,7 @@ mod capture_values;
 mod harness;
 mod log_reads;
 mod mesh_convergence;
+mod mesh_crash;
 mod mesh_dead_letters;
 mod mesh_demo;
 mod mesh_metrics;
