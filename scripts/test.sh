@@ -4,6 +4,7 @@
 #   PGMESH_CHAOS=1    long chaos variants of the fault tests
 #   PGMESH_BENCH=0    skip the short benchmark runs
 #   PGMESH_LINT=0     skip cargo fmt --check and clippy
+#   PGMESH_TEST_DATABASE_URL  database for the unit tests that need one [a scratch cluster]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,24 @@ log "build (one build shared by every test)"
 cargo build --workspace --all-targets -q
 
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+# A scratch PostgreSQL for the unit tests that need a real database (they read
+# PGMESH_TEST_DATABASE_URL and would otherwise skip themselves).
+source bench/lib.sh
+PGBIN_DIR="$(pg_bindir)"
+scratch="$(mktemp -d)"
+is_root && chown postgres "$scratch"
+cleanup() {
+  pg_cluster_stop "$PGBIN_DIR" "$scratch/data"
+  rm -rf "$out" "$scratch"
+}
+trap cleanup EXIT
+if [ -z "${PGMESH_TEST_DATABASE_URL:-}" ]; then
+  log "scratch PostgreSQL for the unit tests that need a database"
+  port="$(free_ports 1)"
+  pg_cluster_create "$PGBIN_DIR" "$scratch/data" "$port" "wal_level = logical"
+  pg_cluster_start "$PGBIN_DIR" "$scratch/data" "$scratch/pg.log"
+  export PGMESH_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+fi
 log "cargo test --workspace"
 set +e
 cargo test --workspace -q 2>&1 | tee "$out"
