@@ -84,28 +84,38 @@ pub trait LogReader: Send + Sync {
     fn head(&self) -> BoxFuture<'_, Result<i64, LogError>>;
 }
 
-/// A [`TableLog`] shared by all sessions. Reads take turns on its one connection,
-/// which is reopened when it has closed (the database restarted).
+/// [`TableLog`] connections shared by all sessions: a few, so that peers woken by
+/// the same append read at the same time instead of queueing on one connection.
+/// Each connection is reopened when it has closed (the database restarted).
 #[derive(Debug)]
 pub struct SharedTableLog {
     url: Option<String>,
-    log: tokio::sync::Mutex<Option<TableLog>>,
+    slots: Vec<tokio::sync::Mutex<Option<TableLog>>>,
+    next: std::sync::atomic::AtomicUsize,
 }
+
+/// Connections a [`SharedTableLog::reconnecting`] log opens at most.
+const READ_CONNECTIONS: usize = 4;
 
 impl SharedTableLog {
     /// Wraps an open log; it is not reopened if its connection closes.
     pub fn new(log: TableLog) -> Self {
         Self {
             url: None,
-            log: tokio::sync::Mutex::new(Some(log)),
+            slots: vec![tokio::sync::Mutex::new(Some(log))],
+            next: Default::default(),
         }
     }
 
-    /// A log on `url`, connected on first use and reconnected after a failure.
+    /// A log on `url`, with up to [`READ_CONNECTIONS`] connections, each opened on
+    /// first use and reopened after a failure.
     pub fn reconnecting(url: &str) -> Self {
         Self {
             url: Some(url.to_string()),
-            log: tokio::sync::Mutex::new(None),
+            slots: (0..READ_CONNECTIONS)
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next: Default::default(),
         }
     }
 
@@ -113,7 +123,14 @@ impl SharedTableLog {
         &self,
         f: impl for<'a> FnOnce(&'a mut TableLog) -> BoxFuture<'a, Result<T, LogError>>,
     ) -> Result<T, LogError> {
-        let mut guard = self.log.lock().await;
+        // A free connection if there is one, else wait for the next in turn.
+        let mut guard = match self.slots.iter().find_map(|s| s.try_lock().ok()) {
+            Some(g) => g,
+            None => {
+                let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.slots[i % self.slots.len()].lock().await
+            }
+        };
         if let Some(url) = &self.url {
             if guard.as_ref().is_none_or(|l| l.client().is_closed()) {
                 let client = crate::catalog::connect_as(url, "pgmesh-serve")
