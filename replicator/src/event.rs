@@ -115,9 +115,27 @@ pub struct Change {
 
 impl Change {
     /// The row key as stored in `mesh.row_versions.pk`: a JSON array of
-    /// `[column, text value]` pairs.
+    /// `[column, text value]` pairs, printed exactly as PostgreSQL prints it as jsonb
+    /// (`, ` between elements, the same string escapes), so keys stored before the
+    /// column became text (`pk::text`) and keys built here compare equal.
     pub fn key_json(&self) -> String {
-        serde_json::to_string(&self.pk).expect("keys serialize")
+        fn json<T: Serialize + ?Sized>(v: &T) -> String {
+            // serde_json escapes strings exactly as PostgreSQL's jsonb output does.
+            serde_json::to_string(v).expect("keys serialize")
+        }
+        let mut s = String::from("[");
+        for (i, (k, v)) in self.pk.iter().enumerate() {
+            if i > 0 {
+                s.push_str(", ");
+            }
+            s.push('[');
+            s.push_str(&json(k));
+            s.push_str(", ");
+            s.push_str(&json(v));
+            s.push(']');
+        }
+        s.push(']');
+        s
     }
 }
 

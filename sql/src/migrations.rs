@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "version_xids",
         sql: include_str!("../migrations/0004_version_xids.sql"),
     },
+    Migration {
+        version: 5,
+        name: "text_version_keys",
+        sql: include_str!("../migrations/0005_text_version_keys.sql"),
+    },
 ];
 
 /// The newest catalog version this binary knows.

@@ -49,7 +49,7 @@ pub(super) async fn truncate_older(
         &format!(
             "DELETE FROM {} x WHERE NOT EXISTS (
                 SELECT 1 FROM mesh.row_versions v
-                WHERE v.tbl = $1 AND v.pk = jsonb_build_array({key}) AND (v.hlc, v.origin) > ($2::int8, $3::int2))",
+                WHERE v.tbl = $1 AND v.pk = jsonb_build_array({key})::text AND (v.hlc, v.origin) > ($2::int8, $3::int2))",
             sql::table(tbl)
         ),
         &[&tbl, &hlc, &v.origin],
@@ -57,7 +57,7 @@ pub(super) async fn truncate_older(
     .await?;
     tx.execute(
         "UPDATE mesh.row_versions SET hlc = $2, origin = $3, deleted = true, xid = $4
-         WHERE tbl = $1 AND jsonb_typeof(pk) = 'array' AND (hlc, origin) < ($2::int8, $3::int2)",
+         WHERE tbl = $1 AND pk LIKE '[%' AND (hlc, origin) < ($2::int8, $3::int2)",
         &[&tbl, &hlc, &v.origin, &own_xid],
     )
     .await?;

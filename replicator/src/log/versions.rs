@@ -31,18 +31,17 @@ pub const WATERMARK: &str = "\"*\"";
 /// Versions of rows keyed by `(table, key json)`.
 pub type VersionMap = HashMap<(String, String), RowVersion>;
 
-/// Reads versions: `$1` tables, `$2` key json texts. Returns the caller's key text,
-/// because jsonb prints its own canonical form. The LIMIT keeps the lookup a
+/// Reads versions: `$1` tables, `$2` key texts (see `Change::key_json`). The LIMIT keeps the lookup a
 /// per-key index probe: as a plain join, a cached generic plan (which knows neither
 /// the array's length nor the table's current size) can turn into a full scan.
 pub const LOAD: &str = "SELECT k.tbl, k.pk, v.hlc, v.origin, v.deleted, v.xid
      FROM unnest($1::text[], $2::text[]) AS k(tbl, pk),
      LATERAL (SELECT r.hlc, r.origin, r.deleted, r.xid FROM mesh.row_versions r
-              WHERE r.tbl = k.tbl AND r.pk = k.pk::jsonb LIMIT 1) v";
+              WHERE r.tbl = k.tbl AND r.pk = k.pk LIMIT 1) v";
 
 /// Upserts versions from arrays (see [`store`]).
 pub const STORE: &str = "INSERT INTO mesh.row_versions (tbl, pk, hlc, origin, deleted, xid)
-     SELECT t, k::jsonb, h, o, d, x
+     SELECT t, k, h, o, d, x
      FROM unnest($1::text[], $2::text[], $3::int8[], $4::int2[], $5::bool[], $6::int8[]) AS u(t, k, h, o, d, x)
      ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin,
          deleted = excluded.deleted, xid = excluded.xid";

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Result;
 use pgmesh_replicator::apply::LOGGED;
 use pgmesh_replicator::catalog;
-use pgmesh_replicator::event::ChangeEvent;
+use pgmesh_replicator::event::{Change, ChangeEvent, Op};
 use pgmesh_replicator::hlc::Hlc;
 use pgmesh_replicator::log::notify::LogNotifier;
 use pgmesh_replicator::log::versions::LOAD;
@@ -127,7 +127,7 @@ async fn stale_generic_plan(sql: &str, types: &str, args: &str) -> Result<String
     explain(c, args).await?;
     c.batch_execute(
         "INSERT INTO mesh.row_versions (tbl, pk, hlc, origin, deleted, xid)
-           SELECT 'public.t', jsonb_build_array(jsonb_build_array('id', g::text)), g, 1, false, g
+           SELECT 'public.t', jsonb_build_array(jsonb_build_array('id', g::text))::text, g, 1, false, g
            FROM generate_series(1, 20000) g;
          INSERT INTO mesh.changelog (origin, hlc, source_lsn, xid, commit_ts, stamped, changes)
            SELECT 'lr_q', g, ('0/' || to_hex(g * 16))::pg_lsn, g, now(), false, '[]'
@@ -142,7 +142,7 @@ async fn version_lookup_stays_an_index_probe() -> Result<()> {
     let plan = stale_generic_plan(
         LOAD,
         "text[], text[]",
-        r#"'{public.t}', '{"[[\"id\",\"7\"]]"}'"#,
+        r#"'{public.t}', '{"[[\"id\", \"7\"]]"}'"#,
     )
     .await?;
     assert!(
@@ -159,5 +159,44 @@ async fn dedup_lookup_stays_an_index_probe() -> Result<()> {
         plan.contains("Index") && !plan.contains("Seq Scan on changelog"),
         "dedup lookup plan:\n{plan}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn version_keys_print_as_jsonb_prints_them() -> Result<()> {
+    // Keys stored before the column became text were converted with `pk::text`;
+    // keys built by apply and capture must be the same bytes.
+    let region = Region::start("lr_k").await?;
+    let tricky = [
+        "plain",
+        "",
+        "quote \" and backslash \\",
+        "tab\tnewline\ncr\rbell\u{7}del\u{7f}",
+        "unicode é ✓ 😀",
+        "slash / and {braces}, [brackets]",
+    ];
+    for (i, v) in tricky.iter().enumerate() {
+        let change = Change {
+            table: "public.t".into(),
+            op: Op::Update,
+            pk: vec![
+                ("id".into(), Some(i.to_string())),
+                ("name \"odd\"".into(), Some(v.to_string())),
+                ("n".into(), None),
+            ],
+            old: None,
+            new: None,
+            unchanged: vec![],
+            types: vec![],
+            prev: None,
+        };
+        let ours = change.key_json();
+        let theirs: String = region
+            .admin
+            .query_one("SELECT $1::text::jsonb::text", &[&ours])
+            .await?
+            .get(0);
+        assert_eq!(ours, theirs, "key of {v:?}");
+    }
     Ok(())
 }

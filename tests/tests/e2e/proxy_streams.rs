@@ -68,7 +68,15 @@ async fn cancel_reaches_the_right_backend() -> Result<()> {
     bystander_token.cancel_query(NoTls).await?;
     let one: i32 = sleeper.query_one("SELECT 1", &[]).await?.get(0);
     assert_eq!(one, 1);
-    let two: i32 = bystander.query_one("SELECT 2", &[]).await?.get(0);
+    // PostgreSQL delivers a cancel as a signal, asynchronously: one that lands late
+    // cancels whatever runs then, as it would without the proxy. The session must
+    // still work once that has happened.
+    let two: i32 = match bystander.query_one("SELECT 2", &[]).await {
+        Err(e) if sqlstate(&e) == Some("57014") => {
+            bystander.query_one("SELECT 2", &[]).await?.get(0)
+        }
+        other => other?.get(0),
+    };
     assert_eq!(two, 2);
     Ok(())
 }
