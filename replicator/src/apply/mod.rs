@@ -70,6 +70,21 @@ struct Statements {
     conflict: Statement,
 }
 
+impl Statements {
+    async fn prepare(c: &Client) -> Result<Self, tokio_postgres::Error> {
+        Ok(Self {
+            origin_setup: c.prepare(ORIGIN_SETUP).await?,
+            logged: c.prepare(records::LOGGED).await?,
+            emit: c.prepare(EMIT).await?,
+            lock: c.prepare(LOCK).await?,
+            append: c.prepare(APPEND).await?,
+            checkpoint: c.prepare(CHECKPOINT).await?,
+            store: c.prepare(versions::STORE).await?,
+            conflict: c.prepare(records::CONFLICT).await?,
+        })
+    }
+}
+
 /// Errors of apply. `Retry` errors leave the batch for the next attempt.
 #[derive(Debug, Error)]
 pub enum ApplyError {
@@ -120,6 +135,9 @@ pub struct BatchOutcome {
 pub struct Applier {
     client: Client,
     peer: String,
+    /// The statements every batch runs, prepared when the session opens.
+    st: Statements,
+    /// Row statements, prepared on first use.
     cache: exec::StatementCache,
     region: String,
     names: HashMap<i16, String>,
@@ -178,9 +196,11 @@ impl Applier {
             .map(|r| (origin_id_for(r), r.clone()))
             .collect();
         names.insert(origin_id_for(region), region.to_string());
+        let st = Statements::prepare(&client).await?;
         Ok(Self {
             client,
             peer: peer.to_string(),
+            st,
             cache: exec::StatementCache::default(),
             region: region.to_string(),
             names,
@@ -278,7 +298,7 @@ impl Applier {
         let names = self.names.clone();
         let wait = self.capture_wait;
         let mut progress = self.progress.clone();
-        let st = self.statements().await?;
+        let st = &self.st;
         let tx = &self.client;
         let begin = async { tx.batch_execute("BEGIN").await.map_err(ApplyError::from) };
         let setup = async {
@@ -307,7 +327,7 @@ impl Applier {
                 tx.batch_execute(&format!("SAVEPOINT ev{i}")).await?;
                 let one = std::slice::from_ref(e);
                 let r = match plan_events(tx, &mut self.cache, one, progress.as_mut(), wait).await {
-                    Ok(p) => run_plan(tx, &st, &p, &names)
+                    Ok(p) => run_plan(tx, st, &p, &names)
                         .await
                         .map(|()| p.conflicts.len()),
                     Err(e) => Err(e),
@@ -361,27 +381,11 @@ impl Applier {
             tx.batch_execute("COMMIT").await.map(|()| 0)
         }));
         *commit_sent = true;
-        try_join(run_plan(tx, &st, &planned, &names), async {
+        try_join(run_plan(tx, st, &planned, &names), async {
             try_join_all(rest).await.map_err(ApplyError::from)
         })
         .await?;
         Ok(out)
-    }
-
-    /// The session's fixed statements, prepared on first use.
-    async fn statements(&mut self) -> Result<Statements, ApplyError> {
-        let c = &self.client;
-        let cache = &mut self.cache;
-        Ok(Statements {
-            origin_setup: cache.get(c, ORIGIN_SETUP).await?,
-            logged: cache.get(c, records::LOGGED).await?,
-            emit: cache.get(c, EMIT).await?,
-            lock: cache.get(c, LOCK).await?,
-            append: cache.get(c, APPEND).await?,
-            checkpoint: cache.get(c, CHECKPOINT).await?,
-            store: cache.get(c, versions::STORE).await?,
-            conflict: cache.get(c, records::CONFLICT).await?,
-        })
     }
 
     /// Re-applies dead letters marked for retry (`mesh.retry_dead_letter`).
@@ -398,7 +402,7 @@ impl Applier {
         let names = self.names.clone();
         let wait = self.capture_wait;
         let mut progress = self.progress.clone();
-        let st = self.statements().await?;
+        let st = &self.st;
         for r in rows {
             let id: i64 = r.get(0);
             let Ok(event) = serde_json::from_str::<ChangeEvent>(r.get(1)) else {
@@ -409,7 +413,7 @@ impl Applier {
             let one = std::slice::from_ref(&event);
             let applied = match plan_events(tx, &mut self.cache, one, progress.as_mut(), wait).await
             {
-                Ok(p) => run_plan(tx, &st, &p, &names).await,
+                Ok(p) => run_plan(tx, st, &p, &names).await,
                 Err(e) => Err(e),
             };
             let settled = match applied {

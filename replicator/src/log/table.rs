@@ -40,11 +40,28 @@ SELECT pg_notify('pgmesh_changelog', coalesce(min(origin), '')) FROM ins";
 /// Takes [`APPEND_LOCK`].
 pub const LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
 
-/// The columns of a log row, in the order [`logged_from_row`] reads them. `tags` and
-/// `changes` are NULL for an event the reader may not ship (`ship` is false).
-const READ_COLUMNS: &str = "seq, origin, hlc, source_lsn::text, xid,
-    (extract(epoch FROM commit_ts) * 1000000)::int8, stamped, local_only,
-    CASE WHEN ship THEN tags::text END, CASE WHEN ship THEN changes::text END, ship";
+/// A read of log rows after `$1`, at most `$2`, with `ship` (whether the reader may
+/// receive the row) given as SQL. Columns in the order [`logged_from_row`] reads
+/// them; `tags` and `changes` are NULL for a row the reader may not receive.
+macro_rules! read_sql {
+    ($ship:literal) => {
+        concat!(
+            "SELECT seq, origin, hlc, source_lsn::text, xid,
+                    (extract(epoch FROM commit_ts) * 1000000)::int8, stamped, local_only,
+                    CASE WHEN ship THEN tags::text END, CASE WHEN ship THEN changes::text END, ship
+             FROM (SELECT *, ",
+            $ship,
+            " AS ship FROM mesh.changelog WHERE seq > $1 ORDER BY seq LIMIT $2) s"
+        )
+    };
+}
+
+/// Every row after `$1` (at most `$2`).
+const READ_AFTER: &str = read_sql!("true");
+
+/// Rows after `$1` (at most `$2`), decoded only for what a peer in region `$3` may
+/// receive from region `$4` relaying (`$5`) or not: the rule of [`ShipFilter::ships`].
+const READ_FOR: &str = read_sql!("(NOT local_only AND origin <> $3 AND (origin = $4 OR $5))");
 
 /// The change log as a table in PostgreSQL.
 #[derive(Debug)]
@@ -122,12 +139,7 @@ impl TableLog {
         limit: i64,
         filter: &ShipFilter,
     ) -> Result<Scan, LogError> {
-        let sql = format!(
-            "SELECT {READ_COLUMNS} FROM (
-               SELECT *, (NOT local_only AND origin <> $3 AND (origin = $4 OR $5)) AS ship
-               FROM mesh.changelog WHERE seq > $1 ORDER BY seq LIMIT $2) s"
-        );
-        let st = self.cache.get(&self.client, &sql).await?;
+        let st = self.cache.get(&self.client, READ_FOR).await?;
         let rows = self
             .client
             .query(
@@ -151,7 +163,7 @@ impl TableLog {
     }
 }
 
-/// Decodes a row of [`READ_COLUMNS`] whose `ship` is true.
+/// Decodes a row of [`read_sql!`] whose `ship` is true.
 fn logged_from_row(r: &Row) -> Result<Logged, LogError> {
     let seq: i64 = r.get(0);
     let bad = |reason: String| LogError::Corruption { seq, reason };
@@ -277,11 +289,7 @@ impl ChangeLog for TableLog {
     }
 
     async fn read_after(&mut self, after: i64, limit: i64) -> Result<Vec<Logged>, LogError> {
-        let sql = format!(
-            "SELECT {READ_COLUMNS} FROM (SELECT *, true AS ship FROM mesh.changelog
-               WHERE seq > $1 ORDER BY seq LIMIT $2) s"
-        );
-        let st = self.cache.get(&self.client, &sql).await?;
+        let st = self.cache.get(&self.client, READ_AFTER).await?;
         let rows = self.client.query(&st, &[&after, &limit]).await?;
         rows.iter().map(logged_from_row).collect()
     }
