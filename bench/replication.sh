@@ -528,6 +528,22 @@ for r in r2 r3; do
         WHERE origin = '$ORIGIN' AND commit_ts BETWEEN '$T0' AND '$T1'")"
     log "      $ORIGIN -> $r: lag p50 $p50 ms, p99 $p99 ms, max $mx ms over $n events in ${BATCHES[$r]} apply transactions"
 done
+# The per-event series, for a look at where the tail lies (stalls or spread out):
+# commit time at the origin, then lag in ms to r2, to r3 and of capture in r1.
+mkdir -p "$OUT"
+SERIES="$OUT/replication-series-$(date -u +%Y%m%dT%H%M%SZ).csv"
+{
+    echo "commit_ts,r2_ms,r3_ms,capture_ms"
+    for r in r1 r2 r3; do
+        rsql "$r" "COPY (SELECT hlc, extract(epoch FROM commit_ts), extract(epoch FROM logged_at - commit_ts) * 1000
+                   FROM mesh.changelog WHERE origin = '$ORIGIN' AND commit_ts BETWEEN '$T0' AND '$T1')
+                   TO STDOUT (FORMAT csv)" >"$TMPD/series-$r.csv"
+    done
+    join -t, <(sort "$TMPD/series-r2.csv") <(sort "$TMPD/series-r3.csv") |
+        join -t, - <(sort "$TMPD/series-r1.csv") |
+        awk -F, '{ printf "%.6f,%.2f,%.2f,%.2f\n", $2, $3, $5, $7 }' | sort -t, -k1,1n
+} >"$SERIES"
+log "      per-event lag series: $SERIES"
 # The origin's share of it: capture (commit at the origin -> logged in its change log).
 CAPTURE="$(rsql "$ORIGIN" "SELECT $(stats_select)
     FROM (SELECT extract(epoch FROM logged_at - commit_ts) * 1000 AS ms

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgmesh_replicator::capture::{self, CaptureConfig, Progress, Role};
-use pgmesh_replicator::link::server::{LinkServer, ServeConfig, SharedTableLog};
+use pgmesh_replicator::link::server::{LinkServer, ServeConfig, SharedTableLog, TailedLog};
 use pgmesh_replicator::log::notify::LogNotifier;
+use pgmesh_replicator::log::tail::{self, Tail};
 use pgmesh_replicator::pull::{self, OnBatch, PullConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -83,7 +84,11 @@ async fn catalog_installed(url: &str) -> bool {
 }
 
 /// Starts capture if enabled and the catalog is installed.
-pub async fn start_capture(v: &Validated) -> anyhow::Result<Option<CaptureHandle>> {
+/// Logged rows are published to `tail` when given.
+pub async fn start_capture(
+    v: &Validated,
+    tail: Option<Arc<Tail>>,
+) -> anyhow::Result<Option<CaptureHandle>> {
     if !v.config.capture {
         return Ok(None);
     }
@@ -93,7 +98,8 @@ pub async fn start_capture(v: &Validated) -> anyhow::Result<Option<CaptureHandle
         return Ok(None);
     }
     pgmesh_replicator::catalog::validate_region(&v.config.region)?;
-    let cfg = CaptureConfig::new(&url, &v.config.region, &v.config.node_name());
+    let mut cfg = CaptureConfig::new(&url, &v.config.region, &v.config.node_name());
+    cfg.tail = tail;
     Ok(Some(spawn(cfg)))
 }
 
@@ -148,18 +154,22 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
     let url = capture_url(&v);
-    let capture = start_capture(&v).await?;
+    // What capture logs is served to peers from memory while it is fresh.
+    let tail = v
+        .config
+        .peer_listen
+        .is_some()
+        .then(|| Arc::new(Tail::new(tail::DEFAULT_CAPACITY)));
+    let capture = start_capture(&v, tail.clone()).await?;
     let mut peer_addr = None;
     if capture.is_some() {
-        if let Some(listen) = &v.config.peer_listen {
+        if let (Some(listen), Some(tail)) = (&v.config.peer_listen, tail) {
             let tls = peer_server_tls(&v)?;
-            let log = SharedTableLog::reconnecting(&url);
+            let log = TailedLog::new(tail.clone(), SharedTableLog::reconnecting(&url));
             // A hub relays every origin; any other node ships only its own events.
-            let (wake, notifier) = if v.config.relay {
-                LogNotifier::start(&url)
-            } else {
-                LogNotifier::start_for_origin(&url, &v.config.region)
-            };
+            let origin = (!v.config.relay).then(|| v.config.region.clone());
+            let wake = tail.subscribe();
+            let notifier = LogNotifier::start_on(&url, origin, tail);
             let mut cfg = ServeConfig::new(
                 listen.parse()?,
                 &v.config.mesh,

@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "text_version_keys",
         sql: include_str!("../migrations/0005_text_version_keys.sql"),
     },
+    Migration {
+        version: 6,
+        name: "json_changes",
+        sql: include_str!("../migrations/0006_json_changes.sql"),
+    },
 ];
 
 /// The newest catalog version this binary knows.

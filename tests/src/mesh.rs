@@ -306,7 +306,7 @@ SELECT c.seq, x.e->>'table', x.e->>'op',
        ARRAY(SELECT t::text::int8 FROM jsonb_array_elements(coalesce(x.e->'types', '[]')) WITH ORDINALITY k(t, o) ORDER BY o),
        NOT EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce(x.e->'pk', '[]') || coalesce(x.e->'new', '[]')) p
                    WHERE jsonb_typeof(p->1) NOT IN ('string', 'null'))
-FROM mesh.changelog c CROSS JOIN LATERAL jsonb_array_elements(c.changes) WITH ORDINALITY x(e, ord)
+FROM mesh.changelog c CROSS JOIN LATERAL jsonb_array_elements(c.changes::jsonb) WITH ORDINALITY x(e, ord)
 WHERE c.seq > $1 ORDER BY c.seq, x.ord";
 
 /// Read the change log after `after` (a `seq`), in order, through `client`.

@@ -115,14 +115,14 @@ pub fn run_all<'a>(
     futures::future::try_join_all(runs)
 }
 
-/// Runs `ops` (queries) with statements from [`prepare_all`]; returns the first
-/// row's int8 columns of each, or `None` when a query returned no row. Like
-/// [`run_all`], the requests are sent on the first poll, in order.
-pub fn query_first_run<'a>(
+/// Runs `ops` (queries) with statements from [`prepare_all`]; returns every row's
+/// int8 columns of each. Like [`run_all`], the requests are sent on the first poll,
+/// in order.
+pub fn query_all_run<'a>(
     tx: &'a Client,
     stmts: &'a [Statement],
     ops: &'a [Op],
-) -> impl std::future::Future<Output = Result<Vec<Option<Vec<i64>>>, tokio_postgres::Error>> + 'a {
+) -> impl std::future::Future<Output = Result<Vec<Vec<Vec<i64>>>, tokio_postgres::Error>> + 'a {
     let runs = ops.iter().zip(stmts).map(|(op, st)| async move {
         let rows: Vec<tokio_postgres::Row> = tx
             .query_raw(st, op.values.iter().map(|v| TextParam(v.as_deref())))
@@ -130,8 +130,9 @@ pub fn query_first_run<'a>(
             .try_collect()
             .await?;
         Ok::<_, tokio_postgres::Error>(
-            rows.first()
-                .map(|r| (0..r.len()).map(|i| r.get::<_, i64>(i)).collect()),
+            rows.iter()
+                .map(|r| (0..r.len()).map(|i| r.get::<_, i64>(i)).collect())
+                .collect(),
         )
     });
     futures::future::try_join_all(runs)

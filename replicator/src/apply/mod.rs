@@ -94,6 +94,8 @@ pub enum ApplyError {
     Catalog(#[from] catalog::CatalogError),
     #[error("capture did not reach {0} in time; retrying the batch")]
     CaptureBehind(Lsn),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ApplyError {
@@ -276,8 +278,8 @@ impl Applier {
         r
     }
 
-    /// One batch in three round trips: BEGIN + origin + duplicates; locks +
-    /// versions (in `plan_events`); writes + bookkeeping + COMMIT. BEGIN and
+    /// One batch in two round trips: BEGIN + origin + duplicates + locks +
+    /// versions (`plan::lock_rows`); writes + bookkeeping + COMMIT. BEGIN and
     /// COMMIT travel pipelined with the statements around them, so the transaction
     /// is managed by hand here rather than by `tokio_postgres::Transaction`.
     async fn batch_body(
@@ -314,10 +316,23 @@ impl Applier {
                 None => Ok(()),
             }
         };
-        let (_, _, fresh) = try_join3(
-            begin,
-            async { setup.await.map_err(ApplyError::from) },
-            not_logged(tx, &st.logged, &remote),
+        // The rows of every event are locked in the same round trip, duplicates
+        // included (locking a row more does no harm), unless events must be isolated.
+        let lock_all = async {
+            match isolate || remote.is_empty() {
+                true => Ok(None),
+                false => plan::lock_rows(tx, &mut self.cache, &remote)
+                    .await
+                    .map(Some),
+            }
+        };
+        let ((_, _, fresh), locked) = try_join(
+            try_join3(
+                begin,
+                async { setup.await.map_err(ApplyError::from) },
+                not_logged(tx, &st.logged, &remote),
+            ),
+            lock_all,
         )
         .await?;
         out.duplicates = events.len() - fresh.len();
@@ -348,8 +363,10 @@ impl Applier {
                     Err(err) => return Err(err),
                 }
             }
-        } else if !fresh.is_empty() {
-            planned = plan_events(tx, &mut self.cache, &fresh, progress.as_mut(), wait).await?;
+        } else if let (false, Some(locked)) = (fresh.is_empty(), locked) {
+            planned =
+                plan::plan_locked(tx, &mut self.cache, locked, &fresh, progress.as_mut(), wait)
+                    .await?;
             out.conflicts = planned.conflicts.len();
             out.applied = fresh.len();
         }

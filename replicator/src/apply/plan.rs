@@ -43,39 +43,107 @@ pub(super) struct Plan {
     pub conflicts: Vec<ConflictRow>,
 }
 
-/// The rows `events` touch: one lock statement per distinct keyed row, and its key.
-fn row_locks(events: &[ChangeEvent]) -> (Vec<(String, String)>, Vec<exec::Op>) {
-    let mut keys: Vec<(String, String)> = Vec::new();
-    let mut locks: Vec<exec::Op> = Vec::new();
+/// Lock statements for the rows `events` touch, and the distinct keys.
+struct RowLocks {
+    /// Every distinct keyed row, as (table, key text).
+    keys: Vec<(String, String)>,
+    /// The statements: each returns one row (position, xmin, age(xmin)) per locked
+    /// row that exists.
+    ops: Vec<exec::Op>,
+    /// For each statement, the index in `keys` of each position it may return.
+    targets: Vec<Vec<usize>>,
+}
+
+/// Whether a key value can go into an array parameter as one element (arrays and
+/// composite values would need their own literal syntax there).
+fn plain_scalar(v: &Option<String>) -> bool {
+    v.as_deref()
+        .is_some_and(|s| !s.starts_with('{') && !s.starts_with('('))
+}
+
+/// A table, its key columns, and its rows to lock: (index in `keys`, key values).
+type TableRows<'a> = (&'a str, Vec<&'a str>, Vec<(usize, &'a [(String, Value)])>);
+
+/// One statement per table for the rows of a one-column key (`sql::lock_many`),
+/// else one per row.
+fn row_locks(events: &[ChangeEvent]) -> RowLocks {
+    let mut out = RowLocks {
+        keys: Vec::new(),
+        ops: Vec::new(),
+        targets: Vec::new(),
+    };
+    // Per table, in order of first appearance: the key column names and the rows.
+    let mut tables: Vec<TableRows<'_>> = Vec::new();
     let mut seen: HashSet<(String, String)> = HashSet::new();
     for c in events.iter().flat_map(|e| &e.changes) {
         if c.pk.is_empty() || !matches!(c.op, Op::Insert | Op::Update | Op::Delete) {
             continue;
         }
         let key = (c.table.clone(), c.key_json());
-        if seen.insert(key.clone()) {
-            let cols: Vec<&str> = c.pk.iter().map(|(k, _)| k.as_str()).collect();
-            locks.push(exec::Op {
-                sql: sql::lock(&c.table, &cols),
-                values: c.pk.iter().map(|(_, v)| v.clone()).collect(),
+        if !seen.insert(key.clone()) {
+            continue;
+        }
+        let cols: Vec<&str> = c.pk.iter().map(|(k, _)| k.as_str()).collect();
+        let i = match tables.iter().position(|t| t.0 == c.table && t.1 == cols) {
+            Some(i) => i,
+            None => {
+                tables.push((&c.table, cols, Vec::new()));
+                tables.len() - 1
+            }
+        };
+        tables[i].2.push((out.keys.len(), &c.pk));
+        out.keys.push(key);
+    }
+    for (tbl, cols, rows) in tables {
+        let many =
+            cols.len() == 1 && rows.len() > 1 && rows.iter().all(|r| plain_scalar(&r.1[0].1));
+        if many {
+            let values: Vec<&Value> = rows.iter().map(|r| &r.1[0].1).collect();
+            out.ops.push(exec::Op {
+                sql: sql::lock_many(tbl, cols[0]),
+                values: vec![Some(sql::array_literal(&values))],
             });
-            keys.push(key);
+            out.targets.push(rows.iter().map(|r| r.0).collect());
+        } else {
+            for (k, pk) in rows {
+                out.ops.push(exec::Op {
+                    sql: sql::lock(tbl, &cols),
+                    values: pk.iter().map(|(_, v)| v.clone()).collect(),
+                });
+                out.targets.push(vec![k]);
+            }
         }
     }
-    (keys, locks)
+    out
 }
 
-/// Locks, waits for capture when it must, and resolves the changes of `events`.
-/// TRUNCATEs run here; everything else is returned as a [`Plan`].
-pub(super) async fn plan_events(
+/// The rows a set of events touches, locked, with what the database knew of them.
+#[derive(Debug, Default)]
+pub(super) struct Locked {
+    /// Keyed rows, in lock order.
+    keys: Vec<(String, String)>,
+    /// `keys` plus each table's TRUNCATE watermark.
+    vkeys: Vec<(String, String)>,
+    /// key -> (xmin, age(xmin)) of the locked rows that exist.
+    exists: HashMap<(String, String), (i64, i64)>,
+    /// Versions of `vkeys`, read after the locks.
+    current: VersionMap,
+    /// This transaction's (32-bit) xid.
+    own_xid: i64,
+    /// Xids assigned since `pgmesh init`.
+    since_init: Option<i64>,
+}
+
+/// Locks every keyed row `events` touch and reads their versions, this
+/// transaction's xid and each table's TRUNCATE watermark: one round trip, sent on
+/// the first poll (after any statements still to prepare), so it pipelines behind
+/// whatever the caller sent before.
+pub(super) async fn lock_rows(
     tx: &Client,
     cache: &mut StatementCache,
     events: &[ChangeEvent],
-    progress: Option<&mut Progress>,
-    wait: Duration,
-) -> Result<Plan, ApplyError> {
-    let (keys, locks) = row_locks(events);
-    // Versions of the rows, plus each table's TRUNCATE watermark.
+) -> Result<Locked, ApplyError> {
+    let RowLocks { keys, ops, targets } = row_locks(events);
     let mut vkeys = keys.clone();
     let mut tables: Vec<&str> = events
         .iter()
@@ -89,25 +157,68 @@ pub(super) async fn plan_events(
             .iter()
             .map(|t| (t.to_string(), WATERMARK.to_string())),
     );
-    let lock_stmts = exec::prepare_all(tx, cache, &locks).await?;
+    let lock_stmts = exec::prepare_all(tx, cache, &ops).await?;
     let load = cache.get(tx, versions::LOAD).await?;
     let xids = cache.get(tx, XIDS).await?;
-    // One round trip: the locks run first, so the versions read are the locked rows'.
-    let (locked, mut current, xid_row) = try_join3(
-        exec::query_first_run(tx, &lock_stmts, &locks),
+    // The locks run first, so the versions read are the locked rows'.
+    let (locked, current, xid_row) = try_join3(
+        exec::query_all_run(tx, &lock_stmts, &ops),
         versions::load(tx, &load, &vkeys),
         tx.query_one(&xids, &[]),
     )
     .await?;
-    let own_xid: i64 = xid_row.get(0);
-    let since_init: Option<i64> = xid_row.get(1);
-    // key -> (xmin, age(xmin)) of rows that exist.
-    let mut exists: HashMap<(String, String), (i64, i64)> = HashMap::new();
-    for (key, row) in keys.iter().zip(locked) {
-        if let Some(r) = row {
-            exists.insert(key.clone(), (r[0], r[1]));
+    let mut exists = HashMap::new();
+    for (rows, target) in locked.into_iter().zip(&targets) {
+        for r in rows {
+            // Position 1-based in the statement's array (always 1 for one row).
+            let k = usize::try_from(r[0] - 1)
+                .ok()
+                .and_then(|p| target.get(p))
+                .ok_or_else(|| ApplyError::Internal(format!("lock returned position {}", r[0])))?;
+            exists.insert(keys[*k].clone(), (r[1], r[2]));
         }
     }
+    Ok(Locked {
+        keys,
+        vkeys,
+        exists,
+        current,
+        own_xid: xid_row.get(0),
+        since_init: xid_row.get(1),
+    })
+}
+
+/// Locks, waits for capture when it must, and resolves the changes of `events`.
+/// TRUNCATEs run here; everything else is returned as a [`Plan`].
+pub(super) async fn plan_events(
+    tx: &Client,
+    cache: &mut StatementCache,
+    events: &[ChangeEvent],
+    progress: Option<&mut Progress>,
+    wait: Duration,
+) -> Result<Plan, ApplyError> {
+    let locked = lock_rows(tx, cache, events).await?;
+    plan_locked(tx, cache, locked, events, progress, wait).await
+}
+
+/// [`plan_events`] after [`lock_rows`]: `locked` must cover every row of `events`
+/// (it may cover more).
+pub(super) async fn plan_locked(
+    tx: &Client,
+    cache: &mut StatementCache,
+    locked: Locked,
+    events: &[ChangeEvent],
+    progress: Option<&mut Progress>,
+    wait: Duration,
+) -> Result<Plan, ApplyError> {
+    let Locked {
+        keys,
+        vkeys,
+        mut exists,
+        mut current,
+        own_xid,
+        since_init,
+    } = locked;
     // The capture race: a local write that committed before we locked must count.
     // If every locked row was last written by the version we know of (its xmin
     // matches), or predates capture, nothing is uncaptured and we need not wait.
@@ -136,6 +247,7 @@ pub(super) async fn plan_events(
             if !p.wait_for(lsn, wait).await {
                 return Err(ApplyError::CaptureBehind(lsn));
             }
+            let load = cache.get(tx, versions::LOAD).await?;
             current = versions::load(tx, &load, &vkeys).await?;
         }
     }
@@ -259,5 +371,64 @@ fn insert_op(tbl: &str, row: &[(String, Value)]) -> exec::Op {
     exec::Op {
         sql: sql::insert(tbl, &cols),
         values: row.iter().map(|(_, v)| v.clone()).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Change;
+    use crate::hlc::Hlc;
+
+    fn change(table: &str, pk: &[(&str, &str)]) -> Change {
+        let pk: Vec<(String, Value)> = pk
+            .iter()
+            .map(|(k, v)| (k.to_string(), Some(v.to_string())))
+            .collect();
+        Change {
+            table: table.into(),
+            op: Op::Update,
+            pk: pk.clone(),
+            old: None,
+            new: Some(pk),
+            unchanged: vec![],
+            types: vec![],
+            prev: None,
+        }
+    }
+
+    #[test]
+    fn one_lock_per_table_with_a_one_column_key_else_one_per_row() {
+        let event = ChangeEvent {
+            origin: "r1".into(),
+            hlc: Hlc::from_u64(1),
+            source_lsn: 1,
+            xid: 1,
+            commit_ts_us: 0,
+            stamp: None,
+            local_only: false,
+            changes: vec![
+                change("a", &[("id", "1")]),
+                change("b", &[("x", "1"), ("y", "2")]),
+                change("a", &[("id", "2")]),
+                change("a", &[("id", "1")]),
+                change("b", &[("x", "3"), ("y", "4")]),
+                change("c", &[("id", "7")]),
+                change("d", &[("id", "{1,2}")]),
+                change("d", &[("id", "{3}")]),
+            ],
+        };
+        let l = row_locks(std::slice::from_ref(&event));
+        let keys: Vec<&str> = l.keys.iter().map(|k| k.0.as_str()).collect();
+        assert_eq!(keys, ["a", "b", "a", "b", "c", "d", "d"], "distinct rows");
+        let sqls: Vec<bool> = l.ops.iter().map(|o| o.sql.contains("ANY")).collect();
+        // a: one statement for both rows; b (two key columns), c (one row) and d
+        // (array values) one per row.
+        assert_eq!(sqls, [true, false, false, false, false, false]);
+        assert_eq!(l.ops[0].values, vec![Some(r#"{"1","2"}"#.to_string())]);
+        assert_eq!(
+            l.targets,
+            vec![vec![0, 2], vec![1], vec![3], vec![4], vec![5], vec![6]]
+        );
     }
 }

@@ -30,15 +30,54 @@ fn where_params(out: &mut String, cols: &[&str], first: usize) {
     }
 }
 
-/// `SELECT xmin, age(xmin) ... FOR UPDATE` of one row: locks it and says whether it
-/// exists and which transaction wrote it last. Parameters are the key columns.
+/// `SELECT 1, xmin, age(xmin) ... FOR UPDATE` of one row: locks it and says whether
+/// it exists and which transaction wrote it last (1 is its position, as in
+/// [`lock_many`]). Parameters are the key columns.
 pub fn lock(tbl: &str, pk: &[&str]) -> String {
     let mut s = format!(
-        "SELECT xmin::text::int8, age(xmin)::int8 FROM {}",
+        "SELECT 1::int8, xmin::text::int8, age(xmin)::int8 FROM {}",
         table(tbl)
     );
     where_params(&mut s, pk, 1);
     s.push_str(" FOR UPDATE");
+    s
+}
+
+/// `SELECT ... FOR UPDATE` of every row of a one-column key given as the array `$1`:
+/// locks them and returns, for each that exists, its 1-based position in `$1`, the
+/// transaction that wrote it last and that transaction's age.
+pub fn lock_many(tbl: &str, key: &str) -> String {
+    let k = ident(key);
+    format!(
+        "SELECT array_position($1, {k})::int8, xmin::text::int8, age(xmin)::int8 FROM {} \
+         WHERE {k} = ANY($1) FOR UPDATE",
+        table(tbl)
+    )
+}
+
+/// A PostgreSQL array literal of `values` in text form (`{"1","2"}`): every element
+/// quoted, so it parses as an array of any element type. `None` is NULL.
+pub fn array_literal(values: &[&Option<String>]) -> String {
+    let mut s = String::from("{");
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        match v {
+            None => s.push_str("NULL"),
+            Some(v) => {
+                s.push('"');
+                for ch in v.chars() {
+                    if ch == '"' || ch == '\\' {
+                        s.push('\\');
+                    }
+                    s.push(ch);
+                }
+                s.push('"');
+            }
+        }
+    }
+    s.push('}');
     s
 }
 
@@ -78,6 +117,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn array_literals_quote_every_element() {
+        let (a, b, c) = (Some("1".to_string()), Some(r#"x"y\z"#.to_string()), None);
+        assert_eq!(array_literal(&[&a, &b, &c]), r#"{"1","x\"y\\z",NULL}"#);
+        assert_eq!(array_literal(&[]), "{}");
+    }
+
+    #[test]
     fn prepared_statements() {
         assert_eq!(
             update("public.t", &["v", "w"], &["id"]),
@@ -93,7 +139,11 @@ mod tests {
         );
         assert_eq!(
             lock("t", &["a"]),
-            r#"SELECT xmin::text::int8, age(xmin)::int8 FROM "t" WHERE "a" = $1 FOR UPDATE"#
+            r#"SELECT 1::int8, xmin::text::int8, age(xmin)::int8 FROM "t" WHERE "a" = $1 FOR UPDATE"#
+        );
+        assert_eq!(
+            lock_many("public.t", "a"),
+            r#"SELECT array_position($1, "a")::int8, xmin::text::int8, age(xmin)::int8 FROM "public"."t" WHERE "a" = ANY($1) FOR UPDATE"#
         );
     }
 }

@@ -21,6 +21,7 @@ use super::assemble::{AssembleError, Assembler};
 use crate::catalog::{self, CatalogError, PUBLICATION};
 use crate::event::ChangeEvent;
 use crate::hlc::Hlc;
+use crate::log::tail::Tail;
 use crate::log::{ChangeLog, LogError, TableLog};
 use crate::pgoutput::{Lsn, PgTimestamp, ReplicationMessage, StandbyStatusUpdate};
 use crate::replconn::{ConnParams, ReplConnection, ReplError, ReplStream};
@@ -55,6 +56,8 @@ pub struct CaptureConfig {
     pub max_batch: usize,
     /// Interval of standby status updates while idle. Default 1 s.
     pub status_interval: Duration,
+    /// Where logged rows are published for the peer server. Default: none.
+    pub tail: Option<Arc<Tail>>,
 }
 
 impl CaptureConfig {
@@ -65,6 +68,7 @@ impl CaptureConfig {
             node: node.to_string(),
             max_batch: 500,
             status_interval: Duration::from_secs(1),
+            tail: None,
         }
     }
 }
@@ -221,6 +225,7 @@ async fn run_once(
         confirmed: Lsn(0),
         skip_upto,
         max_batch: cfg.max_batch,
+        tail: cfg.tail.clone(),
     };
     let mut tick = tokio::time::interval(cfg.status_interval);
     loop {
@@ -283,6 +288,7 @@ struct Pump {
     confirmed: Lsn,
     skip_upto: Lsn,
     max_batch: usize,
+    tail: Option<Arc<Tail>>,
 }
 
 impl Pump {
@@ -305,12 +311,15 @@ impl Pump {
     ) -> Result<(), CaptureError> {
         if !self.batch.is_empty() {
             let started = std::time::Instant::now();
-            log.append_local(&mut self.batch).await?;
+            let logged = log.append_local(&mut self.batch).await?;
             debug!(
-                events = self.batch.len(),
+                events = logged.len(),
                 us = started.elapsed().as_micros() as u64,
                 "appended to change log"
             );
+            if let Some(tail) = &self.tail {
+                tail.publish(logged);
+            }
             self.batch.clear();
         }
         if self.pending_end > self.confirmed {

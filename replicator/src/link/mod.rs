@@ -29,4 +29,4 @@ mod tests;
 pub use backoff::Backoff;
 pub use client::{ClientConfig, LinkClient, LinkError, LinkEvent};
 pub use protocol::{Batch, Hello, Welcome, PROTO_VERSION};
-pub use server::{LinkServer, LogReader, ServeConfig, ServeError, SharedTableLog};
+pub use server::{LinkServer, LogReader, ServeConfig, ServeError, SharedTableLog, TailedLog};

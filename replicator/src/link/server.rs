@@ -26,6 +26,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use super::backoff::Backoff;
 use super::protocol::ProtocolError;
 use super::session::Session;
+use crate::log::tail::Tail;
 use crate::log::{LogError, Scan, ShipFilter, TableLog};
 
 /// Errors of the serving side. Variants say whether the peer or the local log failed.
@@ -176,6 +177,38 @@ impl LogReader for SharedTableLog {
                 Ok(row.get(0))
             })
         }))
+    }
+}
+
+/// A [`LogReader`] that serves reads from the node's in-memory [`Tail`] when it holds
+/// them (see there for why that is exact) and from `inner` otherwise.
+#[derive(Debug)]
+pub struct TailedLog<R> {
+    tail: Arc<Tail>,
+    inner: R,
+}
+
+impl<R> TailedLog<R> {
+    pub fn new(tail: Arc<Tail>, inner: R) -> Self {
+        Self { tail, inner }
+    }
+}
+
+impl<R: LogReader> LogReader for TailedLog<R> {
+    fn read_for(
+        &self,
+        after: i64,
+        limit: i64,
+        filter: &ShipFilter,
+    ) -> BoxFuture<'_, Result<Scan, LogError>> {
+        match self.tail.read(after, limit, filter) {
+            Some(scan) => Box::pin(std::future::ready(Ok(scan))),
+            None => self.inner.read_for(after, limit, filter),
+        }
+    }
+
+    fn head(&self) -> BoxFuture<'_, Result<i64, LogError>> {
+        self.inner.head()
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod notify;
 pub mod table;
+pub mod tail;
 pub mod versions;
 
 use thiserror::Error;

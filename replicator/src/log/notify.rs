@@ -9,6 +9,7 @@
 //! It never reads or writes the log itself and never gives up: a dropped connection is
 //! retried with backoff until every receiver is gone.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -19,6 +20,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::table::NOTIFY_CHANNEL;
+use super::tail::Tail;
 use crate::catalog::redact;
 use crate::link::backoff::Backoff;
 
@@ -62,38 +64,61 @@ impl LogNotifier {
         origin: Option<String>,
         backoff: Backoff,
     ) -> (watch::Receiver<u64>, JoinHandle<()>) {
-        let (tx, rx) = watch::channel(0u64);
+        let tail = Arc::new(Tail::new(0));
+        let rx = tail.subscribe();
+        (rx, Self::spawn(url, origin, tail, backoff))
+    }
+
+    /// Ticks the counter of `tail` (see [`Tail::subscribe`]), with an optional origin
+    /// filter as in [`LogNotifier::start_for_origin`], and stays quiet about appends
+    /// that were published to `tail`: their readers were woken already. The task ends
+    /// once every receiver of the counter is dropped.
+    pub fn start_on(url: &str, origin: Option<String>, tail: Arc<Tail>) -> JoinHandle<()> {
+        Self::spawn(url, origin, tail, Backoff::default())
+    }
+
+    fn spawn(
+        url: &str,
+        origin: Option<String>,
+        tail: Arc<Tail>,
+        backoff: Backoff,
+    ) -> JoinHandle<()> {
         let span = info_span!("log_notifier", db = %redact(url));
-        let task = tokio::spawn(run(url.to_string(), origin, tx, backoff).instrument(span));
-        (rx, task)
+        tokio::spawn(run(url.to_string(), origin, tail, backoff).instrument(span))
     }
 }
 
-async fn run(url: String, origin: Option<String>, tx: watch::Sender<u64>, mut backoff: Backoff) {
+async fn run(url: String, origin: Option<String>, tail: Arc<Tail>, mut backoff: Backoff) {
     loop {
         let err = tokio::select! {
-            e = listen(&url, origin.as_deref(), &tx, &mut backoff) => e,
-            _ = tx.closed() => return,
+            e = listen(&url, origin.as_deref(), &tail, &mut backoff) => e,
+            _ = tail.closed() => return,
         };
         // Readers fall back to their heartbeat checks meanwhile, so data still flows.
         warn!(error = %err, attempt = backoff.attempts(), "change-log notifier disconnected");
         let delay = backoff.next_delay();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = tx.closed() => return,
+            _ = tail.closed() => return,
         }
     }
 }
 
-fn bump(tx: &watch::Sender<u64>) {
-    tx.send_modify(|n| *n = n.wrapping_add(1));
+/// Whether a notification with `payload` (`ORIGIN SEQ`, or just `ORIGIN` from an
+/// older node) should wake readers.
+fn wakes(payload: &str, origin: Option<&str>, tail: &Tail) -> bool {
+    let (from, seq) = match payload.rsplit_once(' ') {
+        Some((o, s)) => (o, s.parse::<i64>().ok()),
+        None => (payload, None),
+    };
+    origin.is_none_or(|o| from == o) && !seq.is_some_and(|s| tail.published(s))
 }
 
 /// One connection's life: connect, LISTEN, bump per notification. Returns why it ended.
 async fn listen(
     url: &str,
     origin: Option<&str>,
-    tx: &watch::Sender<u64>,
+    tail: &Tail,
     backoff: &mut Backoff,
 ) -> NotifyError {
     let mut config: tokio_postgres::Config = match url.parse() {
@@ -130,12 +155,12 @@ async fn listen(
     info!(channel = NOTIFY_CHANNEL, "listening for change-log appends");
     backoff.reset();
     // Anything appended while we were away was not notified to us.
-    bump(tx);
+    tail.wake();
     loop {
         match messages.next().await {
             Some(Ok(AsyncMessage::Notification(n))) => {
-                if origin.is_none_or(|o| n.payload() == o) {
-                    bump(tx)
+                if wakes(n.payload(), origin, tail) {
+                    tail.wake()
                 }
             }
             Some(Ok(m)) => debug!(message = ?m, "notifier connection message"),
@@ -149,6 +174,34 @@ async fn listen(
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn notifications_wake_for_their_origin_unless_published() {
+        let tail = Tail::new(0);
+        assert!(wakes("r1 5", None, &tail));
+        assert!(wakes("r1 5", Some("r1"), &tail));
+        assert!(!wakes("r2 5", Some("r1"), &tail));
+        assert!(wakes("r1", Some("r1"), &tail), "an older node's payload");
+        assert!(wakes("", None, &tail), "an append that logged nothing");
+        tail.publish(vec![crate::log::Logged {
+            seq: 5,
+            event: crate::event::ChangeEvent {
+                origin: "r1".into(),
+                hlc: crate::hlc::Hlc::from_u64(1),
+                source_lsn: 1,
+                xid: 1,
+                commit_ts_us: 0,
+                stamp: None,
+                local_only: false,
+                changes: vec![],
+            },
+        }]);
+        assert!(
+            !wakes("r1 5", None, &tail),
+            "published rows woke readers already"
+        );
+        assert!(wakes("r1 6", None, &tail));
+    }
 
     #[tokio::test]
     async fn retries_while_the_database_is_down_and_stops_without_readers() {

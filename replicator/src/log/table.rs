@@ -5,6 +5,8 @@
 //! `synchronous_commit = on` so it is durable when it returns. Values are stored as
 //! JSON strings, never numbers. It never updates or deletes rows.
 
+use std::collections::HashMap;
+
 use futures::future::try_join3;
 use tokio_postgres::{Client, Row};
 
@@ -22,20 +24,24 @@ pub const APPEND_LOCK: i64 = 0x7067_6d65_7368_0002;
 /// Channel notified after every append, so readers wake without polling.
 pub const NOTIFY_CHANNEL: &str = "pgmesh_changelog";
 
-/// Inserts events (from [`append_params`]) and notifies readers. The payload is an
-/// origin of the appended events (all of them share it, except in a hub's relayed
-/// batches), so a reader that serves only one origin can ignore the rest.
+/// Inserts events (from [`append_params`]), notifies readers, and returns the
+/// inserted rows' sequence numbers with their event ids (see [`logged_rows`]). The
+/// payload is `ORIGIN SEQ`: an origin of the appended events (all of them share it,
+/// except in a hub's relayed batches), so a reader that serves only one origin can
+/// ignore the rest, and the highest sequence number appended.
 pub const APPEND: &str = "
 WITH ins AS (
   INSERT INTO mesh.changelog
     (origin, hlc, source_lsn, xid, commit_ts, stamped, local_only, tags, changes)
-  SELECT o, h, l::pg_lsn, x, timestamptz 'epoch' + t * interval '1 microsecond', s, lo, tg::jsonb, ch::jsonb
+  SELECT o, h, l::pg_lsn, x, timestamptz 'epoch' + t * interval '1 microsecond', s, lo, tg::json, ch::json
   FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::bool[], $7::bool[],
               $8::text[], $9::text[]) AS u(o, h, l, x, t, s, lo, tg, ch)
   ON CONFLICT DO NOTHING
-  RETURNING origin
+  RETURNING seq, origin, hlc
 )
-SELECT pg_notify('pgmesh_changelog', coalesce(min(origin), '')) FROM ins";
+SELECT coalesce(array_agg(seq), '{}'), coalesce(array_agg(origin), '{}'), coalesce(array_agg(hlc), '{}'),
+       pg_notify('pgmesh_changelog', coalesce(min(origin), '') || ' ' || coalesce(max(seq), 0))
+FROM ins";
 
 /// Takes [`APPEND_LOCK`].
 pub const LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
@@ -93,9 +99,13 @@ fn lsn_text(lsn: u64) -> String {
 impl TableLog {
     /// Appends local events from capture: in one transaction, stamps each change with
     /// the row version it overwrote, logs the events, and records the new versions.
-    pub async fn append_local(&mut self, events: &mut [ChangeEvent]) -> Result<(), LogError> {
+    /// Returns the rows it logged, for [`super::tail::Tail::publish`].
+    pub async fn append_local(
+        &mut self,
+        events: &mut Vec<ChangeEvent>,
+    ) -> Result<Vec<Logged>, LogError> {
         if events.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let lock = self.cache.get(&self.client, LOCK).await?;
         let load = self.cache.get(&self.client, versions::LOAD).await?;
@@ -121,13 +131,13 @@ impl TableLog {
         let touched = versions::advance_local(events, current);
         let params = append_params(events);
         // After an error the pipelined COMMIT ends the transaction as a ROLLBACK.
-        try_join3(
-            c.execute(&append, &params.refs()),
+        let (row, _, _) = try_join3(
+            c.query_one(&append, &params.refs()),
             versions::store(c, &store, &touched),
             c.batch_execute("COMMIT"),
         )
         .await?;
-        Ok(())
+        Ok(logged_rows(std::mem::take(events), &row))
     }
 
     /// Up to `limit` log rows after `after`, of which only the events `filter` lets
@@ -190,6 +200,22 @@ fn logged_from_row(r: &Row) -> Result<Logged, LogError> {
                 .map_err(|e| bad(e.to_string()))?,
         },
     })
+}
+
+/// Pairs appended `events` with the sequence numbers [`APPEND`] returned in `row`.
+/// Events the log already held (skipped by the append) are left out.
+pub fn logged_rows(events: Vec<ChangeEvent>, row: &Row) -> Vec<Logged> {
+    let seqs: Vec<i64> = row.get(0);
+    let origins: Vec<String> = row.get(1);
+    let hlcs: Vec<i64> = row.get(2);
+    let mut seq_of: HashMap<(String, i64), i64> = origins.into_iter().zip(hlcs).zip(seqs).collect();
+    events
+        .into_iter()
+        .filter_map(|event| {
+            let seq = seq_of.remove(&(event.origin.clone(), event.hlc.as_u64() as i64))?;
+            Some(Logged { seq, event })
+        })
+        .collect()
 }
 
 /// The array parameters of [`APPEND`].

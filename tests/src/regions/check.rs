@@ -71,7 +71,7 @@ impl Mesh {
                         x.e ? 'new',
                         ARRAY(SELECT p->>0 FROM jsonb_array_elements(coalesce(x.e->'new', '[]')) WITH ORDINALITY k(p, o) ORDER BY o),
                         ARRAY(SELECT p->>1 FROM jsonb_array_elements(coalesce(x.e->'new', '[]')) WITH ORDINALITY k(p, o) ORDER BY o)
-                 FROM mesh.changelog c CROSS JOIN LATERAL jsonb_array_elements(c.changes) WITH ORDINALITY x(e, ord)
+                 FROM mesh.changelog c CROSS JOIN LATERAL jsonb_array_elements(c.changes::jsonb) WITH ORDINALITY x(e, ord)
                  WHERE c.origin = $1 ORDER BY c.seq, x.ord",
                 &[&r.name],
             )

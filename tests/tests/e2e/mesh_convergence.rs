@@ -238,7 +238,7 @@ async fn pgbench_on_two_regions_at_once_converges() -> Result<()> {
             let logged = r
                 .admin
                 .query(
-                    "SELECT c.origin, count(*) FROM mesh.changelog c, jsonb_array_elements(c.changes) x
+                    "SELECT c.origin, count(*) FROM mesh.changelog c, jsonb_array_elements(c.changes::jsonb) x
                      WHERE x->>'table' = 'public.pgbench_history' GROUP BY 1 ORDER BY 1",
                     &[],
                 )
