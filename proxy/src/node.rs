@@ -167,9 +167,8 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
             let tls = peer_server_tls(&v)?;
             let log = TailedLog::new(tail.clone(), SharedTableLog::reconnecting(&url));
             // A hub relays every origin; any other node ships only its own events.
-            let origin = (!v.config.relay).then(|| v.config.region.clone());
             let wake = tail.subscribe();
-            let notifier = LogNotifier::start_on(&url, origin, tail);
+            let notifier = LogNotifier::start_on(&url, &v.config.region, v.config.relay, tail);
             let mut cfg = ServeConfig::new(
                 listen.parse()?,
                 &v.config.mesh,

@@ -12,3 +12,5 @@ pub mod pgoutput;
 pub mod pull;
 pub mod replconn;
 pub mod resolve;
+#[cfg(test)]
+mod scratch;

@@ -219,6 +219,7 @@ async fn run_once(
         return Ok(());
     };
     let _ = role.send(Role::Leader);
+    let _publishing = cfg.tail.as_ref().map(|t| Publishing::start(t.clone()));
     let mut pump = Pump {
         batch: Vec::new(),
         pending_end: Lsn(0),
@@ -276,6 +277,22 @@ async fn run_once(
                 moved
             });
         }
+    }
+}
+
+/// Marks the tail as fed by this capture for as long as it lives.
+struct Publishing(Arc<Tail>);
+
+impl Publishing {
+    fn start(tail: Arc<Tail>) -> Self {
+        tail.set_publishing(true);
+        Self(tail)
+    }
+}
+
+impl Drop for Publishing {
+    fn drop(&mut self) {
+        self.0.set_publishing(false);
     }
 }
 

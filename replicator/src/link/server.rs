@@ -203,7 +203,10 @@ impl<R: LogReader> LogReader for TailedLog<R> {
     ) -> BoxFuture<'_, Result<Scan, LogError>> {
         match self.tail.read(after, limit, filter) {
             Some(scan) => Box::pin(std::future::ready(Ok(scan))),
-            None => self.inner.read_for(after, limit, filter),
+            None => {
+                debug!(after, tail = ?self.tail.bounds(), "read from the table");
+                self.inner.read_for(after, limit, filter)
+            }
         }
     }
 

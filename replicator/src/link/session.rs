@@ -230,6 +230,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             f.head.max(read_upto)
         };
         let (bytes, upto) = encode_batch(scan.events, read_upto, f.head)?;
+        // A batch cut short to fit a frame left rows behind.
+        f.caught_up = scan.drained && upto == read_upto;
         self.framed.send(bytes).await?;
         f.in_flight.push_back(upto);
         f.cursor = upto;

@@ -73,6 +73,9 @@ impl ShipFilter {
 pub struct Scan {
     pub events: Vec<Logged>,
     pub upto: Option<i64>,
+    /// Nothing after `upto` was committed when the read started, as far as the
+    /// reader knows: a later append wakes the reader, so it need not read again.
+    pub drained: bool,
 }
 
 /// A durable, ordered log of change events.

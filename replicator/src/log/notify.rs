@@ -66,32 +66,51 @@ impl LogNotifier {
     ) -> (watch::Receiver<u64>, JoinHandle<()>) {
         let tail = Arc::new(Tail::new(0));
         let rx = tail.subscribe();
-        (rx, Self::spawn(url, origin, tail, backoff))
+        let filter = Filter {
+            only: origin,
+            own: None,
+        };
+        (rx, Self::spawn(url, filter, tail, backoff))
     }
 
-    /// Ticks the counter of `tail` (see [`Tail::subscribe`]), with an optional origin
-    /// filter as in [`LogNotifier::start_for_origin`], and stays quiet about appends
-    /// that were published to `tail`: their readers were woken already. The task ends
-    /// once every receiver of the counter is dropped.
-    pub fn start_on(url: &str, origin: Option<String>, tail: Arc<Tail>) -> JoinHandle<()> {
-        Self::spawn(url, origin, tail, Backoff::default())
+    /// Ticks the counter of `tail` (see [`Tail::subscribe`]) for appends in the log of
+    /// region `region`: only of its own events unless `relay`. It stays quiet about
+    /// appends that were published to `tail` (their readers were woken already), and
+    /// while this node's capture publishes there it gives an append of the region's
+    /// own events [`PUBLISH_WAIT`] to be published before it wakes anyone (the NOTIFY
+    /// often arrives first). The task ends once every receiver of the counter is
+    /// dropped.
+    pub fn start_on(url: &str, region: &str, relay: bool, tail: Arc<Tail>) -> JoinHandle<()> {
+        let filter = Filter {
+            only: (!relay).then(|| region.to_string()),
+            own: Some(region.to_string()),
+        };
+        Self::spawn(url, filter, tail, Backoff::default())
     }
 
-    fn spawn(
-        url: &str,
-        origin: Option<String>,
-        tail: Arc<Tail>,
-        backoff: Backoff,
-    ) -> JoinHandle<()> {
+    fn spawn(url: &str, filter: Filter, tail: Arc<Tail>, backoff: Backoff) -> JoinHandle<()> {
         let span = info_span!("log_notifier", db = %redact(url));
-        tokio::spawn(run(url.to_string(), origin, tail, backoff).instrument(span))
+        tokio::spawn(run(url.to_string(), filter, tail, backoff).instrument(span))
     }
 }
 
-async fn run(url: String, origin: Option<String>, tail: Arc<Tail>, mut backoff: Backoff) {
+/// How long an append of the region's own events may take to reach the tail before
+/// the notifier wakes readers for it anyway.
+pub const PUBLISH_WAIT: Duration = Duration::from_millis(250);
+
+/// Which notifications wake readers.
+#[derive(Debug, Clone, Default)]
+struct Filter {
+    /// Only appends of this origin (none: any).
+    only: Option<String>,
+    /// This region: its appends are published to the tail while capture leads here.
+    own: Option<String>,
+}
+
+async fn run(url: String, filter: Filter, tail: Arc<Tail>, mut backoff: Backoff) {
     loop {
         let err = tokio::select! {
-            e = listen(&url, origin.as_deref(), &tail, &mut backoff) => e,
+            e = listen(&url, &filter, &tail, &mut backoff) => e,
             _ = tail.closed() => return,
         };
         // Readers fall back to their heartbeat checks meanwhile, so data still flows.
@@ -106,27 +125,33 @@ async fn run(url: String, origin: Option<String>, tail: Arc<Tail>, mut backoff: 
 
 /// Whether a notification with `payload` (`ORIGIN SEQ`, or just `ORIGIN` from an
 /// older node) should wake readers.
-fn wakes(payload: &str, origin: Option<&str>, tail: &Tail) -> bool {
+async fn wakes(payload: &str, filter: &Filter, tail: &Tail) -> bool {
     let (from, seq) = match payload.rsplit_once(' ') {
         Some((o, s)) => (o, s.parse::<i64>().ok()),
         None => (payload, None),
     };
-    origin.is_none_or(|o| from == o) && !seq.is_some_and(|s| tail.published(s))
+    if filter.only.as_deref().is_some_and(|o| from != o) {
+        return false;
+    }
+    let Some(seq) = seq else {
+        return true;
+    };
+    tail.note(seq);
+    if filter.own.as_deref() == Some(from) && tail.publishing() {
+        return !tail.wait_published(seq, PUBLISH_WAIT).await;
+    }
+    !tail.published(seq)
 }
 
 /// One connection's life: connect, LISTEN, bump per notification. Returns why it ended.
-async fn listen(
-    url: &str,
-    origin: Option<&str>,
-    tail: &Tail,
-    backoff: &mut Backoff,
-) -> NotifyError {
+async fn listen(url: &str, filter: &Filter, tail: &Tail, backoff: &mut Backoff) -> NotifyError {
     let mut config: tokio_postgres::Config = match url.parse() {
         Ok(c) => c,
         Err(e) => return NotifyError::Url(e),
     };
     // A half-open connection would otherwise swallow wake-ups forever.
     config
+        .application_name("pgmesh-notify")
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30))
         .connect_timeout(Duration::from_secs(10));
@@ -136,16 +161,35 @@ async fn listen(
     };
     let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
     let query = format!("LISTEN {NOTIFY_CHANNEL}");
-    let listening = client.batch_execute(&query);
-    tokio::pin!(listening);
+    // Then the log's head: anything appended while we were away was not notified
+    // to us, and readers must know that rows up to it may not be in the tail.
+    let setup = async {
+        client.batch_execute(&query).await?;
+        client
+            .query_one(
+                "SELECT coalesce(max(seq), 0)::int8 FROM mesh.changelog",
+                &[],
+            )
+            .await
+    };
+    tokio::pin!(setup);
     // The connection only makes progress while its messages are polled.
     loop {
         tokio::select! {
-            r = &mut listening => match r {
-                Ok(()) => break,
+            r = &mut setup => match r {
+                Ok(row) => {
+                    tail.note(row.get(0));
+                    break;
+                }
                 Err(e) => return NotifyError::Listen(e),
             },
             m = messages.next() => match m {
+                // Listening already: note it; everyone is woken below anyway.
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if let Some(seq) = n.payload().rsplit_once(' ').and_then(|(_, s)| s.parse().ok()) {
+                        tail.note(seq);
+                    }
+                }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return NotifyError::Lost(e),
                 None => return NotifyError::Closed,
@@ -154,12 +198,11 @@ async fn listen(
     }
     info!(channel = NOTIFY_CHANNEL, "listening for change-log appends");
     backoff.reset();
-    // Anything appended while we were away was not notified to us.
     tail.wake();
     loop {
         match messages.next().await {
             Some(Ok(AsyncMessage::Notification(n))) => {
-                if wakes(n.payload(), origin, tail) {
+                if wakes(n.payload(), filter, tail).await {
                     tail.wake()
                 }
             }
@@ -175,19 +218,12 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
 
-    #[test]
-    fn notifications_wake_for_their_origin_unless_published() {
-        let tail = Tail::new(0);
-        assert!(wakes("r1 5", None, &tail));
-        assert!(wakes("r1 5", Some("r1"), &tail));
-        assert!(!wakes("r2 5", Some("r1"), &tail));
-        assert!(wakes("r1", Some("r1"), &tail), "an older node's payload");
-        assert!(wakes("", None, &tail), "an append that logged nothing");
-        tail.publish(vec![crate::log::Logged {
-            seq: 5,
+    fn logged(seq: i64) -> crate::log::Logged {
+        crate::log::Logged {
+            seq,
             event: crate::event::ChangeEvent {
                 origin: "r1".into(),
-                hlc: crate::hlc::Hlc::from_u64(1),
+                hlc: crate::hlc::Hlc::from_u64(seq as u64),
                 source_lsn: 1,
                 xid: 1,
                 commit_ts_us: 0,
@@ -195,12 +231,62 @@ mod tests {
                 local_only: false,
                 changes: vec![],
             },
-        }]);
+        }
+    }
+
+    #[tokio::test]
+    async fn notifications_wake_for_their_origin_unless_published() {
+        let tail = Tail::new(0);
+        let any = Filter::default();
+        let r1 = Filter {
+            only: Some("r1".into()),
+            own: Some("r1".into()),
+        };
+        assert!(wakes("r1 5", &any, &tail).await);
         assert!(
-            !wakes("r1 5", None, &tail),
+            wakes("r1 5", &r1, &tail).await,
+            "capture does not publish here"
+        );
+        assert!(!wakes("r2 5", &r1, &tail).await);
+        assert!(wakes("r1", &r1, &tail).await, "an older node's payload");
+        assert!(
+            wakes("", &any, &tail).await,
+            "an append that logged nothing"
+        );
+        tail.publish(vec![logged(5)]);
+        assert!(
+            !wakes("r1 5", &any, &tail).await,
             "published rows woke readers already"
         );
-        assert!(wakes("r1 6", None, &tail));
+        assert!(wakes("r1 6", &any, &tail).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn own_appends_wait_for_the_publish_while_capture_leads_here() {
+        let tail = Arc::new(Tail::new(0));
+        tail.set_publishing(true);
+        let hub = Filter {
+            only: None,
+            own: Some("r1".into()),
+        };
+        let t = tail.clone();
+        let publisher = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            t.publish(vec![logged(7)]);
+        });
+        assert!(
+            !wakes("r1 7", &hub, &tail).await,
+            "published in time: woken by it"
+        );
+        publisher.await.unwrap();
+        // Never published (another node appended): woken after the wait.
+        let before = tokio::time::Instant::now();
+        assert!(wakes("r1 8", &hub, &tail).await);
+        assert!(before.elapsed() >= PUBLISH_WAIT);
+        // Another origin's append (relayed by a hub) is never waited for.
+        let before = tokio::time::Instant::now();
+        assert!(wakes("r2 9", &hub, &tail).await);
+        assert_eq!(before.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test]
@@ -234,7 +320,7 @@ mod tests {
     /// bump) after the backend is killed.
     #[tokio::test]
     async fn notifies_and_reconnects_against_a_real_database() {
-        let Ok(url) = std::env::var("PGMESH_TEST_DATABASE_URL") else {
+        let Some(url) = crate::scratch::database("pgmesh_notify").await else {
             return;
         };
         let (mut rx, task) = LogNotifier::start(&url);
@@ -260,10 +346,10 @@ mod tests {
         assert!(second > first);
         rx.borrow_and_update();
         admin
-            .batch_execute(&format!(
+            .batch_execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE query = 'LISTEN {NOTIFY_CHANNEL}' AND pid <> pg_backend_pid()"
-            ))
+                 WHERE application_name = 'pgmesh-notify' AND datname = current_database()",
+            )
             .await
             .unwrap();
         // The reconnect bumps once by itself.
@@ -271,5 +357,6 @@ mod tests {
         assert!(third > second);
         drop(rx);
         task.abort();
+        crate::scratch::drop_database(&url).await;
     }
 }

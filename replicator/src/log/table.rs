@@ -169,7 +169,11 @@ impl TableLog {
             .filter(|r| r.get::<_, bool>(10))
             .map(logged_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Scan { events, upto })
+        Ok(Scan {
+            events,
+            upto,
+            drained: (rows.len() as i64) < limit,
+        })
     }
 }
 

@@ -19,8 +19,9 @@
 //! (another node's, or rows this tail already dropped).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -36,6 +37,11 @@ pub struct Tail {
     capacity: usize,
     /// Highest sequence number ever published (0 before any).
     high: AtomicI64,
+    /// Highest sequence number the log's notifications (or a look at the table)
+    /// told of; rows up to it may exist that were not published here.
+    noted: AtomicI64,
+    /// Whether this node's capture leads its region, so publishes its appends here.
+    publishing: AtomicBool,
     wake: watch::Sender<u64>,
 }
 
@@ -46,7 +52,36 @@ impl Tail {
             rows: Mutex::new(BTreeMap::new()),
             capacity,
             high: AtomicI64::new(0),
+            noted: AtomicI64::new(0),
+            publishing: AtomicBool::new(false),
             wake: watch::channel(0).0,
+        }
+    }
+
+    /// Capture says whether it leads its region (and so publishes every append of
+    /// the region's own events here) or not any more.
+    pub fn set_publishing(&self, on: bool) {
+        self.publishing.store(on, Ordering::Release);
+    }
+
+    /// Whether this node's capture publishes the region's appends here.
+    pub fn publishing(&self) -> bool {
+        self.publishing.load(Ordering::Acquire)
+    }
+
+    /// Waits until the row with sequence number `seq` is published, at most
+    /// `timeout`; returns whether it was.
+    pub async fn wait_published(&self, seq: i64, timeout: Duration) -> bool {
+        let mut rx = self.wake.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.published(seq) {
+                return true;
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return self.published(seq) },
+                _ = tokio::time::sleep_until(deadline) => return self.published(seq),
+            }
         }
     }
 
@@ -63,6 +98,13 @@ impl Tail {
     /// Resolves once no receiver of the wake-up counter is left.
     pub async fn closed(&self) {
         self.wake.closed().await
+    }
+
+    /// Records that the log holds rows up to `seq` (from a notification, or the
+    /// table's highest sequence number after reconnecting). Call it before waking
+    /// readers for them.
+    pub fn note(&self, seq: i64) {
+        self.noted.fetch_max(seq, Ordering::SeqCst);
     }
 
     /// Whether the row with sequence number `seq` was published here (it may have
@@ -90,6 +132,16 @@ impl Tail {
         self.wake();
     }
 
+    /// The lowest and highest sequence numbers held, and how many rows.
+    pub fn bounds(&self) -> (Option<i64>, Option<i64>, usize) {
+        let held = self.rows.lock().expect("tail lock poisoned");
+        (
+            held.first_key_value().map(|(k, _)| *k),
+            held.last_key_value().map(|(k, _)| *k),
+            held.len(),
+        )
+    }
+
     /// Up to `limit` rows after `after`, of which the events `filter` lets through,
     /// if this tail holds them as a gap-free run starting at `after + 1`; `None`
     /// means the caller must read the table.
@@ -106,9 +158,15 @@ impl Tail {
             }
             next += 1;
         }
-        (next > after + 1).then(|| Scan {
+        let upto = next - 1;
+        // Drained when nothing is held past the run and no append past it was
+        // noted; an append noted after this check wakes the reader anyway.
+        let drained =
+            held.range(next..).next().is_none() && self.noted.load(Ordering::SeqCst) <= upto;
+        (next > after + 1).then_some(Scan {
             events,
-            upto: Some(next - 1),
+            upto: Some(upto),
+            drained,
         })
     }
 }
@@ -181,6 +239,28 @@ mod tests {
     }
 
     #[test]
+    fn a_run_is_drained_only_up_to_what_was_noted() {
+        let t = Tail::new(100);
+        t.publish(vec![row(1, "a"), row(2, "a"), row(4, "a")]);
+        assert!(
+            !t.read(0, 10, &filter()).unwrap().drained,
+            "4 is held past the gap"
+        );
+        assert!(t.read(2, 10, &filter()).is_none(), "3 is unknown");
+        t.publish(vec![row(3, "a")]);
+        assert!(t.read(0, 10, &filter()).unwrap().drained);
+        assert!(
+            !t.read(0, 2, &filter()).unwrap().drained,
+            "cut by the limit"
+        );
+        t.note(5);
+        assert!(
+            !t.read(0, 10, &filter()).unwrap().drained,
+            "5 was appended elsewhere"
+        );
+    }
+
+    #[test]
     fn drops_the_oldest_beyond_capacity() {
         let t = Tail::new(3);
         t.publish((1..=5).map(|i| row(i, "a")).collect());
@@ -188,6 +268,19 @@ mod tests {
         assert_eq!(t.read(1, 10, &filter()), None, "2 was dropped");
         assert_eq!(t.read(2, 10, &filter()).unwrap().upto, Some(5));
         assert!(t.published(5) && !t.published(6));
+    }
+
+    #[tokio::test]
+    async fn waits_for_a_publish_until_the_timeout() {
+        let t = std::sync::Arc::new(Tail::new(10));
+        assert!(!t.wait_published(1, Duration::from_millis(20)).await);
+        let t2 = t.clone();
+        let publisher = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            t2.publish(vec![row(1, "a")]);
+        });
+        assert!(t.wait_published(1, Duration::from_secs(10)).await);
+        publisher.await.unwrap();
     }
 
     #[test]

@@ -64,6 +64,7 @@ impl LogReader for MemLog {
             .take(limit as usize)
             .collect();
         let scan = Scan {
+            drained: (read.len() as i64) < limit,
             upto: read.last().map(|l| l.seq),
             events: read
                 .into_iter()

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use super::{client, event, next_batch, seqs};
@@ -16,25 +15,12 @@ use crate::log::{ChangeLog, TableLog};
 
 #[tokio::test]
 async fn table_log_and_notifier_feed_a_link() {
-    let Ok(base) = std::env::var("PGMESH_TEST_DATABASE_URL") else {
+    let Some(url) = crate::scratch::database("pgmesh_link").await else {
         return;
     };
-    let db = format!("pgmesh_link_{}", std::process::id());
-    let (admin, conn) = tokio_postgres::connect(&base, NoTls).await.unwrap();
-    tokio::spawn(conn);
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
-        format!("CREATE DATABASE {db}"),
-    ] {
-        admin.batch_execute(&sql).await.unwrap();
-    }
-    let mut url = url::Url::parse(&base).unwrap();
-    url.set_path(&db);
-    let url = url.to_string();
-
-    let mut c = catalog::connect(&url).await.unwrap();
-    catalog::migrate(&mut c).await.unwrap();
-    let mut writer = TableLog::new(c).await.unwrap();
+    let mut writer = TableLog::new(catalog::connect(&url).await.unwrap())
+        .await
+        .unwrap();
     writer
         .append(&[event("eu", 1, false), event("us", 1, false)])
         .await
@@ -75,8 +61,5 @@ async fn table_log_and_notifier_feed_a_link() {
     server.await.unwrap();
     notifier.abort();
     drop(writer);
-    admin
-        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
-        .await
-        .unwrap();
+    crate::scratch::drop_database(&url).await;
 }

@@ -1,0 +1,44 @@
+//! Test support: a fresh database with the mesh catalog on the server of
+//! `PGMESH_TEST_DATABASE_URL`, for unit tests that need a real one.
+
+use tokio_postgres::NoTls;
+
+use crate::catalog;
+
+/// A new, empty database `name` (dropped first if it exists) with the catalog
+/// migrated in it; returns its URL, or `None` when `PGMESH_TEST_DATABASE_URL` is
+/// not set (the caller skips itself).
+pub(crate) async fn database(name: &str) -> Option<String> {
+    let base = std::env::var("PGMESH_TEST_DATABASE_URL").ok()?;
+    let db = format!("{name}_{}", std::process::id());
+    let (admin, conn) = tokio_postgres::connect(&base, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+        format!("CREATE DATABASE {db}"),
+    ] {
+        admin.batch_execute(&sql).await.unwrap();
+    }
+    let mut url = url::Url::parse(&base).unwrap();
+    url.set_path(&db);
+    let url = url.to_string();
+    let mut c = catalog::connect(&url).await.unwrap();
+    catalog::migrate(&mut c).await.unwrap();
+    Some(url)
+}
+
+/// Drops the database of `url` (made by [`database`]).
+pub(crate) async fn drop_database(url: &str) {
+    let base = std::env::var("PGMESH_TEST_DATABASE_URL").expect("set when the database was made");
+    let db = url::Url::parse(url)
+        .unwrap()
+        .path()
+        .trim_start_matches('/')
+        .to_string();
+    let (admin, conn) = tokio_postgres::connect(&base, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
