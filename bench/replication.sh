@@ -40,7 +40,8 @@ In one run, on fresh local clusters:
 
 All clusters share the machine's clock, so the timestamps compare. Runs pass -n
 to pgbench (no vacuum and no TRUNCATE of pgbench_history, so every transaction is
-exactly one replicated event).
+exactly one replicated event); instead every cluster is vacuumed (VACUUM ANALYZE)
+and checkpointed before each lag run, pgmesh's and native alike.
 
 Prints a table and the issue's targets on stdout and writes them to
 $BENCH_OUT/replication-<timestamp>.{csv,md}. Progress goes to stderr. A pgbench
@@ -468,6 +469,18 @@ checkpoint_all() {
     done
 }
 
+# settle PORT...: VACUUM ANALYZE, then CHECKPOINT, in each: what pgbench does before
+# a run unless -n (which these runs pass so that pgbench_history is not truncated).
+# Without it autovacuum's first round over the freshly loaded tables lands inside
+# the measured minute, in every cluster at once.
+settle() {
+    local p
+    for p in "$@"; do
+        psql_at "$p" "VACUUM ANALYZE" >/dev/null
+    done
+    checkpoint_all "$@"
+}
+
 # STATS_SQL: p50|p99|max (ms, 2 decimals) over column ms of a subquery named s.
 stats_select() {
     echo "count(*),
@@ -500,7 +513,7 @@ else
 fi
 
 seq0="$(origin_head)"
-checkpoint_all "${ALL_PG[@]}"
+settle "${ALL_PG[@]}"
 T0="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
 run_pgbench "pgmesh lag at $RATE tps" "$ORIGIN_PROXY" -b tpcb-like -R "$RATE" -T "$SECS"
 T1="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
@@ -690,7 +703,7 @@ INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :a
 INSERT INTO lagprobe DEFAULT VALUES;
 END;
 EOF
-checkpoint_all "$PUB_PORT" "$SUB_PORT"
+settle "$PUB_PORT" "$SUB_PORT"
 run_pgbench "native lag at $RATE tps" "$PUB_PORT" -f "$TMPD/tpcb-probe.sql" -s "$SCALE" -R "$RATE" -T "$SECS"
 NATIVE_TPS="$LAST_TPS"
 NATIVE_PROCESSED="$LAST_PROCESSED"
