@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use pgmesh_replicator::log::tail::Tail;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -35,6 +36,8 @@ pub struct Metrics {
     region: String,
     sessions: Arc<AtomicI64>,
     links: Mutex<BTreeMap<String, LinkCounters>>,
+    /// The in-memory tail of the change log peers are served from, when serving.
+    tail: Mutex<Option<Arc<Tail>>>,
 }
 
 impl Metrics {
@@ -53,6 +56,11 @@ impl Metrics {
     /// The open-sessions counter, for the proxy server to keep up to date.
     pub fn session_counter(&self) -> Arc<AtomicI64> {
         self.sessions.clone()
+    }
+
+    /// Reports peer reads of the change log from `tail`.
+    pub fn watch_tail(&self, tail: Arc<Tail>) {
+        *self.tail.lock().unwrap_or_else(|e| e.into_inner()) = Some(tail);
     }
 
     /// Adds to a link's counters.
@@ -115,6 +123,18 @@ impl Metrics {
                     out,
                     "{name}{{source=\"{source}\",target=\"{target}\"}} {}",
                     get(c)
+                );
+            }
+        }
+        let tail = self.tail.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(tail) = tail {
+            let (memory, table) = tail.reads();
+            let _ = writeln!(out, "# HELP pgmesh_log_reads_total Reads of the change log for peers, served from memory (what was just logged) or from the table.");
+            let _ = writeln!(out, "# TYPE pgmesh_log_reads_total counter");
+            for (source, n) in [("memory", memory), ("table", table)] {
+                let _ = writeln!(
+                    out,
+                    "pgmesh_log_reads_total{{region=\"{target}\",source=\"{source}\"}} {n}"
                 );
             }
         }

@@ -168,6 +168,7 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
             let log = TailedLog::new(tail.clone(), SharedTableLog::reconnecting(&url));
             // A hub relays every origin; any other node ships only its own events.
             let wake = tail.subscribe();
+            metrics.watch_tail(tail.clone());
             let notifier = LogNotifier::start_on(&url, &v.config.region, v.config.relay, tail);
             let mut cfg = ServeConfig::new(
                 listen.parse()?,

@@ -201,7 +201,9 @@ impl<R: LogReader> LogReader for TailedLog<R> {
         limit: i64,
         filter: &ShipFilter,
     ) -> BoxFuture<'_, Result<Scan, LogError>> {
-        match self.tail.read(after, limit, filter) {
+        let scan = self.tail.read(after, limit, filter);
+        self.tail.count_read(scan.is_some());
+        match scan {
             Some(scan) => Box::pin(std::future::ready(Ok(scan))),
             None => {
                 debug!(after, tail = ?self.tail.bounds(), "read from the table");

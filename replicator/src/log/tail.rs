@@ -19,7 +19,7 @@
 //! (another node's, or rows this tail already dropped).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -42,6 +42,9 @@ pub struct Tail {
     noted: AtomicI64,
     /// Whether this node's capture leads its region, so publishes its appends here.
     publishing: AtomicBool,
+    /// Peer reads served from here, and those that had to read the table.
+    memory_reads: AtomicU64,
+    table_reads: AtomicU64,
     wake: watch::Sender<u64>,
 }
 
@@ -54,6 +57,8 @@ impl Tail {
             high: AtomicI64::new(0),
             noted: AtomicI64::new(0),
             publishing: AtomicBool::new(false),
+            memory_reads: AtomicU64::new(0),
+            table_reads: AtomicU64::new(0),
             wake: watch::channel(0).0,
         }
     }
@@ -62,6 +67,24 @@ impl Tail {
     /// the region's own events here) or not any more.
     pub fn set_publishing(&self, on: bool) {
         self.publishing.store(on, Ordering::Release);
+    }
+
+    /// Counts a peer read served from here (`memory`) or from the table.
+    pub fn count_read(&self, memory: bool) {
+        let c = if memory {
+            &self.memory_reads
+        } else {
+            &self.table_reads
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Peer reads so far: (served from here, read from the table).
+    pub fn reads(&self) -> (u64, u64) {
+        (
+            self.memory_reads.load(Ordering::Relaxed),
+            self.table_reads.load(Ordering::Relaxed),
+        )
     }
 
     /// Whether this node's capture publishes the region's appends here.

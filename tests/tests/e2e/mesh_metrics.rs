@@ -102,3 +102,41 @@ async fn metrics_show_lag_applied_events_conflicts_and_dead_letters() -> Result<
     mesh.shutdown().await;
     Ok(())
 }
+
+/// What a node just logged is shipped to its peers from memory: after a run of
+/// single-row commits, `pgmesh_log_reads_total` of the writing node shows reads
+/// served from memory, and table reads only for the links' first catch-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_are_served_from_memory_not_the_table() -> Result<()> {
+    let mut mesh = Mesh::start(&["t_a", "t_b"]).await?;
+    mesh.exec_all(SCHEMA).await?;
+    mesh.init_all().await?;
+    mesh.start_nodes(|_| NodeSpec {
+        metrics: true,
+        ..NodeSpec::default()
+    })
+    .await?;
+    let a = mesh.connect_proxy(0).await?;
+    for i in 1..=100 {
+        a.execute("INSERT INTO kv VALUES ($1, 'a')", &[&i]).await?;
+    }
+    mesh.wait_converged(CONVERGE_TIMEOUT).await?;
+    let addr = mesh.metrics_addr(0).context("t_a serves metrics")?;
+    let (_, body) = http_get(addr, "/metrics").await?;
+    let memory = sample(
+        &body,
+        "pgmesh_log_reads_total{region=\"t_a\",source=\"memory\"}",
+    )?;
+    let table = sample(
+        &body,
+        "pgmesh_log_reads_total{region=\"t_a\",source=\"table\"}",
+    )?;
+    println!("peer reads of t_a: {memory} from memory, {table} from the table");
+    assert!(memory >= 20.0, "100 commits, {memory} reads from memory");
+    assert!(
+        table <= 10.0,
+        "{table} table reads next to {memory} from memory"
+    );
+    mesh.shutdown().await;
+    Ok(())
+}
