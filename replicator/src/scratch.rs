@@ -1,9 +1,25 @@
-//! Test support: a fresh database with the mesh catalog on the server of
-//! `PGMESH_TEST_DATABASE_URL`, for unit tests that need a real one.
+//! Test support: events to log, and a fresh database with the mesh catalog on the
+//! server of `PGMESH_TEST_DATABASE_URL` for unit tests that need a real one.
 
 use tokio_postgres::NoTls;
 
 use crate::catalog;
+use crate::event::ChangeEvent;
+use crate::hlc::Hlc;
+
+/// An event without changes; `n` makes its id and source LSN unique per origin.
+pub(crate) fn event(origin: &str, n: u64, local_only: bool) -> ChangeEvent {
+    ChangeEvent {
+        origin: origin.into(),
+        hlc: Hlc::from_parts(1_700_000_000_000 + n, 0),
+        source_lsn: n * 16,
+        xid: n as u32,
+        commit_ts_us: 0,
+        stamp: None,
+        local_only,
+        changes: vec![],
+    }
+}
 
 /// A new, empty database `name` (dropped first if it exists) with the catalog
 /// migrated in it; returns its URL, or `None` when `PGMESH_TEST_DATABASE_URL` is

@@ -56,7 +56,7 @@ pub async fn tail(url: &str, last: i64, follow: bool) -> anyhow::Result<()> {
         .await
         .context("the mesh catalog is missing? run `pgmesh init` first")?;
     let max: i64 = client
-        .query_one("SELECT coalesce(max(seq), 0) FROM mesh.changelog", &[])
+        .query_one(pgmesh_replicator::log::table::HEAD, &[])
         .await?
         .get(0);
     let mut log = TableLog::new(client).await?;

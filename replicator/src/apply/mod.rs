@@ -319,11 +319,12 @@ impl Applier {
         // The rows of every event are locked in the same round trip, duplicates
         // included (locking a row more does no harm), unless events must be isolated.
         let lock_all = async {
-            match isolate || remote.is_empty() {
-                true => Ok(None),
-                false => plan::lock_rows(tx, &mut self.cache, &remote)
+            if isolate || remote.is_empty() {
+                Ok(None)
+            } else {
+                plan::lock_rows(tx, &mut self.cache, &remote)
                     .await
-                    .map(Some),
+                    .map(Some)
             }
         };
         let ((_, _, fresh), locked) = try_join(

@@ -26,6 +26,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use super::backoff::Backoff;
 use super::protocol::ProtocolError;
 use super::session::Session;
+use crate::log::table::HEAD;
 use crate::log::tail::Tail;
 use crate::log::{LogError, Scan, ShipFilter, TableLog};
 
@@ -167,13 +168,7 @@ impl LogReader for SharedTableLog {
     fn head(&self) -> BoxFuture<'_, Result<i64, LogError>> {
         Box::pin(self.with_log(|log| {
             Box::pin(async move {
-                let row = log
-                    .client()
-                    .query_one(
-                        "SELECT coalesce(max(seq), 0)::int8 FROM mesh.changelog",
-                        &[],
-                    )
-                    .await?;
+                let row = log.client().query_one(HEAD, &[]).await?;
                 Ok(row.get(0))
             })
         }))
@@ -206,7 +201,7 @@ impl<R: LogReader> LogReader for TailedLog<R> {
         match scan {
             Some(scan) => Box::pin(std::future::ready(Ok(scan))),
             None => {
-                debug!(after, tail = ?self.tail.bounds(), "read from the table");
+                debug!(after, "read from the table");
                 self.inner.read_for(after, limit, filter)
             }
         }

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::table::NOTIFY_CHANNEL;
+use super::table::{HEAD, NOTIFY_CHANNEL};
 use super::tail::Tail;
 use crate::catalog::redact;
 use crate::link::backoff::Backoff;
@@ -123,13 +123,18 @@ async fn run(url: String, filter: Filter, tail: Arc<Tail>, mut backoff: Backoff)
     }
 }
 
-/// Whether a notification with `payload` (`ORIGIN SEQ`, or just `ORIGIN` from an
-/// older node) should wake readers.
-async fn wakes(payload: &str, filter: &Filter, tail: &Tail) -> bool {
-    let (from, seq) = match payload.rsplit_once(' ') {
-        Some((o, s)) => (o, s.parse::<i64>().ok()),
+/// The origin and highest sequence number of an append's notification payload
+/// (`ORIGIN SEQ`, or just `ORIGIN` from an older node).
+fn parse_payload(payload: &str) -> (&str, Option<i64>) {
+    match payload.rsplit_once(' ') {
+        Some((o, s)) => (o, s.parse().ok()),
         None => (payload, None),
-    };
+    }
+}
+
+/// Whether a notification with `payload` should wake readers.
+async fn wakes(payload: &str, filter: &Filter, tail: &Tail) -> bool {
+    let (from, seq) = parse_payload(payload);
     if filter.only.as_deref().is_some_and(|o| from != o) {
         return false;
     }
@@ -165,12 +170,7 @@ async fn listen(url: &str, filter: &Filter, tail: &Tail, backoff: &mut Backoff) 
     // to us, and readers must know that rows up to it may not be in the tail.
     let setup = async {
         client.batch_execute(&query).await?;
-        client
-            .query_one(
-                "SELECT coalesce(max(seq), 0)::int8 FROM mesh.changelog",
-                &[],
-            )
-            .await
+        client.query_one(HEAD, &[]).await
     };
     tokio::pin!(setup);
     // The connection only makes progress while its messages are polled.
@@ -186,7 +186,7 @@ async fn listen(url: &str, filter: &Filter, tail: &Tail, backoff: &mut Backoff) 
             m = messages.next() => match m {
                 // Listening already: note it; everyone is woken below anyway.
                 Some(Ok(AsyncMessage::Notification(n))) => {
-                    if let Some(seq) = n.payload().rsplit_once(' ').and_then(|(_, s)| s.parse().ok()) {
+                    if let (_, Some(seq)) = parse_payload(n.payload()) {
                         tail.note(seq);
                     }
                 }
@@ -221,16 +221,7 @@ mod tests {
     fn logged(seq: i64) -> crate::log::Logged {
         crate::log::Logged {
             seq,
-            event: crate::event::ChangeEvent {
-                origin: "r1".into(),
-                hlc: crate::hlc::Hlc::from_u64(seq as u64),
-                source_lsn: 1,
-                xid: 1,
-                commit_ts_us: 0,
-                stamp: None,
-                local_only: false,
-                changes: vec![],
-            },
+            event: crate::scratch::event("r1", seq as u64, false),
         }
     }
 

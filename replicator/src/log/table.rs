@@ -43,6 +43,9 @@ SELECT coalesce(array_agg(seq), '{}'), coalesce(array_agg(origin), '{}'), coales
        pg_notify('pgmesh_changelog', coalesce(min(origin), '') || ' ' || coalesce(max(seq), 0))
 FROM ins";
 
+/// The highest sequence number in the log (0 when it is empty).
+pub const HEAD: &str = "SELECT coalesce(max(seq), 0)::int8 FROM mesh.changelog";
+
 /// Takes [`APPEND_LOCK`].
 pub const LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
 

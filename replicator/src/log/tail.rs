@@ -155,16 +155,6 @@ impl Tail {
         self.wake();
     }
 
-    /// The lowest and highest sequence numbers held, and how many rows.
-    pub fn bounds(&self) -> (Option<i64>, Option<i64>, usize) {
-        let held = self.rows.lock().expect("tail lock poisoned");
-        (
-            held.first_key_value().map(|(k, _)| *k),
-            held.last_key_value().map(|(k, _)| *k),
-            held.len(),
-        )
-    }
-
     /// Up to `limit` rows after `after`, of which the events `filter` lets through,
     /// if this tail holds them as a gap-free run starting at `after + 1`; `None`
     /// means the caller must read the table.
@@ -197,22 +187,11 @@ impl Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::ChangeEvent;
-    use crate::hlc::Hlc;
 
     fn row(seq: i64, origin: &str) -> Logged {
         Logged {
             seq,
-            event: ChangeEvent {
-                origin: origin.into(),
-                hlc: Hlc::from_u64(seq as u64),
-                source_lsn: seq as u64,
-                xid: 1,
-                commit_ts_us: 0,
-                stamp: None,
-                local_only: false,
-                changes: vec![],
-            },
+            event: crate::scratch::event(origin, seq as u64, false),
         }
     }
 

@@ -19,8 +19,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{ClientConfig, LinkEvent, LinkServer, LogReader, ServeConfig};
-use crate::event::ChangeEvent;
-use crate::hlc::Hlc;
 use crate::log::{LogError, Logged, Scan, ShipFilter};
 
 pub(super) const MESH: &str = "test-mesh";
@@ -81,19 +79,7 @@ impl LogReader for MemLog {
     }
 }
 
-/// An event without changes; `n` makes its id and source LSN unique per origin.
-pub(super) fn event(origin: &str, n: u64, local_only: bool) -> ChangeEvent {
-    ChangeEvent {
-        origin: origin.into(),
-        hlc: Hlc::from_parts(1_700_000_000_000 + n, 0),
-        source_lsn: n * 16,
-        xid: n as u32,
-        commit_ts_us: 0,
-        stamp: None,
-        local_only,
-        changes: vec![],
-    }
-}
+pub(super) use crate::scratch::event;
 
 /// A running server over a [`MemLog`].
 pub(super) struct Harness {
