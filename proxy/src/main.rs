@@ -5,6 +5,11 @@ use clap::Parser;
 use pgmesh_proxy::cli::{self, Cli, Command, LogCommand};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc rather than the system allocator: the replication tasks allocate and free
+/// many small buffers per event, and glibc's malloc was a fifth of their CPU time.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()

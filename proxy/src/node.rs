@@ -5,6 +5,13 @@
 //! capture), so the pull links start when this node becomes leader and stop when it
 //! is not. The peer server only reads the change log, so every node may serve it.
 //! This module owns task lifecycles, not replication logic.
+//!
+//! The replication tasks (capture, the peer server, the notifier and the pull links,
+//! with their database connections) run on a runtime of their own, one thread by
+//! default (`PGMESH_REPLICATION_THREADS`), next to the proxy's runtime. An event
+//! passes through several of these tasks on its way to a peer; on one thread each
+//! hand-off is a local wake-up rather than a wake-up of another, maybe busy, thread,
+//! and the proxy's client sessions never delay them in a run queue.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +22,7 @@ use pgmesh_replicator::link::server::{LinkServer, ServeConfig, SharedTableLog, T
 use pgmesh_replicator::log::notify::LogNotifier;
 use pgmesh_replicator::log::tail::{self, Tail};
 use pgmesh_replicator::pull::{self, OnBatch, PullConfig};
+use tokio::runtime::{Handle, Runtime};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -83,11 +91,12 @@ async fn catalog_installed(url: &str) -> bool {
     }
 }
 
-/// Starts capture if enabled and the catalog is installed.
+/// Starts capture on `rt` if enabled and the catalog is installed.
 /// Logged rows are published to `tail` when given.
 pub async fn start_capture(
     v: &Validated,
     tail: Option<Arc<Tail>>,
+    rt: &Handle,
 ) -> anyhow::Result<Option<CaptureHandle>> {
     if !v.config.capture {
         return Ok(None);
@@ -100,20 +109,71 @@ pub async fn start_capture(
     pgmesh_replicator::catalog::validate_region(&v.config.region)?;
     let mut cfg = CaptureConfig::new(&url, &v.config.region, &v.config.node_name());
     cfg.tail = tail;
-    Ok(Some(spawn(cfg)))
+    Ok(Some(spawn_on(cfg, rt)))
 }
 
-/// Spawns the capture loop.
+/// Spawns the capture loop on the current runtime.
 pub fn spawn(cfg: CaptureConfig) -> CaptureHandle {
+    spawn_on(cfg, &Handle::current())
+}
+
+/// Spawns the capture loop on `rt`.
+pub fn spawn_on(cfg: CaptureConfig, rt: &Handle) -> CaptureHandle {
     let (stop, stop_rx) = watch::channel(false);
     let (role_tx, role) = watch::channel(Role::Starting);
     let (progress_tx, progress) = capture::progress_channel();
-    let task = tokio::spawn(capture::run(cfg, role_tx, progress_tx, stop_rx));
+    let task = rt.spawn(capture::run(cfg, role_tx, progress_tx, stop_rx));
     CaptureHandle {
         stop,
         role,
         progress,
         task,
+    }
+}
+
+/// The variable that sets the replication runtime's threads (0: share the caller's).
+pub const REPLICATION_THREADS_ENV: &str = "PGMESH_REPLICATION_THREADS";
+
+/// The runtime the replication tasks run on: their own, or the caller's.
+#[derive(Debug)]
+struct ReplicationRuntime {
+    own: Option<Runtime>,
+    handle: Handle,
+}
+
+impl ReplicationRuntime {
+    /// `PGMESH_REPLICATION_THREADS` threads, 1 by default; 0 shares the caller's.
+    fn new() -> anyhow::Result<Self> {
+        let threads = match std::env::var(REPLICATION_THREADS_ENV) {
+            Ok(v) => v.trim().parse::<usize>().map_err(|_| {
+                anyhow::anyhow!("{REPLICATION_THREADS_ENV} must be a number of threads, got {v:?}")
+            })?,
+            Err(_) => 1,
+        };
+        if threads == 0 {
+            return Ok(Self {
+                own: None,
+                handle: Handle::current(),
+            });
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("pgmesh-replication")
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            handle: rt.handle().clone(),
+            own: Some(rt),
+        })
+    }
+}
+
+impl Drop for ReplicationRuntime {
+    fn drop(&mut self) {
+        // A runtime's own drop blocks, which is not allowed inside another runtime.
+        if let Some(rt) = self.own.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -130,6 +190,8 @@ pub struct NodeHandle {
     stop: watch::Sender<bool>,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// Declared last: shut down after everything running on it has stopped.
+    _replication: ReplicationRuntime,
 }
 
 impl NodeHandle {
@@ -160,7 +222,8 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
         .peer_listen
         .is_some()
         .then(|| Arc::new(Tail::new(tail::DEFAULT_CAPACITY)));
-    let capture = start_capture(&v, tail.clone()).await?;
+    let repl = ReplicationRuntime::new()?;
+    let capture = start_capture(&v, tail.clone(), &repl.handle).await?;
     let mut peer_addr = None;
     if capture.is_some() {
         if let (Some(listen), Some(tail)) = (&v.config.peer_listen, tail) {
@@ -169,7 +232,10 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
             // A hub relays every origin; any other node ships only its own events.
             let wake = tail.subscribe();
             metrics.watch_tail(tail.clone());
-            let notifier = LogNotifier::start_on(&url, &v.config.region, v.config.relay, tail);
+            let notifier = {
+                let _on = repl.handle.enter();
+                LogNotifier::start_on(&url, &v.config.region, v.config.relay, tail)
+            };
             let mut cfg = ServeConfig::new(
                 listen.parse()?,
                 &v.config.mesh,
@@ -177,8 +243,16 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
                 v.config.node_name(),
             );
             cfg.relay = v.config.relay;
-            let (addr, task) =
-                LinkServer::start(cfg, Arc::new(log), wake, tls, cancel.clone()).await?;
+            let (addr, task) = repl
+                .handle
+                .spawn(LinkServer::start(
+                    cfg,
+                    Arc::new(log),
+                    wake,
+                    tls,
+                    cancel.clone(),
+                ))
+                .await??;
             info!(peer_listen = %addr, relay = v.config.relay, "serving the change log to peers");
             peer_addr = Some(addr);
             tasks.push(task);
@@ -186,7 +260,7 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
         }
         if let Some(c) = &capture {
             if !v.peers.is_empty() {
-                tasks.push(tokio::spawn(supervise_links(
+                tasks.push(repl.handle.spawn(supervise_links(
                     v.clone(),
                     url.clone(),
                     c.watch_role(),
@@ -219,6 +293,7 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
         stop,
         cancel,
         tasks,
+        _replication: repl,
     })
 }
 

@@ -64,7 +64,7 @@ pub struct NodeSpec {
 /// A running node.
 #[derive(Debug)]
 pub enum Node {
-    InProcess(NodeHandle),
+    InProcess(Box<NodeHandle>),
     Process(PgmeshProcess),
 }
 
@@ -317,7 +317,7 @@ impl Mesh {
                 .with_context(|| format!("starting the node of {}", r.name))?;
             r.proxy_addr = Some(h.proxy.local_addr());
             r.metrics_addr = h.metrics_addr;
-            r.node = Some(Node::InProcess(h));
+            r.node = Some(Node::InProcess(Box::new(h)));
         }
         r.peers = peers;
         r.spec = Some(spec);

@@ -34,38 +34,51 @@ use crate::capture::{Progress, APPLIED_PREFIX};
 use crate::catalog::{self, origin_id_for};
 use crate::event::ChangeEvent;
 use crate::hlc::Hlc;
-use crate::log::table::{append_params, APPEND, APPEND_LOCK, LOCK};
+use crate::log::table::{append_params, APPEND_LOCKED};
 use crate::log::versions;
 use crate::log::Logged;
 use crate::pgoutput::Lsn;
-use plan::{plan_events, Plan};
+use plan::{plan_events, Plan, Xids};
 pub use records::LOGGED;
 use records::{dead_letter, not_logged, record_conflicts};
 
-/// Sets the transaction's replication-origin LSN and commit timestamp to the source's.
+/// Sets the transaction's replication-origin LSN and commit timestamp to the source's,
+/// and reads the transaction's xids (the columns of [`plan::XIDS`]).
 const ORIGIN_SETUP: &str = "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn,
-     timestamptz 'epoch' + $2::int8 * interval '1 microsecond')";
-
-/// Tells capture the highest HLC a batch applied (a transactional logical message).
-const EMIT: &str = "SELECT pg_logical_emit_message(true, $1, $2)";
+     timestamptz 'epoch' + $2::int8 * interval '1 microsecond')::text,
+     txid_current() % 4294967296,
+     txid_current() - (SELECT init_txid FROM mesh.regions WHERE is_local)";
 
 /// Advances the link checkpoint, in the batch's transaction.
-const CHECKPOINT: &str = "UPDATE mesh.link_state SET checkpoint = $2::int8,
+macro_rules! checkpoint_sql {
+    ($returning:literal) => {
+        concat!(
+            "UPDATE mesh.link_state SET checkpoint = $2::int8,
         peer_head = greatest($3::int8, $2::int8),
         applied_hlc = greatest(applied_hlc, $4::int8),
         last_commit_ts = coalesce(timestamptz 'epoch' + $5::int8 * interval '1 microsecond', last_commit_ts),
         last_applied_at = now(), updated_at = now(), error = NULL
-     WHERE peer = $1";
+     WHERE peer = $1",
+            $returning
+        )
+    };
+}
+const CHECKPOINT: &str = checkpoint_sql!("");
+
+/// [`CHECKPOINT`] that also tells capture the highest HLC the batch applied (a
+/// transactional logical message, `$6` prefix and `$7` content), for batches that
+/// applied events. The link's row exists from [`Applier::connect`] on, so it is
+/// emitted exactly once.
+const CHECKPOINT_EMIT: &str = checkpoint_sql!(" RETURNING pg_logical_emit_message(true, $6, $7)");
 
 /// Statements every batch runs, prepared once per session.
 #[derive(Debug)]
 struct Statements {
     origin_setup: Statement,
     logged: Statement,
-    emit: Statement,
-    lock: Statement,
     append: Statement,
     checkpoint: Statement,
+    checkpoint_emit: Statement,
     store: Statement,
     conflict: Statement,
 }
@@ -75,10 +88,9 @@ impl Statements {
         Ok(Self {
             origin_setup: c.prepare(ORIGIN_SETUP).await?,
             logged: c.prepare(records::LOGGED).await?,
-            emit: c.prepare(EMIT).await?,
-            lock: c.prepare(LOCK).await?,
-            append: c.prepare(APPEND).await?,
+            append: c.prepare(APPEND_LOCKED).await?,
             checkpoint: c.prepare(CHECKPOINT).await?,
+            checkpoint_emit: c.prepare(CHECKPOINT_EMIT).await?,
             store: c.prepare(versions::STORE).await?,
             conflict: c.prepare(records::CONFLICT).await?,
         })
@@ -307,13 +319,13 @@ impl Applier {
             match remote.last() {
                 // Commit timestamps and origin LSN of this transaction are the source's.
                 Some(last) => tx
-                    .execute(
+                    .query_one(
                         &st.origin_setup,
                         &[&Lsn(last.source_lsn).to_string(), &last.commit_ts_us],
                     )
                     .await
-                    .map(drop),
-                None => Ok(()),
+                    .map(|r| Xids::from_row(&r, 1)),
+                None => Ok(Xids::default()),
             }
         };
         // The rows of every event are locked in the same round trip, duplicates
@@ -327,7 +339,7 @@ impl Applier {
                     .map(Some)
             }
         };
-        let ((_, _, fresh), locked) = try_join(
+        let ((_, xids, fresh), locked) = try_join(
             try_join3(
                 begin,
                 async { setup.await.map_err(ApplyError::from) },
@@ -365,9 +377,16 @@ impl Applier {
                 }
             }
         } else if let (false, Some(locked)) = (fresh.is_empty(), locked) {
-            planned =
-                plan::plan_locked(tx, &mut self.cache, locked, &fresh, progress.as_mut(), wait)
-                    .await?;
+            planned = plan::plan_locked(
+                tx,
+                &mut self.cache,
+                locked,
+                xids,
+                &fresh,
+                progress.as_mut(),
+                wait,
+            )
+            .await?;
             out.conflicts = planned.conflicts.len();
             out.applied = fresh.len();
         }
@@ -378,23 +397,29 @@ impl Applier {
             .max()
             .unwrap_or(0);
         // One round trip for the rest. The applied events are logged last, under the
-        // append lock, so sequence numbers become visible in order, and capture never
-        // waits on a batch that waits on it (`plan_events` waited before this).
+        // append lock (taken by the append itself), so sequence numbers become
+        // visible in order, and capture never waits on a batch that waits on it
+        // (`plan_events` waited before this).
         let params = append_params(&fresh);
         let max = fresh.iter().map(|e| e.hlc).max().unwrap_or(Hlc::ZERO);
         let max_text = max.as_u64().to_string();
-        let emit_params: [&(dyn ToSql + Sync); 2] = [&APPLIED_PREFIX, &max_text];
-        let lock_params: [&(dyn ToSql + Sync); 1] = [&APPEND_LOCK];
-        let append_params = params.refs();
-        let cp_params: [&(dyn ToSql + Sync); 5] =
-            [&peer, &upto, &head, &max_hlc, &out.max_commit_ts_us];
+        let append_params = params.refs_locked();
+        let cp_params: [&(dyn ToSql + Sync); 7] = [
+            &peer,
+            &upto,
+            &head,
+            &max_hlc,
+            &out.max_commit_ts_us,
+            &APPLIED_PREFIX,
+            &max_text,
+        ];
         let mut rest: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = Vec::new();
-        if !fresh.is_empty() {
-            rest.push(Box::pin(tx.execute(&st.emit, &emit_params)));
-            rest.push(Box::pin(tx.execute(&st.lock, &lock_params)));
+        if fresh.is_empty() {
+            rest.push(Box::pin(tx.execute(&st.checkpoint, &cp_params[..5])));
+        } else {
             rest.push(Box::pin(tx.execute(&st.append, &append_params)));
+            rest.push(Box::pin(tx.execute(&st.checkpoint_emit, &cp_params)));
         }
-        rest.push(Box::pin(tx.execute(&st.checkpoint, &cp_params)));
         rest.push(Box::pin(async {
             tx.batch_execute("COMMIT").await.map(|()| 0)
         }));

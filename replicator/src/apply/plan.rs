@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use futures::future::try_join3;
+use futures::future::try_join;
 use tokio_postgres::{Client, Statement};
 use tracing::debug;
 
@@ -27,9 +27,29 @@ use crate::pgoutput::Lsn;
 use crate::resolve::{decide, plan, Action, Decision, Version, Winner};
 
 /// This transaction's (32-bit) xid, and how many xids were assigned since `pgmesh
-/// init` (NULL before the catalog recorded it).
-const XIDS: &str = "SELECT txid_current() % 4294967296,
+/// init` (NULL before the catalog recorded it). A batch reads them with its origin
+/// setup ([`super::ORIGIN_SETUP`] ends with the same two columns).
+pub(super) const XIDS: &str = "SELECT txid_current() % 4294967296,
      txid_current() - (SELECT init_txid FROM mesh.regions WHERE is_local)";
+
+/// What [`XIDS`] returns.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Xids {
+    /// This transaction's (32-bit) xid.
+    pub own: i64,
+    /// Xids assigned since `pgmesh init`.
+    pub since_init: Option<i64>,
+}
+
+impl Xids {
+    /// From a row whose columns `at` and `at + 1` are [`XIDS`]'s.
+    pub fn from_row(r: &tokio_postgres::Row, at: usize) -> Self {
+        Self {
+            own: r.get(at),
+            since_init: r.get(at + 1),
+        }
+    }
+}
 
 /// What applying a set of events takes, not yet run.
 #[derive(Debug, Default)]
@@ -128,16 +148,11 @@ pub(super) struct Locked {
     exists: HashMap<(String, String), (i64, i64)>,
     /// Versions of `vkeys`, read after the locks.
     current: VersionMap,
-    /// This transaction's (32-bit) xid.
-    own_xid: i64,
-    /// Xids assigned since `pgmesh init`.
-    since_init: Option<i64>,
 }
 
-/// Locks every keyed row `events` touch and reads their versions, this
-/// transaction's xid and each table's TRUNCATE watermark: one round trip, sent on
-/// the first poll (after any statements still to prepare), so it pipelines behind
-/// whatever the caller sent before.
+/// Locks every keyed row `events` touch and reads their versions and each table's
+/// TRUNCATE watermark: one round trip, sent on the first poll (after any statements
+/// still to prepare), so it pipelines behind whatever the caller sent before.
 pub(super) async fn lock_rows(
     tx: &Client,
     cache: &mut StatementCache,
@@ -159,12 +174,10 @@ pub(super) async fn lock_rows(
     );
     let lock_stmts = exec::prepare_all(tx, cache, &ops).await?;
     let load = cache.get(tx, versions::LOAD).await?;
-    let xids = cache.get(tx, XIDS).await?;
     // The locks run first, so the versions read are the locked rows'.
-    let (locked, current, xid_row) = try_join3(
+    let (locked, current) = try_join(
         exec::query_all_run(tx, &lock_stmts, &ops),
         versions::load(tx, &load, &vkeys),
-        tx.query_one(&xids, &[]),
     )
     .await?;
     let mut exists = HashMap::new();
@@ -183,8 +196,6 @@ pub(super) async fn lock_rows(
         vkeys,
         exists,
         current,
-        own_xid: xid_row.get(0),
-        since_init: xid_row.get(1),
     })
 }
 
@@ -197,16 +208,30 @@ pub(super) async fn plan_events(
     progress: Option<&mut Progress>,
     wait: Duration,
 ) -> Result<Plan, ApplyError> {
-    let locked = lock_rows(tx, cache, events).await?;
-    plan_locked(tx, cache, locked, events, progress, wait).await
+    let xids = cache.get(tx, XIDS).await?;
+    let (locked, row) = try_join(lock_rows(tx, cache, events), async {
+        tx.query_one(&xids, &[]).await.map_err(ApplyError::from)
+    })
+    .await?;
+    plan_locked(
+        tx,
+        cache,
+        locked,
+        Xids::from_row(&row, 0),
+        events,
+        progress,
+        wait,
+    )
+    .await
 }
 
 /// [`plan_events`] after [`lock_rows`]: `locked` must cover every row of `events`
-/// (it may cover more).
+/// (it may cover more); `xids` are the transaction's.
 pub(super) async fn plan_locked(
     tx: &Client,
     cache: &mut StatementCache,
     locked: Locked,
+    xids: Xids,
     events: &[ChangeEvent],
     progress: Option<&mut Progress>,
     wait: Duration,
@@ -216,9 +241,11 @@ pub(super) async fn plan_locked(
         vkeys,
         mut exists,
         mut current,
-        own_xid,
-        since_init,
     } = locked;
+    let Xids {
+        own: own_xid,
+        since_init,
+    } = xids;
     // The capture race: a local write that committed before we locked must count.
     // If every locked row was last written by the version we know of (its xmin
     // matches), or predates capture, nothing is uncaptured and we need not wait.

@@ -173,9 +173,22 @@ pub fn decode_client(frame: &[u8]) -> Result<ClientMsg, ProtocolError> {
     })
 }
 
+/// How [`encode_server`] starts a batch frame: the tag first.
+const BATCH_TAG: &[u8] = br#"{"type":"batch","#;
+
 /// Decodes one frame payload sent by a server.
+///
+/// Batches, the most frequent and largest frames, are read straight into [`Batch`]
+/// when their tag leads (as [`encode_server`] writes it; `Batch` ignores the `type`
+/// field). serde reads an internally tagged enum by buffering the whole message first,
+/// which cost a tenth of a receiving node's CPU. Any other frame takes that path.
 pub fn decode_server(frame: &[u8]) -> Result<ServerMsg, ProtocolError> {
-    serde_json::from_slice(frame).map_err(|source| ProtocolError::Decode {
+    let msg = if frame.starts_with(BATCH_TAG) {
+        serde_json::from_slice::<Batch>(frame).map(ServerMsg::Batch)
+    } else {
+        serde_json::from_slice(frame)
+    };
+    msg.map_err(|source| ProtocolError::Decode {
         what: "server",
         source,
     })
@@ -316,6 +329,27 @@ mod tests {
             upto: 3,
             head: 3,
         }));
+    }
+
+    #[test]
+    fn batch_frames_take_the_direct_path_and_others_still_decode() {
+        let batch = ServerMsg::Batch(Batch {
+            events: vec![logged(2)],
+            upto: 4,
+            head: 4,
+        });
+        let bytes = encode_server(&batch).unwrap();
+        assert!(bytes.starts_with(BATCH_TAG));
+        // The same batch with its tag last (another encoder) decodes the same.
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let tag = v.as_object_mut().unwrap().remove("type").unwrap();
+        let mut reordered = serde_json::to_string(&v).unwrap();
+        reordered.pop();
+        reordered.push_str(&format!(",\"type\":{tag}}}"));
+        assert!(!reordered.as_bytes().starts_with(BATCH_TAG));
+        assert_eq!(decode_server(reordered.as_bytes()).unwrap(), batch);
+        // A frame that starts like a batch but is not one is an error, not a batch.
+        assert!(decode_server(br#"{"type":"batch","upto":1}"#).is_err());
     }
 
     #[test]

@@ -24,24 +24,45 @@ pub const APPEND_LOCK: i64 = 0x7067_6d65_7368_0002;
 /// Channel notified after every append, so readers wake without polling.
 pub const NOTIFY_CHANNEL: &str = "pgmesh_changelog";
 
-/// Inserts events (from [`append_params`]), notifies readers, and returns the
-/// inserted rows' sequence numbers with their event ids (see [`logged_rows`]). The
-/// payload is `ORIGIN SEQ`: an origin of the appended events (all of them share it,
-/// except in a hub's relayed batches), so a reader that serves only one origin can
-/// ignore the rest, and the highest sequence number appended.
-pub const APPEND: &str = "
+/// The append statement, with `$lock` between its source rows and ON CONFLICT.
+macro_rules! append_sql {
+    ($lock:literal) => {
+        concat!(
+            "
 WITH ins AS (
   INSERT INTO mesh.changelog
     (origin, hlc, source_lsn, xid, commit_ts, stamped, local_only, tags, changes)
   SELECT o, h, l::pg_lsn, x, timestamptz 'epoch' + t * interval '1 microsecond', s, lo, tg::json, ch::json
   FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::bool[], $7::bool[],
               $8::text[], $9::text[]) AS u(o, h, l, x, t, s, lo, tg, ch)
+  ",
+            $lock,
+            "
   ON CONFLICT DO NOTHING
   RETURNING seq, origin, hlc
 )
 SELECT coalesce(array_agg(seq), '{}'), coalesce(array_agg(origin), '{}'), coalesce(array_agg(hlc), '{}'),
        pg_notify('pgmesh_changelog', coalesce(min(origin), '') || ' ' || coalesce(max(seq), 0))
-FROM ins";
+FROM ins"
+        )
+    };
+}
+
+/// Inserts events (from [`append_params`]), notifies readers, and returns the
+/// inserted rows' sequence numbers with their event ids (see [`logged_rows`]). The
+/// payload is `ORIGIN SEQ`: an origin of the appended events (all of them share it,
+/// except in a hub's relayed batches), so a reader that serves only one origin can
+/// ignore the rest, and the highest sequence number appended. The caller holds
+/// [`APPEND_LOCK`] already.
+pub const APPEND: &str = append_sql!("");
+
+/// [`APPEND`] that first takes [`APPEND_LOCK`] (`$10`) itself: the lock is a
+/// one-time filter (an InitPlan) over the source rows, so it is held before any
+/// sequence number is drawn. For appenders that need not hold the lock earlier in
+/// their transaction (apply); the statement's snapshot predates the lock, which an
+/// INSERT ... ON CONFLICT DO NOTHING does not read by.
+pub const APPEND_LOCKED: &str =
+    append_sql!("WHERE (SELECT pg_advisory_xact_lock($10)) IS NOT NULL");
 
 /// The highest sequence number in the log (0 when it is empty).
 pub const HEAD: &str = "SELECT coalesce(max(seq), 0)::int8 FROM mesh.changelog";
@@ -254,6 +275,12 @@ impl AppendParams {
             &self.changes,
         ]
     }
+
+    /// The parameters of [`APPEND_LOCKED`]: [`Self::refs`] and [`APPEND_LOCK`].
+    pub fn refs_locked(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 10] {
+        let [a, b, c, d, e, f, g, h, i] = self.refs();
+        [a, b, c, d, e, f, g, h, i, &APPEND_LOCK]
+    }
 }
 
 /// Builds the parameters that insert `events` into `mesh.changelog`.
@@ -325,5 +352,86 @@ impl ChangeLog for TableLog {
         let st = self.cache.get(&self.client, READ_AFTER).await?;
         let rows = self.client.query(&st, &[&after, &limit]).await?;
         rows.iter().map(logged_from_row).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::catalog;
+    use crate::scratch;
+
+    /// Waits (with a deadline) until session `pid` waits on a lock.
+    async fn until_waiting_on_lock(c: &Client, pid: i32) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: bool = c
+                .query_one(
+                    "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1",
+                    &[&pid],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "session {pid} never waited on the append lock"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// APPEND_LOCKED takes the append lock before it draws a sequence number: while
+    /// another appender holds the lock it waits, and its rows come after that
+    /// appender's, although its statement started first.
+    #[tokio::test]
+    async fn append_locked_waits_for_the_lock_and_draws_later_numbers() {
+        let Some(url) = scratch::database("pgmesh_append_locked").await else {
+            return;
+        };
+        let holder = catalog::connect(&url).await.unwrap();
+        let waiter = catalog::connect(&url).await.unwrap();
+        let watcher = catalog::connect(&url).await.unwrap();
+        holder.batch_execute("BEGIN").await.unwrap();
+        holder.execute(LOCK, &[&APPEND_LOCK]).await.unwrap();
+        let pid: i32 = waiter
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let late = vec![scratch::event("r2", 1, false)];
+        let params = append_params(&late);
+        let waiting = async {
+            let row = waiter
+                .query_one(APPEND_LOCKED, &params.refs_locked())
+                .await
+                .unwrap();
+            logged_rows(late.clone(), &row)
+        };
+        let first = async {
+            until_waiting_on_lock(&watcher, pid).await;
+            let early = vec![scratch::event("r1", 1, false)];
+            let row = holder
+                .query_one(APPEND, &append_params(&early).refs())
+                .await
+                .unwrap();
+            holder.batch_execute("COMMIT").await.unwrap();
+            logged_rows(early, &row)
+        };
+        let (late, early) = tokio::join!(waiting, first);
+        assert_eq!((early.len(), late.len()), (1, 1));
+        assert!(
+            late[0].seq > early[0].seq,
+            "the waiting append drew {} before the holder's {}",
+            late[0].seq,
+            early[0].seq
+        );
+        drop((holder, waiter, watcher));
+        scratch::drop_database(&url).await;
     }
 }
