@@ -4,7 +4,9 @@
 //! link's checkpoint, applies each batch in one local transaction through
 //! [`Applier`], and acknowledges it, which is the backpressure. A paused link stays
 //! disconnected (the peer's log buffers) until resumed; both are signalled by
-//! `NOTIFY pgmesh_links` from `mesh.pause_link`/`mesh.resume_link`, so nothing polls.
+//! `NOTIFY pgmesh_links` from `mesh.pause_link`/`mesh.resume_link`. While paused it
+//! only asks the peer for its log head now and then (a handshake, then it hangs up),
+//! so `mesh.links` shows the backlog growing.
 //! It never writes user tables itself: that is apply's job.
 
 use std::sync::Arc;
@@ -21,6 +23,9 @@ use crate::capture::Progress;
 use crate::link::backoff::Backoff;
 use crate::link::client::{ClientConfig, LinkClient, LinkEvent};
 use crate::link::LinkError;
+
+/// How often a paused link asks the peer for its log head.
+const PAUSED_HEAD_EVERY: Duration = Duration::from_secs(2);
 
 /// Errors of one pull session; the loop reconnects after each.
 #[derive(Debug, Error)]
@@ -125,12 +130,21 @@ async fn session(
 ) -> Result<(), PullError> {
     let mut applier =
         Applier::connect(&cfg.url, &cfg.region, &cfg.peer, &cfg.regions, progress).await?;
-    // A paused link stays disconnected until resumed.
+    // A paused link stays disconnected until resumed, but keeps its backlog known.
+    let mut heads = tokio::time::interval(PAUSED_HEAD_EVERY);
+    let mut logged_pause = false;
     while link_status(&applier, &cfg.peer).await? == "paused" {
-        info!("link paused");
+        if !logged_pause {
+            info!("link paused");
+            logged_pause = true;
+        }
         tokio::select! {
             s = signals.recv() => if s.is_none() { return Ok(()) },
             _ = shutdown.changed() => return Ok(()),
+            _ = heads.tick() => match peer_head(cfg, applier.checkpoint(&cfg.peer).await?).await {
+                Ok(head) => set_head(&applier, &cfg.peer, head, None).await?,
+                Err(e) => debug!(error = %e, "paused link: cannot read the peer's head"),
+            },
         }
     }
     applier
@@ -245,6 +259,25 @@ async fn link_status(a: &Applier, peer: &str) -> Result<String, PullError> {
 }
 
 /// Records the peer's log head and, if given, a checkpoint reached by empty batches.
+/// The peer's log head, from a handshake asking for at most one event after `after`;
+/// the link is closed right after it.
+async fn peer_head(cfg: &PullConfig, after: i64) -> Result<i64, LinkError> {
+    let (_client, welcome) = LinkClient::connect(
+        &cfg.addr,
+        ClientConfig {
+            mesh: cfg.mesh.clone(),
+            region: cfg.region.clone(),
+            node: cfg.node.clone(),
+            after,
+            max_batch: 1,
+            window: 1,
+            tls: cfg.tls.clone(),
+        },
+    )
+    .await?;
+    Ok(welcome.head)
+}
+
 async fn set_head(
     a: &Applier,
     peer: &str,

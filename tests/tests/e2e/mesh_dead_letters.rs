@@ -189,14 +189,35 @@ async fn dead_letters_skip_and_retry_and_a_paused_link_catches_up() -> Result<()
         backlog_paused >= backlog_before + 5,
         "backlog {backlog_before} -> {backlog_paused}"
     );
+    // mesh.links in dl_b shows it too, and keeps up with later writes: a paused link
+    // still reads the peer's head now and then.
+    let shown = |at_least: i64| {
+        let mesh = &mesh;
+        wait_for(
+            CONVERGE_TIMEOUT,
+            "mesh.links to show the paused backlog",
+            move || async move {
+                let link = mesh.link(1, "dl_a").await?.expect("link");
+                Ok((link.backlog >= at_least && link.lag_ms > 0).then_some(link))
+            },
+        )
+    };
+    let first = shown(backlog_paused).await?;
+    assert_eq!(first.status, "paused");
+    for id in 15..17 {
+        a.execute("INSERT INTO accounts VALUES ($1, 1)", &[&id])
+            .await?;
+    }
+    let later = shown(first.backlog + 2).await?;
+    assert_eq!(later.checkpoint, paused.checkpoint);
 
     // Resume: it catches up.
     mesh.resume_link(1, "dl_a").await?;
-    wait_account(b, 14).await?;
+    wait_account(b, 16).await?;
     mesh.wait_quiescent(CONVERGE_TIMEOUT).await?;
     let link = mesh.link(1, "dl_a").await?.expect("link");
     assert_eq!((link.status.as_str(), link.backlog), ("active", 0));
-    assert_eq!(ids(b).await?, [2, 3, 10, 11, 12, 13, 14]);
+    assert_eq!(ids(b).await?, [2, 3, 10, 11, 12, 13, 14, 15, 16]);
     assert_eq!(
         mesh.checksums(0).await?,
         mesh.checksums(2).await?,
