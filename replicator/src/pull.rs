@@ -62,6 +62,21 @@ pub struct PullConfig {
 /// Called after every applied batch (metrics).
 pub type OnBatch = Arc<dyn Fn(&str, &BatchOutcome) + Send + Sync>;
 
+impl PullConfig {
+    /// The link client's settings for a session asking for events after `after`.
+    fn client(&self, after: i64, max_batch: u32, window: u32) -> ClientConfig {
+        ClientConfig {
+            mesh: self.mesh.clone(),
+            region: self.region.clone(),
+            node: self.node.clone(),
+            after,
+            max_batch,
+            window,
+            tls: self.tls.clone(),
+        }
+    }
+}
+
 /// Runs the link until shutdown.
 pub async fn run(
     cfg: PullConfig,
@@ -157,21 +172,10 @@ async fn session(
         .await?;
     applier.retry_dead_letters().await?;
     let after = applier.checkpoint(&cfg.peer).await?;
-    let (mut client, welcome) = LinkClient::connect(
-        &cfg.addr,
-        ClientConfig {
-            mesh: cfg.mesh.clone(),
-            region: cfg.region.clone(),
-            node: cfg.node.clone(),
-            after,
-            max_batch: cfg.max_batch,
-            // Batches that queue up are folded into one apply, so a deeper window
-            // costs no latency and lets the peer keep sending while we apply.
-            window: 16,
-            tls: cfg.tls.clone(),
-        },
-    )
-    .await?;
+    // Batches that queue up are folded into one apply, so a deeper window costs no
+    // latency and lets the peer keep sending while we apply.
+    let (mut client, welcome) =
+        LinkClient::connect(&cfg.addr, cfg.client(after, cfg.max_batch, 16)).await?;
     if welcome.region != cfg.peer {
         warn!(expected = %cfg.peer, got = %welcome.region, "peer reports a different region");
     }
@@ -258,26 +262,14 @@ async fn link_status(a: &Applier, peer: &str) -> Result<String, PullError> {
         .map_or_else(|| "active".to_string(), |r| r.get(0)))
 }
 
-/// Records the peer's log head and, if given, a checkpoint reached by empty batches.
 /// The peer's log head, from a handshake asking for at most one event after `after`;
 /// the link is closed right after it.
 async fn peer_head(cfg: &PullConfig, after: i64) -> Result<i64, LinkError> {
-    let (_client, welcome) = LinkClient::connect(
-        &cfg.addr,
-        ClientConfig {
-            mesh: cfg.mesh.clone(),
-            region: cfg.region.clone(),
-            node: cfg.node.clone(),
-            after,
-            max_batch: 1,
-            window: 1,
-            tls: cfg.tls.clone(),
-        },
-    )
-    .await?;
+    let (_client, welcome) = LinkClient::connect(&cfg.addr, cfg.client(after, 1, 1)).await?;
     Ok(welcome.head)
 }
 
+/// Records the peer's log head and, if given, a checkpoint reached by empty batches.
 async fn set_head(
     a: &Applier,
     peer: &str,
