@@ -205,6 +205,10 @@ impl Applier {
                 &[&peer],
             )
             .await?;
+        // Apply appends to the log too: after a crash, never on rewound numbers.
+        crate::log::table::TableLog::skip_ahead(&client)
+            .await
+            .map_err(|e| ApplyError::Internal(e.to_string()))?;
         let mut names: HashMap<i16, String> = regions
             .iter()
             .map(|r| (origin_id_for(r), r.clone()))

@@ -201,7 +201,9 @@ async fn run_once(
     }
     set_node_role(&lock, cfg, "leader").await?;
     info!(region = %cfg.region, node = %cfg.node, "capture leader");
-    let mut log = TableLog::new(catalog::connect_as(&cfg.url, "pgmesh-capture-log").await?).await?;
+    let log_client = catalog::connect_as(&cfg.url, "pgmesh-capture-log").await?;
+    TableLog::skip_ahead(&log_client).await?;
+    let mut log = TableLog::new(log_client).await?;
     let resume = log.resume_point(&cfg.region).await?;
     let skip_upto = resume.map_or(Lsn(0), |r| r.lsn);
     let mut asm = Assembler::new(&cfg.region, resume.map_or(Hlc::ZERO, |r| r.hlc));

@@ -21,6 +21,10 @@ use crate::pgoutput::Lsn;
 /// seen `seq` N can never later find a committed row below N.
 pub const APPEND_LOCK: i64 = 0x7067_6d65_7368_0002;
 
+/// How far [`TableLog::skip_ahead`] moves the sequence: more than any appender draws
+/// between two flushes of the WAL (a batch is at most a few thousand events).
+pub const SKIP_AHEAD: i64 = 100_000;
+
 /// Channel notified after every append, so readers wake without polling.
 pub const NOTIFY_CHANNEL: &str = "pgmesh_changelog";
 
@@ -162,6 +166,31 @@ impl TableLog {
         )
         .await?;
         Ok(logged_rows(std::mem::take(events), &row))
+    }
+
+    /// Moves the log's sequence [`SKIP_AHEAD`] numbers past anything it may have
+    /// handed out, under the append lock. A server crash can rewind a sequence to
+    /// its last flushed state, and numbers drawn after that may already have reached
+    /// a peer: apply commits asynchronously, and a relaying hub serves the rows it
+    /// appended as soon as they are visible, before they are flushed. Reusing such a
+    /// number for another event would make that peer skip the event. Capture and
+    /// every apply session run this when they (re)connect, before they append.
+    pub async fn skip_ahead(client: &Client) -> Result<(), LogError> {
+        // The transaction commits durably whatever the session's setting: a bump lost
+        // in a second crash would let the next one land on the same numbers again.
+        client
+            .batch_execute(&format!(
+                "BEGIN;
+                 SET LOCAL synchronous_commit = on;
+                 SELECT pg_advisory_xact_lock({APPEND_LOCK});
+                 SELECT setval(pg_get_serial_sequence('mesh.changelog', 'seq'),
+                               greatest((SELECT last_value FROM mesh.changelog_seq_seq),
+                                        (SELECT coalesce(max(seq), 0) FROM mesh.changelog))
+                               + {SKIP_AHEAD});
+                 COMMIT;"
+            ))
+            .await?;
+        Ok(())
     }
 
     /// Up to `limit` log rows after `after`, of which only the events `filter` lets
@@ -432,6 +461,49 @@ mod tests {
             early[0].seq
         );
         drop((holder, waiter, watcher));
+        scratch::drop_database(&url).await;
+    }
+}
+
+#[cfg(test)]
+mod skip_tests {
+    use super::*;
+    use crate::catalog;
+    use crate::scratch;
+
+    /// After `skip_ahead`, the next number is past everything handed out by at least
+    /// SKIP_AHEAD.
+    #[tokio::test]
+    async fn skip_ahead_moves_past_every_number_handed_out() {
+        let Some(url) = scratch::database("pgmesh_skip_ahead").await else {
+            return;
+        };
+        let c = catalog::connect(&url).await.unwrap();
+        // Numbers drawn but never committed count as handed out too.
+        c.batch_execute("BEGIN; SELECT nextval('mesh.changelog_seq_seq'); ROLLBACK")
+            .await
+            .unwrap();
+        let drawn: i64 = c
+            .query_one("SELECT last_value FROM mesh.changelog_seq_seq", &[])
+            .await
+            .unwrap()
+            .get(0);
+        TableLog::skip_ahead(&c).await.unwrap();
+        let mut log = TableLog::new(catalog::connect(&url).await.unwrap())
+            .await
+            .unwrap();
+        let mut events = vec![
+            scratch::event("r1", 1, false),
+            scratch::event("r1", 2, false),
+        ];
+        let logged = log.append_local(&mut events).await.unwrap();
+        assert_eq!(logged.len(), 2);
+        assert!(
+            logged[0].seq > drawn + SKIP_AHEAD,
+            "seq {} after {drawn} drawn",
+            logged[0].seq
+        );
+        drop((c, log));
         scratch::drop_database(&url).await;
     }
 }
