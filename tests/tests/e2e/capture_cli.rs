@@ -182,7 +182,13 @@ async fn log_tail_prints_one_line_per_change() -> Result<()> {
     assert_eq!(last.len(), 1, "{}", out.stdout);
     expect_line(last[0], expected[4].0, expected[4].1)?;
 
-    // Following: a new event is printed as it arrives.
+    // Following: a new event is printed as it arrives. Only a session that starts
+    // from here on is the follower (the runs above may still be listed, idle).
+    let spawned: String = region
+        .admin
+        .query_one("SELECT clock_timestamp()::text", &[])
+        .await?
+        .get(0);
     let mut child = tokio::process::Command::new(pgmesh_bin()?)
         .args(["log", "tail", "--upstream", &url, "--last", "0"])
         .env("NO_COLOR", "1")
@@ -198,8 +204,9 @@ async fn log_tail_prints_one_line_per_change() -> Result<()> {
             .admin
             .query_opt(
                 "SELECT 1 FROM pg_stat_activity
-                 WHERE state = 'idle' AND query LIKE '%FROM mesh.changelog%WHERE seq > $1%'",
-                &[],
+                 WHERE state = 'idle' AND query LIKE '%FROM mesh.changelog%WHERE seq > $1%'
+                   AND backend_start > $1::text::timestamptz",
+                &[&spawned],
             )
             .await
             .ok()
