@@ -55,12 +55,17 @@ pub async fn tail(url: &str, last: i64, follow: bool) -> anyhow::Result<()> {
         .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
         .await
         .context("the mesh catalog is missing? run `pgmesh init` first")?;
-    let max: i64 = client
-        .query_one(pgmesh_replicator::log::table::HEAD, &[])
+    // Start after the last `last` events (sequence numbers have gaps).
+    let mut after: i64 = client
+        .query_one(
+            "SELECT coalesce((SELECT min(seq) - 1 FROM (SELECT seq FROM mesh.changelog
+                                                        ORDER BY seq DESC LIMIT $1) s),
+                             (SELECT max(seq) FROM mesh.changelog), 0)::int8",
+            &[&last.max(0)],
+        )
         .await?
         .get(0);
     let mut log = TableLog::new(client).await?;
-    let mut after = (max - last).max(0);
     loop {
         loop {
             let rows = log.read_after(after, 1000).await?;

@@ -181,6 +181,33 @@ async fn log_tail_prints_one_line_per_change() -> Result<()> {
     let last: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(last.len(), 1, "{}", out.stdout);
     expect_line(last[0], expected[4].0, expected[4].1)?;
+    // ... across gaps in the sequence too (every appender skips ahead on reconnect).
+    region
+        .admin
+        .batch_execute(
+            "SELECT setval('mesh.changelog_seq_seq', (SELECT last_value FROM mesh.changelog_seq_seq) + 1000)",
+        )
+        .await?;
+    region
+        .admin
+        .execute("INSERT INTO t VALUES (5, 'after a gap')", &[])
+        .await?;
+    region.wait_caught_up().await?;
+    let out = pgmesh_output(&[
+        "log",
+        "tail",
+        "--upstream",
+        &url,
+        "--last",
+        "2",
+        "--no-follow",
+    ])
+    .await?
+    .ok()?;
+    let two: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(two.len(), 2, "{}", out.stdout);
+    expect_line(two[0], expected[4].0, expected[4].1)?;
+    assert!(two[1].contains("pk=(id=5)"), "{}", two[1]);
 
     // Following: a new event is printed as it arrives. Only a session that starts
     // from here on is the follower (the runs above may still be listed, idle).

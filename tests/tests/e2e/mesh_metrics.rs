@@ -132,9 +132,12 @@ async fn peers_are_served_from_memory_not_the_table() -> Result<()> {
         "pgmesh_log_reads_total{region=\"t_a\",source=\"table\"}",
     )?;
     println!("peer reads of t_a: {memory} from memory, {table} from the table");
-    assert!(memory >= 20.0, "100 commits, {memory} reads from memory");
+    // Under load capture folds several commits into one append, so the number of
+    // reads varies (93 on an idle machine, 16 under the full suite); what must hold
+    // is that they come from memory. With the tail disabled: 0 and 61.
+    assert!(memory >= 5.0, "100 commits, {memory} reads from memory");
     assert!(
-        table <= 10.0,
+        table <= 10.0 && 4.0 * table <= memory,
         "{table} table reads next to {memory} from memory"
     );
     mesh.shutdown().await;
