@@ -115,6 +115,21 @@ fn expect_line(line: &str, e: &LogEvent, i: usize) -> Result<()> {
     Ok(())
 }
 
+/// `pgmesh log tail --last N --no-follow` against `url`, which must succeed.
+async fn tail_last(url: &str, n: u32) -> Result<pgmesh_tests::client::CmdOutput> {
+    pgmesh_output(&[
+        "log",
+        "tail",
+        "--upstream",
+        url,
+        "--last",
+        &n.to_string(),
+        "--no-follow",
+    ])
+    .await?
+    .ok()
+}
+
 #[tokio::test]
 async fn log_tail_prints_one_line_per_change() -> Result<()> {
     let region = Region::start("tail").await?;
@@ -145,17 +160,7 @@ async fn log_tail_prints_one_line_per_change() -> Result<()> {
     assert_eq!(expected.len(), 5);
 
     let url = region.url();
-    let out = pgmesh_output(&[
-        "log",
-        "tail",
-        "--upstream",
-        &url,
-        "--last",
-        "100",
-        "--no-follow",
-    ])
-    .await?
-    .ok()?;
+    let out = tail_last(&url, 100).await?;
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(
         lines.len(),
@@ -167,17 +172,7 @@ async fn log_tail_prints_one_line_per_change() -> Result<()> {
         expect_line(line, e, *i)?;
     }
     // --last N counts events: the last one is the direct insert.
-    let out = pgmesh_output(&[
-        "log",
-        "tail",
-        "--upstream",
-        &url,
-        "--last",
-        "1",
-        "--no-follow",
-    ])
-    .await?
-    .ok()?;
+    let out = tail_last(&url, 1).await?;
     let last: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(last.len(), 1, "{}", out.stdout);
     expect_line(last[0], expected[4].0, expected[4].1)?;
@@ -193,17 +188,7 @@ async fn log_tail_prints_one_line_per_change() -> Result<()> {
         .execute("INSERT INTO t VALUES (5, 'after a gap')", &[])
         .await?;
     region.wait_caught_up().await?;
-    let out = pgmesh_output(&[
-        "log",
-        "tail",
-        "--upstream",
-        &url,
-        "--last",
-        "2",
-        "--no-follow",
-    ])
-    .await?
-    .ok()?;
+    let out = tail_last(&url, 2).await?;
     let two: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(two.len(), 2, "{}", out.stdout);
     expect_line(two[0], expected[4].0, expected[4].1)?;
