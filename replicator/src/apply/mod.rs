@@ -22,6 +22,7 @@ pub mod sql;
 mod truncate;
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures::future::{try_join, try_join3, try_join_all, BoxFuture};
@@ -34,51 +35,62 @@ use crate::capture::{Progress, APPLIED_PREFIX};
 use crate::catalog::{self, origin_id_for};
 use crate::event::ChangeEvent;
 use crate::hlc::Hlc;
-use crate::log::table::{append_params, APPEND_LOCKED};
+use crate::log::table::{append_params, APPEND_LOCKED_INSERT, APPEND_RESULT};
 use crate::log::versions;
 use crate::log::Logged;
 use crate::pgoutput::Lsn;
 use plan::{plan_events, Plan, Xids};
 pub use records::LOGGED;
-use records::{dead_letter, not_logged, record_conflicts};
+use records::{dead_letter, logged_params, not_logged, record_conflicts};
 
-/// Sets the transaction's replication-origin LSN and commit timestamp to the source's,
-/// and reads the transaction's xids (the columns of [`plan::XIDS`]).
-const ORIGIN_SETUP: &str = "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn,
+/// Sets the transaction's replication-origin LSN (`$1`) and commit timestamp (`$2`)
+/// to the source's, and reads the transaction's xids (the columns of [`plan::XIDS`])
+/// and which of the events (`$3` origins, `$4` hlcs) are applied already (the
+/// positions [`LOGGED`] returns, as an array).
+static ORIGIN_SETUP: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn,
      timestamptz 'epoch' + $2::int8 * interval '1 microsecond')::text,
      txid_current() % 4294967296,
-     txid_current() - (SELECT init_txid FROM mesh.regions WHERE is_local)";
+     txid_current() - (SELECT init_txid FROM mesh.regions WHERE is_local),
+     ARRAY({})",
+        sql::shift_params(LOGGED, 2)
+    )
+});
 
 /// Advances the link checkpoint, in the batch's transaction.
-macro_rules! checkpoint_sql {
-    ($returning:literal) => {
-        concat!(
-            "UPDATE mesh.link_state SET checkpoint = $2::int8,
+const CHECKPOINT: &str = "UPDATE mesh.link_state SET checkpoint = $2::int8,
         peer_head = greatest($3::int8, $2::int8),
         applied_hlc = greatest(applied_hlc, $4::int8),
         last_commit_ts = coalesce(timestamptz 'epoch' + $5::int8 * interval '1 microsecond', last_commit_ts),
         last_applied_at = now(), updated_at = now(), error = NULL
-     WHERE peer = $1",
-            $returning
-        )
-    };
-}
-const CHECKPOINT: &str = checkpoint_sql!("");
+     WHERE peer = $1";
 
-/// [`CHECKPOINT`] that also tells capture the highest HLC the batch applied (a
-/// transactional logical message, `$6` prefix and `$7` content), for batches that
-/// applied events. The link's row exists from [`Applier::connect`] on, so it is
-/// emitted exactly once.
-const CHECKPOINT_EMIT: &str = checkpoint_sql!(" RETURNING pg_logical_emit_message(true, $6, $7)");
+/// The end of a batch that applied events, in one statement: the events appended to
+/// the log under the append lock ([`APPEND_LOCKED_INSERT`], `$1`..`$10`), the rows'
+/// new versions ([`versions::STORE`], `$11`..`$16`), and the checkpoint
+/// ([`CHECKPOINT`], `$17`..`$21`), which also tells capture the highest HLC the batch
+/// applied (a transactional logical message, `$22` prefix and `$23` content). The
+/// link's row exists from [`Applier::connect`] on, so the message is emitted once.
+/// The CTEs modify different tables, so their shared snapshot does not matter.
+static TAIL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH ins AS ({APPEND_LOCKED_INSERT}),
+     ver AS ({}),
+     cp AS ({} RETURNING pg_logical_emit_message(true, $22, $23))
+{APPEND_RESULT}, (SELECT count(*) FROM cp)
+FROM ins",
+        sql::shift_params(versions::STORE, 10),
+        sql::shift_params(CHECKPOINT, 16)
+    )
+});
 
 /// Statements every batch runs, prepared once per session.
 #[derive(Debug)]
 struct Statements {
     origin_setup: Statement,
-    logged: Statement,
-    append: Statement,
+    tail: Statement,
     checkpoint: Statement,
-    checkpoint_emit: Statement,
     store: Statement,
     conflict: Statement,
 }
@@ -86,11 +98,9 @@ struct Statements {
 impl Statements {
     async fn prepare(c: &Client) -> Result<Self, tokio_postgres::Error> {
         Ok(Self {
-            origin_setup: c.prepare(ORIGIN_SETUP).await?,
-            logged: c.prepare(records::LOGGED).await?,
-            append: c.prepare(APPEND_LOCKED).await?,
+            origin_setup: c.prepare(&ORIGIN_SETUP).await?,
+            tail: c.prepare(&TAIL).await?,
             checkpoint: c.prepare(CHECKPOINT).await?,
-            checkpoint_emit: c.prepare(CHECKPOINT_EMIT).await?,
             store: c.prepare(versions::STORE).await?,
             conflict: c.prepare(records::CONFLICT).await?,
         })
@@ -322,14 +332,22 @@ impl Applier {
         let setup = async {
             match remote.last() {
                 // Commit timestamps and origin LSN of this transaction are the source's.
-                Some(last) => tx
-                    .query_one(
-                        &st.origin_setup,
-                        &[&Lsn(last.source_lsn).to_string(), &last.commit_ts_us],
-                    )
-                    .await
-                    .map(|r| Xids::from_row(&r, 1)),
-                None => Ok(Xids::default()),
+                Some(last) => {
+                    let (origins, hlcs) = logged_params(&remote);
+                    let r = tx
+                        .query_one(
+                            &st.origin_setup,
+                            &[
+                                &Lsn(last.source_lsn).to_string(),
+                                &last.commit_ts_us,
+                                &origins,
+                                &hlcs,
+                            ],
+                        )
+                        .await?;
+                    Ok::<_, ApplyError>((Xids::from_row(&r, 1), r.get::<_, Vec<i64>>(3)))
+                }
+                None => Ok((Xids::default(), Vec::new())),
             }
         };
         // The rows of every event are locked in the same round trip, duplicates
@@ -343,15 +361,8 @@ impl Applier {
                     .map(Some)
             }
         };
-        let ((_, xids, fresh), locked) = try_join(
-            try_join3(
-                begin,
-                async { setup.await.map_err(ApplyError::from) },
-                not_logged(tx, &st.logged, &remote),
-            ),
-            lock_all,
-        )
-        .await?;
+        let ((_, (xids, logged)), locked) = try_join(try_join(begin, setup), lock_all).await?;
+        let fresh = not_logged(&remote, &logged);
         out.duplicates = events.len() - fresh.len();
         let mut planned = Plan::default();
         if isolate {
@@ -407,7 +418,9 @@ impl Applier {
         let params = append_params(&fresh);
         let max = fresh.iter().map(|e| e.hlc).max().unwrap_or(Hlc::ZERO);
         let max_text = max.as_u64().to_string();
-        let append_params = params.refs_locked();
+        // The versions are stored by the tail statement, not with the writes.
+        let touched = std::mem::take(&mut planned.touched);
+        let store = versions::StoreParams::new(&touched);
         let cp_params: [&(dyn ToSql + Sync); 7] = [
             &peer,
             &upto,
@@ -421,8 +434,13 @@ impl Applier {
         if fresh.is_empty() {
             rest.push(Box::pin(tx.execute(&st.checkpoint, &cp_params[..5])));
         } else {
-            rest.push(Box::pin(tx.execute(&st.append, &append_params)));
-            rest.push(Box::pin(tx.execute(&st.checkpoint_emit, &cp_params)));
+            let tail: Vec<&(dyn ToSql + Sync)> = params
+                .refs_locked()
+                .into_iter()
+                .chain(store.refs())
+                .chain(cp_params)
+                .collect();
+            rest.push(Box::pin(async move { tx.execute(&st.tail, &tail).await }));
         }
         rest.push(Box::pin(async {
             tx.batch_execute("COMMIT").await.map(|()| 0)

@@ -25,9 +25,9 @@ pub(super) struct ConflictRow {
     pub winner: Winner,
 }
 
-/// Finds which of `$1` origins / `$2` hlcs are in the change log already, one index
-/// probe per id (see `versions::LOAD` for why the LIMIT).
-pub const LOGGED: &str = "SELECT k.origin, k.hlc FROM unnest($1::text[], $2::int8[]) AS k(origin, hlc),
+/// The 1-based positions in `$1` origins / `$2` hlcs of the events in the change log
+/// already, one index probe per id (see `versions::LOAD` for why the LIMIT).
+pub const LOGGED: &str = "SELECT k.i FROM unnest($1::text[], $2::int8[]) WITH ORDINALITY AS k(origin, hlc, i),
      LATERAL (SELECT 1 FROM mesh.changelog c WHERE c.origin = k.origin AND c.hlc = k.hlc LIMIT 1) c";
 
 /// Records one conflict.
@@ -35,25 +35,28 @@ pub(super) const CONFLICT: &str = "INSERT INTO mesh.conflicts (tbl, pk, local_or
          remote_origin, remote_hlc, remote_op, winner, strategy)
      VALUES ($1, $2::text::jsonb, $3, $4, $5, $6, $7, $8, 'lww')";
 
-/// The events not in the change log yet (in batch order, without repeats), with
-/// `st` the prepared [`LOGGED`]: the log doubles as the record of applied event ids.
-pub(super) async fn not_logged(
-    tx: &Client,
-    st: &Statement,
-    events: &[ChangeEvent],
-) -> Result<Vec<ChangeEvent>, ApplyError> {
-    if events.is_empty() {
-        return Ok(Vec::new());
-    }
-    let origins: Vec<&str> = events.iter().map(|e| e.origin.as_str()).collect();
-    let hlcs: Vec<i64> = events.iter().map(|e| e.hlc.as_u64() as i64).collect();
-    let rows = tx.query(st, &[&origins, &hlcs]).await?;
-    let mut seen: HashSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(events
+/// The parameters of [`LOGGED`] for `events`: their origins and hlcs.
+pub(super) fn logged_params(events: &[ChangeEvent]) -> (Vec<&str>, Vec<i64>) {
+    events
         .iter()
-        .filter(|e| seen.insert((e.origin.clone(), e.hlc.as_u64() as i64)))
+        .map(|e| (e.origin.as_str(), e.hlc.as_u64() as i64))
+        .unzip()
+}
+
+/// The events not in the change log yet (in batch order, without repeats), given
+/// the positions [`LOGGED`] returned: the log doubles as the record of applied ids.
+pub(super) fn not_logged(events: &[ChangeEvent], logged: &[i64]) -> Vec<ChangeEvent> {
+    let id = |e: &ChangeEvent| (e.origin.clone(), e.hlc.as_u64() as i64);
+    let mut seen: HashSet<(String, i64)> = logged
+        .iter()
+        .filter_map(|&i| events.get(usize::try_from(i - 1).ok()?))
+        .map(id)
+        .collect();
+    events
+        .iter()
+        .filter(|e| seen.insert(id(e)))
         .cloned()
-        .collect())
+        .collect()
 }
 
 /// Records `rows` with `st`, the prepared [`CONFLICT`], pipelined.

@@ -43,6 +43,24 @@ pub fn lock(tbl: &str, pk: &[&str]) -> String {
     s
 }
 
+/// `sql` with every parameter `$n` renumbered to `$(n + by)`, so that statements can
+/// be combined into one. `sql` must hold no `$` but in parameters (no dollar quotes).
+pub fn shift_params(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if let Ok(n) = rest[..digits].parse::<usize>() {
+            out.push_str(&(n + by).to_string());
+            rest = &rest[digits..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `SELECT ... FOR UPDATE` of every row of a one-column key given as the array `$1`:
 /// locks them and returns, for each that exists, its 1-based position in `$1`, the
 /// transaction that wrote it last and that transaction's age.
@@ -115,6 +133,15 @@ pub fn delete(tbl: &str, pk: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shifted_parameters_keep_everything_else() {
+        assert_eq!(
+            shift_params("SELECT $1, $10::int8, '$', $2x, é$3", 9),
+            "SELECT $10, $19::int8, '$', $11x, é$12"
+        );
+        assert_eq!(shift_params("no params$", 3), "no params$");
+    }
 
     #[test]
     fn array_literals_quote_every_element() {

@@ -7,11 +7,15 @@
 
 use std::collections::HashMap;
 
-use futures::future::try_join3;
+use std::sync::LazyLock;
+
+use futures::future::{try_join, try_join3};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
 use super::{versions, ChangeLog, LogError, Logged, ResumePoint, Scan, ShipFilter};
 use crate::apply::exec::StatementCache;
+use crate::apply::sql::shift_params;
 use crate::event::{Change, ChangeEvent, Stamp};
 use crate::hlc::Hlc;
 use crate::pgoutput::Lsn;
@@ -28,13 +32,12 @@ pub const SKIP_AHEAD: i64 = 100_000;
 /// Channel notified after every append, so readers wake without polling.
 pub const NOTIFY_CHANNEL: &str = "pgmesh_changelog";
 
-/// The append statement, with `$lock` between its source rows and ON CONFLICT.
-macro_rules! append_sql {
+/// The append's INSERT (with `$lock` between its source rows and ON CONFLICT),
+/// returning each inserted row's seq, origin and hlc.
+macro_rules! append_insert {
     ($lock:literal) => {
         concat!(
-            "
-WITH ins AS (
-  INSERT INTO mesh.changelog
+            "INSERT INTO mesh.changelog
     (origin, hlc, source_lsn, xid, commit_ts, stamped, local_only, tags, changes)
   SELECT o, h, l::pg_lsn, x, timestamptz 'epoch' + t * interval '1 microsecond', s, lo, tg::json, ch::json
   FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::bool[], $7::bool[],
@@ -43,11 +46,32 @@ WITH ins AS (
             $lock,
             "
   ON CONFLICT DO NOTHING
-  RETURNING seq, origin, hlc
-)
-SELECT coalesce(array_agg(seq), '{}'), coalesce(array_agg(origin), '{}'), coalesce(array_agg(hlc), '{}'),
-       pg_notify('pgmesh_changelog', coalesce(min(origin), '') || ' ' || coalesce(max(seq), 0))
-FROM ins"
+  RETURNING seq, origin, hlc"
+        )
+    };
+}
+
+/// What an append returns, from its INSERT as CTE `ins`, notifying readers.
+macro_rules! append_result {
+    () => {
+        "SELECT coalesce(array_agg(seq), '{}'), coalesce(array_agg(origin), '{}'), coalesce(array_agg(hlc), '{}'),
+       pg_notify('pgmesh_changelog', coalesce(min(origin), '') || ' ' || coalesce(max(seq), 0))"
+    };
+}
+
+/// The columns an append returns (see [`APPEND`]), for a statement that appends with
+/// [`APPEND_LOCKED_INSERT`] as CTE `ins`; it may add columns before ` FROM ins`.
+pub const APPEND_RESULT: &str = append_result!();
+
+/// The append statement, with `$lock` between its source rows and ON CONFLICT.
+macro_rules! append_sql {
+    ($lock:literal) => {
+        concat!(
+            "WITH ins AS (",
+            append_insert!($lock),
+            ")\n",
+            append_result!(),
+            "\nFROM ins"
         )
     };
 }
@@ -67,6 +91,21 @@ pub const APPEND: &str = append_sql!("");
 /// INSERT ... ON CONFLICT DO NOTHING does not read by.
 pub const APPEND_LOCKED: &str =
     append_sql!("WHERE (SELECT pg_advisory_xact_lock($10)) IS NOT NULL");
+
+/// The INSERT of [`APPEND_LOCKED`] alone, for a statement that appends as one of
+/// several data-modifying CTEs (it must name it `ins` and select [`APPEND_RESULT`]).
+pub const APPEND_LOCKED_INSERT: &str =
+    append_insert!("WHERE (SELECT pg_advisory_xact_lock($10)) IS NOT NULL");
+
+/// [`APPEND`] and [`versions::STORE`] (its parameters after the append's nine) in one
+/// statement, for capture: the rows it logs and the versions they leave.
+static APPEND_STORE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH ins AS ({}), ver AS ({})\n{APPEND_RESULT}\nFROM ins",
+        append_insert!(""),
+        shift_params(versions::STORE, 9)
+    )
+});
 
 /// The highest sequence number in the log (0 when it is empty).
 pub const HEAD: &str = "SELECT coalesce(max(seq), 0)::int8 FROM mesh.changelog";
@@ -137,9 +176,8 @@ impl TableLog {
         }
         let lock = self.cache.get(&self.client, LOCK).await?;
         let load = self.cache.get(&self.client, versions::LOAD).await?;
-        let append = self.cache.get(&self.client, APPEND).await?;
-        let store = self.cache.get(&self.client, versions::STORE).await?;
-        // Two round trips: BEGIN + lock + read versions; log + write versions +
+        let append = self.cache.get(&self.client, &APPEND_STORE).await?;
+        // Two round trips: BEGIN + lock + read versions; log and write versions +
         // COMMIT. The transaction is managed by hand so BEGIN and COMMIT pipeline.
         let c = &self.client;
         let keys = versions::keys_of(events);
@@ -158,13 +196,11 @@ impl TableLog {
         };
         let touched = versions::advance_local(events, current);
         let params = append_params(events);
+        let store = versions::StoreParams::new(&touched);
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.refs().into_iter().chain(store.refs()).collect();
         // After an error the pipelined COMMIT ends the transaction as a ROLLBACK.
-        let (row, _, _) = try_join3(
-            c.query_one(&append, &params.refs()),
-            versions::store(c, &store, &touched),
-            c.batch_execute("COMMIT"),
-        )
-        .await?;
+        let (row, _) = try_join(c.query_one(&append, &refs), c.batch_execute("COMMIT")).await?;
         Ok(logged_rows(std::mem::take(events), &row))
     }
 

@@ -39,7 +39,7 @@ pub const LOAD: &str = "SELECT k.tbl, k.pk, v.hlc, v.origin, v.deleted, v.xid
      LATERAL (SELECT r.hlc, r.origin, r.deleted, r.xid FROM mesh.row_versions r
               WHERE r.tbl = k.tbl AND r.pk = k.pk LIMIT 1) v";
 
-/// Upserts versions from arrays (see [`store`]).
+/// Upserts versions from arrays (see [`StoreParams`]).
 pub const STORE: &str = "INSERT INTO mesh.row_versions (tbl, pk, hlc, origin, deleted, xid)
      SELECT t, k, h, o, d, x
      FROM unnest($1::text[], $2::text[], $3::int8[], $4::int2[], $5::bool[], $6::int8[]) AS u(t, k, h, o, d, x)
@@ -76,7 +76,46 @@ pub async fn load<C: GenericClient>(
         .collect())
 }
 
-/// Writes versions (insert or overwrite) with `st`, the prepared [`STORE`].
+/// The parameters of [`STORE`] for a set of versions.
+#[derive(Debug, Default)]
+pub struct StoreParams<'a> {
+    tbl: Vec<&'a str>,
+    pk: Vec<&'a str>,
+    hlc: Vec<i64>,
+    origin: Vec<i16>,
+    deleted: Vec<bool>,
+    xid: Vec<Option<i64>>,
+}
+
+impl<'a> StoreParams<'a> {
+    /// The arrays that store `versions`.
+    pub fn new(versions: &'a VersionMap) -> Self {
+        let mut p = Self::default();
+        for ((t, k), v) in versions {
+            p.tbl.push(t.as_str());
+            p.pk.push(k.as_str());
+            p.hlc.push(v.version.hlc.as_u64() as i64);
+            p.origin.push(v.version.origin);
+            p.deleted.push(v.deleted);
+            p.xid.push(v.xid);
+        }
+        p
+    }
+
+    /// References in statement order.
+    pub fn refs(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 6] {
+        [
+            &self.tbl,
+            &self.pk,
+            &self.hlc,
+            &self.origin,
+            &self.deleted,
+            &self.xid,
+        ]
+    }
+}
+
+/// Upserts `versions` with `st`, the prepared [`STORE`] (nothing when empty).
 pub async fn store<C: GenericClient>(
     c: &C,
     st: &Statement,
@@ -85,22 +124,7 @@ pub async fn store<C: GenericClient>(
     if versions.is_empty() {
         return Ok(());
     }
-    let mut tbl = Vec::new();
-    let mut pk = Vec::new();
-    let mut hlc = Vec::new();
-    let mut origin = Vec::new();
-    let mut deleted = Vec::new();
-    let mut xid = Vec::new();
-    for ((t, k), v) in versions {
-        tbl.push(t.as_str());
-        pk.push(k.as_str());
-        hlc.push(v.version.hlc.as_u64() as i64);
-        origin.push(v.version.origin);
-        deleted.push(v.deleted);
-        xid.push(v.xid);
-    }
-    c.execute(st, &[&tbl, &pk, &hlc, &origin, &deleted, &xid])
-        .await?;
+    c.execute(st, &StoreParams::new(versions).refs()).await?;
     Ok(())
 }
 
