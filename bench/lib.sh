@@ -160,6 +160,32 @@ secs_since() {
     awk -v a="$1" -v b="$(now_s)" 'BEGIN { printf "%.1f\n", b - a }'
 }
 
+# cpu_mark: the machine's CPU counters now, for cpu_since: busy and total jiffies
+# from /proc/stat, the microseconds some task waited for a CPU (/proc/pressure/cpu,
+# 0 without PSI) and the time.
+cpu_mark() {
+    local psi=0
+    if [[ -r /proc/pressure/cpu ]]; then
+        psi="$(awk '/^some/ { sub("total=", "", $5); print $5 }' /proc/pressure/cpu)"
+    fi
+    awk -v psi="$psi" -v t="$(now_s)" '/^cpu / {
+        total = 0; for (i = 2; i <= NF; i++) total += $i
+        print total - $5 - $6, total, psi, t; exit }' /proc/stat
+}
+
+# cpu_since MARK: since MARK (from cpu_mark), the share of CPU time the machine was
+# busy, and the share of wall time some task was runnable but waiting for a CPU
+# (PSI "some"; "n/a" without PSI), as "BUSY% WAIT%".
+cpu_since() {
+    local now
+    now="$(cpu_mark)"
+    awk -v a="$1" -v b="$now" -v psi="$([[ -r /proc/pressure/cpu ]] && echo 1 || echo 0)" 'BEGIN {
+        split(a, x, " "); split(b, y, " ")
+        busy = (y[2] > x[2]) ? 100 * (y[1] - x[1]) / (y[2] - x[2]) : 0
+        wait = (y[4] > x[4]) ? (y[3] - x[3]) / 1e6 / (y[4] - x[4]) * 100 : 0
+        if (psi) printf "%.0f%% %.0f%%\n", busy, wait; else printf "%.0f%% n/a\n", busy }'
+}
+
 # pg_cluster_create PGBIN DIR PORT [CONF_LINE...]: a fresh cluster in DIR (trust
 # auth, superuser postgres, UTF8, C locale) listening on 127.0.0.1:PORT with its
 # socket in DIR's parent, plus CONF_LINEs appended to postgresql.conf. DIR's parent

@@ -515,7 +515,10 @@ fi
 seq0="$(origin_head)"
 settle "${ALL_PG[@]}"
 T0="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
+mark="$(cpu_mark)"
 run_pgbench "pgmesh lag at $RATE tps" "$ORIGIN_PROXY" -b tpcb-like -R "$RATE" -T "$SECS"
+read -r MESH_BUSY MESH_WAIT < <(cpu_since "$mark")
+log "      machine during the run: CPU busy $MESH_BUSY, some task waiting for a CPU $MESH_WAIT of the time"
 T1="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
 MESH_TPS="$LAST_TPS"
 MESH_PROCESSED="$LAST_PROCESSED"
@@ -704,7 +707,10 @@ INSERT INTO lagprobe DEFAULT VALUES;
 END;
 EOF
 settle "$PUB_PORT" "$SUB_PORT"
+mark="$(cpu_mark)"
 run_pgbench "native lag at $RATE tps" "$PUB_PORT" -f "$TMPD/tpcb-probe.sql" -s "$SCALE" -R "$RATE" -T "$SECS"
+read -r NATIVE_BUSY NATIVE_WAIT < <(cpu_since "$mark")
+log "      machine during the run: CPU busy $NATIVE_BUSY, some task waiting for a CPU $NATIVE_WAIT of the time"
 NATIVE_TPS="$LAST_TPS"
 NATIVE_PROCESSED="$LAST_PROCESSED"
 want="$(psql_at "$PUB_PORT" "SELECT count(*) FROM lagprobe")"
@@ -834,6 +840,7 @@ fi
     echo "- apply transactions (batches) during the lag run: r2 ${BATCHES[r2]}, r3 ${BATCHES[r3]}"
     echo "- dead letters in the mesh: $DEAD; conflicts: $CONFLICTS; warning/error lines in the node logs: $NODE_WARNINGS (the pause accounts for one)"
     echo "- host: $(nproc 2>/dev/null || echo '?') CPUs, $(uname -sr)"
+    echo "- CPU during the lag runs (whole machine, /proc/stat and /proc/pressure/cpu): pgmesh busy $MESH_BUSY, some task waiting for a CPU $MESH_WAIT of the time; native busy $NATIVE_BUSY, waiting $NATIVE_WAIT"
     echo
     echo "## Replication lag"
     echo

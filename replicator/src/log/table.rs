@@ -87,8 +87,9 @@ pub const APPEND: &str = append_sql!("");
 /// [`APPEND`] that first takes [`APPEND_LOCK`] (`$10`) itself: the lock is a
 /// one-time filter (an InitPlan) over the source rows, so it is held before any
 /// sequence number is drawn. For appenders that need not hold the lock earlier in
-/// their transaction (apply); the statement's snapshot predates the lock, which an
-/// INSERT ... ON CONFLICT DO NOTHING does not read by.
+/// their transaction (apply runs its INSERT, [`APPEND_LOCKED_INSERT`], inside the
+/// statement that ends a batch); the statement's snapshot predates the lock, which
+/// an INSERT ... ON CONFLICT DO NOTHING does not read by.
 pub const APPEND_LOCKED: &str =
     append_sql!("WHERE (SELECT pg_advisory_xact_lock($10)) IS NOT NULL");
 
