@@ -35,7 +35,7 @@ const NODE_YEARS: i32 = 2;
 /// Errors generating certificates.
 #[derive(Debug, Error)]
 pub enum CertError {
-    #[error("invalid node name {0:?}: use letters, digits, '-' and '.', not \"ca\"")]
+    #[error("invalid node name {0:?}: use letters, digits, '-', '_' and '.', not \"ca\"")]
     NodeName(String),
     #[error("node {0:?} is listed twice")]
     Duplicate(String),
@@ -185,7 +185,7 @@ fn valid_node_name(n: &str) -> bool {
         && n != "ca"
         && !n.starts_with(['-', '.'])
         && n.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Whether a usable CA pair exists; an incomplete pair is an error.

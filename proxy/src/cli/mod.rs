@@ -57,7 +57,8 @@ pub enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
-        /// Node names, comma separated.
+        /// Certificate names, comma separated: each node's region or its `--node`
+        /// name (a peer must present a certificate that names one of the two).
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<String>,
     },

@@ -404,9 +404,16 @@ async fn serve_peer(server: &LinkServer, sock: TcpStream) -> Result<(), ServeErr
                 .await
                 .map_err(|_| ServeError::HandshakeTimeout)?
                 .map_err(ServeError::Tls)?;
-            Session::new(server, tls).run(deadline).await
+            // The verifier checked the chain; the session checks the names.
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.clone().into_owned());
+            Session::new(server, tls, identity).run(deadline).await
         }
-        None => Session::new(server, sock).run(deadline).await,
+        None => Session::new(server, sock, None).run(deadline).await,
     }
 }
 

@@ -1,6 +1,7 @@
 //! One pulling peer, served: handshake, then batches under a credit window.
 //!
-//! The session validates the [`Hello`], answers [`Welcome`] with the log head, then
+//! The session validates the [`Hello`] (under mutual TLS, the peer's certificate must
+//! name the region or the node it claims), answers [`Welcome`] with the log head, then
 //! reads the log after the peer's checkpoint and sends what the peer may see (see
 //! [`ShipFilter`]). At most `window` batches are unacknowledged; with no credit left it
 //! waits for an ack. Once caught up it waits for the wake watch (the change log's
@@ -15,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -31,6 +33,9 @@ pub(super) struct Session<'a, S> {
     server: &'a LinkServer,
     framed: Framed<S, LengthDelimitedCodec>,
     wake: watch::Receiver<u64>,
+    /// The certificate the peer presented (mutual TLS), already verified against
+    /// the mesh CA: it must name the region or the node the peer claims.
+    identity: Option<CertificateDer<'static>>,
 }
 
 /// Where the stream stands.
@@ -52,11 +57,16 @@ struct Flow {
 }
 
 impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
-    pub(super) fn new(server: &'a LinkServer, io: S) -> Self {
+    pub(super) fn new(
+        server: &'a LinkServer,
+        io: S,
+        identity: Option<CertificateDer<'static>>,
+    ) -> Self {
         Self {
             server,
             framed: Framed::new(io, protocol::codec()),
             wake: server.wake.clone(),
+            identity,
         }
     }
 
@@ -134,6 +144,14 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         }
         if h.max_batch == 0 || h.window == 0 {
             return Err("max_batch and window must be at least 1".into());
+        }
+        if let Some(cert) = &self.identity {
+            if !names_either(cert, &h.region, &h.node) {
+                return Err(format!(
+                    "the peer's certificate names neither its region {:?} nor its node {:?}",
+                    h.region, h.node
+                ));
+            }
         }
         Ok(h)
     }
@@ -274,4 +292,16 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Whether `cert` is valid for `region` or for `node` as a subject name (a DNS or IP
+/// subject alternative name), the way a server certificate is checked against the
+/// host a client dialled. A name that cannot be a subject name matches nothing.
+fn names_either(cert: &CertificateDer<'_>, region: &str, node: &str) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    [region, node].into_iter().any(|name| {
+        ServerName::try_from(name).is_ok_and(|n| cert.verify_is_valid_for_subject_name(&n).is_ok())
+    })
 }

@@ -34,8 +34,8 @@ async fn wait_row(mesh: &Mesh, i: usize, id: i32) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_links_replicate_and_a_foreign_certificate_is_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let good = certs::generate(&dir.path().join("mesh"), &["a", "b"])?;
-    let evil = certs::generate(&dir.path().join("intruder"), &["x"])?;
+    let good = certs::generate(&dir.path().join("mesh"), &["tls_a", "tls_b"])?;
+    let evil = certs::generate(&dir.path().join("intruder"), &["tls_x"])?;
     let tls = |cert: &certs::NodeFiles| PeerTls {
         cert: cert.cert.clone(),
         key: cert.key.clone(),

@@ -1,5 +1,6 @@
-//! TLS and mutual TLS with certificates from [`crate::certs`]: the happy path, and the
-//! refusal of peers without a certificate from the mesh CA.
+//! TLS and mutual TLS with certificates from [`crate::certs`]: the happy path, the
+//! refusal of peers without a certificate from the mesh CA, and of peers whose
+//! certificate names neither the region nor the node they claim.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -109,6 +110,43 @@ async fn mutual_tls_refuses_peers_without_a_mesh_certificate() {
         .await
         .unwrap();
     assert_eq!(seqs(&next_batch(&mut c).await), (vec![1], 1));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn mutual_tls_refuses_a_peer_whose_certificate_names_another_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    material(dir.path());
+    let h = Harness::start(|_| {}, Some(server_tls(dir.path(), true))).await;
+    h.log.push("eu", false);
+    let ca = dir.path().join("ca.pem");
+    let (cert, key) = mesh_identity(dir.path());
+    let claim = |region: &str, node: &str| {
+        let mut cfg = tls_client(&ca, Some((&cert, &key)), "eu-1");
+        cfg.region = region.into();
+        cfg.node = node.into();
+        cfg
+    };
+
+    // A mesh certificate for us-1, claiming to be region ap, node ap-1.
+    let e = LinkClient::connect(h.addr, claim("ap", "ap-1"))
+        .await
+        .unwrap_err();
+    match e {
+        LinkError::Refused { reason } => assert!(
+            reason.contains("certificate names neither") && reason.contains("\"ap\""),
+            "{reason}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // The certificate names the node, or the region: both are accepted.
+    for (region, node) in [("ap", "us-1"), ("us-1", "other")] {
+        let (mut c, _) = LinkClient::connect(h.addr, claim(region, node))
+            .await
+            .unwrap();
+        assert_eq!(seqs(&next_batch(&mut c).await), (vec![1], 1));
+    }
     h.stop().await;
 }
 
