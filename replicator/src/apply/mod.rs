@@ -44,16 +44,16 @@ pub use records::LOGGED;
 use records::{dead_letter, logged_params, not_logged, record_conflicts};
 
 /// Sets the transaction's replication-origin LSN (`$1`) and commit timestamp (`$2`)
-/// to the source's, and reads the transaction's xids (the columns of [`plan::XIDS`])
-/// and which of the events (`$3` origins, `$4` hlcs) are applied already (the
-/// positions [`LOGGED`] returns, as an array).
+/// to the source's, and reads the transaction's xids ([`plan::XIDS_COLUMNS`]) and
+/// which of the events (`$3` origins, `$4` hlcs) are applied already (the positions
+/// [`LOGGED`] returns, as an array).
 static ORIGIN_SETUP: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn,
      timestamptz 'epoch' + $2::int8 * interval '1 microsecond')::text,
-     txid_current() % 4294967296,
-     txid_current() - (SELECT init_txid FROM mesh.regions WHERE is_local),
+     {},
      ARRAY({})",
+        plan::XIDS_COLUMNS,
         sql::shift_params(LOGGED, 2)
     )
 });

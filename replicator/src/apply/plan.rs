@@ -9,6 +9,7 @@
 //! inline, because the rows it removes depend on the writes before it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures::future::try_join;
@@ -26,11 +27,14 @@ use crate::log::versions::{self, RowVersion, VersionMap, WATERMARK};
 use crate::pgoutput::Lsn;
 use crate::resolve::{decide, plan, Action, Decision, Version, Winner};
 
-/// This transaction's (32-bit) xid, and how many xids were assigned since `pgmesh
-/// init` (NULL before the catalog recorded it). A batch reads them with its origin
-/// setup ([`super::ORIGIN_SETUP`] ends with the same two columns).
-pub(super) const XIDS: &str = "SELECT txid_current() % 4294967296,
+/// The columns of [`XIDS`], for a statement that reads them with others (a batch's
+/// origin setup does).
+pub(super) const XIDS_COLUMNS: &str = "txid_current() % 4294967296,
      txid_current() - (SELECT init_txid FROM mesh.regions WHERE is_local)";
+
+/// This transaction's (32-bit) xid, and how many xids were assigned since `pgmesh
+/// init` (NULL before the catalog recorded it).
+static XIDS: LazyLock<String> = LazyLock::new(|| format!("SELECT {XIDS_COLUMNS}"));
 
 /// What [`XIDS`] returns.
 #[derive(Debug, Default, Clone, Copy)]
@@ -208,7 +212,7 @@ pub(super) async fn plan_events(
     progress: Option<&mut Progress>,
     wait: Duration,
 ) -> Result<Plan, ApplyError> {
-    let xids = cache.get(tx, XIDS).await?;
+    let xids = cache.get(tx, &XIDS).await?;
     let (locked, row) = try_join(lock_rows(tx, cache, events), async {
         tx.query_one(&xids, &[]).await.map_err(ApplyError::from)
     })

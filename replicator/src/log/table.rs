@@ -6,7 +6,6 @@
 //! JSON strings, never numbers. It never updates or deletes rows.
 
 use std::collections::HashMap;
-
 use std::sync::LazyLock;
 
 use futures::future::{try_join, try_join3};
@@ -63,38 +62,27 @@ macro_rules! append_result {
 /// [`APPEND_LOCKED_INSERT`] as CTE `ins`; it may add columns before ` FROM ins`.
 pub const APPEND_RESULT: &str = append_result!();
 
-/// The append statement, with `$lock` between its source rows and ON CONFLICT.
-macro_rules! append_sql {
-    ($lock:literal) => {
-        concat!(
-            "WITH ins AS (",
-            append_insert!($lock),
-            ")\n",
-            append_result!(),
-            "\nFROM ins"
-        )
-    };
-}
-
 /// Inserts events (from [`append_params`]), notifies readers, and returns the
 /// inserted rows' sequence numbers with their event ids (see [`logged_rows`]). The
 /// payload is `ORIGIN SEQ`: an origin of the appended events (all of them share it,
 /// except in a hub's relayed batches), so a reader that serves only one origin can
 /// ignore the rest, and the highest sequence number appended. The caller holds
 /// [`APPEND_LOCK`] already.
-pub const APPEND: &str = append_sql!("");
+pub const APPEND: &str = concat!(
+    "WITH ins AS (",
+    append_insert!(""),
+    ")\n",
+    append_result!(),
+    "\nFROM ins"
+);
 
-/// [`APPEND`] that first takes [`APPEND_LOCK`] (`$10`) itself: the lock is a
-/// one-time filter (an InitPlan) over the source rows, so it is held before any
-/// sequence number is drawn. For appenders that need not hold the lock earlier in
-/// their transaction (apply runs its INSERT, [`APPEND_LOCKED_INSERT`], inside the
-/// statement that ends a batch); the statement's snapshot predates the lock, which
-/// an INSERT ... ON CONFLICT DO NOTHING does not read by.
-pub const APPEND_LOCKED: &str =
-    append_sql!("WHERE (SELECT pg_advisory_xact_lock($10)) IS NOT NULL");
-
-/// The INSERT of [`APPEND_LOCKED`] alone, for a statement that appends as one of
-/// several data-modifying CTEs (it must name it `ins` and select [`APPEND_RESULT`]).
+/// The append's INSERT that first takes [`APPEND_LOCK`] (`$10`, see
+/// [`AppendParams::refs_locked`]) itself: the lock is a one-time filter (an InitPlan)
+/// over the source rows, so it is held before any sequence number is drawn. For
+/// appenders that need not hold the lock earlier in their transaction: apply runs it
+/// as CTE `ins` of the statement that ends a batch, selecting [`APPEND_RESULT`]. The
+/// statement's snapshot predates the lock, which an INSERT ... ON CONFLICT DO NOTHING
+/// does not read by.
 pub const APPEND_LOCKED_INSERT: &str =
     append_insert!("WHERE (SELECT pg_advisory_xact_lock($10)) IS NOT NULL");
 
@@ -342,7 +330,7 @@ impl AppendParams {
         ]
     }
 
-    /// The parameters of [`APPEND_LOCKED`]: [`Self::refs`] and [`APPEND_LOCK`].
+    /// The parameters of [`APPEND_LOCKED_INSERT`]: [`Self::refs`] and [`APPEND_LOCK`].
     pub fn refs_locked(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 10] {
         let [a, b, c, d, e, f, g, h, i] = self.refs();
         [a, b, c, d, e, f, g, h, i, &APPEND_LOCK]
@@ -452,9 +440,9 @@ mod tests {
         }
     }
 
-    /// APPEND_LOCKED takes the append lock before it draws a sequence number: while
-    /// another appender holds the lock it waits, and its rows come after that
-    /// appender's, although its statement started first.
+    /// [`APPEND_LOCKED_INSERT`] takes the append lock before it draws a sequence
+    /// number: while another appender holds the lock it waits, and its rows come after
+    /// that appender's, although its statement started first.
     #[tokio::test]
     async fn append_locked_waits_for_the_lock_and_draws_later_numbers() {
         let Some(url) = scratch::database("pgmesh_append_locked").await else {
@@ -474,7 +462,10 @@ mod tests {
         let params = append_params(&late);
         let waiting = async {
             let row = waiter
-                .query_one(APPEND_LOCKED, &params.refs_locked())
+                .query_one(
+                    &format!("WITH ins AS ({APPEND_LOCKED_INSERT})\n{APPEND_RESULT}\nFROM ins"),
+                    &params.refs_locked(),
+                )
                 .await
                 .unwrap();
             logged_rows(late.clone(), &row)
@@ -500,13 +491,6 @@ mod tests {
         drop((holder, waiter, watcher));
         scratch::drop_database(&url).await;
     }
-}
-
-#[cfg(test)]
-mod skip_tests {
-    use super::*;
-    use crate::catalog;
-    use crate::scratch;
 
     /// After `skip_ahead`, the next number is past everything handed out by at least
     /// SKIP_AHEAD.
