@@ -358,6 +358,7 @@ async fn supervise_links(
         }
         let (links_stop, links_rx) = watch::channel(false);
         let mut links = Vec::new();
+        let signals = pull::LinkSignals::start(&url);
         for p in &v.peers {
             let host = p
                 .addr
@@ -386,6 +387,7 @@ async fn supervise_links(
                 cfg,
                 Some(progress.clone()),
                 on_batch.clone(),
+                signals.subscribe(),
                 links_rx.clone(),
             )));
         }

@@ -4,7 +4,8 @@
 //! link's checkpoint, applies each batch in one local transaction through
 //! [`Applier`], and acknowledges it, which is the backpressure. A paused link stays
 //! disconnected (the peer's log buffers) until resumed; both are signalled by
-//! `NOTIFY pgmesh_links` from `mesh.pause_link`/`mesh.resume_link`. While paused it
+//! `NOTIFY pgmesh_links` from `mesh.pause_link`/`mesh.resume_link`, heard by one
+//! [`LinkSignals`] connection for all of a node's links. While paused it
 //! only asks the peer for its log head now and then (a handshake, then it hangs up),
 //! so `mesh.links` shows the backlog growing.
 //! It never writes user tables itself: that is apply's job.
@@ -14,7 +15,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use thiserror::Error;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tracing::{debug, info, warn, Instrument};
 
@@ -78,17 +81,17 @@ impl PullConfig {
 }
 
 /// Runs the link until shutdown.
+/// `signals` come from the node's [`LinkSignals`].
 pub async fn run(
     cfg: PullConfig,
     progress: Option<Progress>,
     on_batch: OnBatch,
+    mut signals: broadcast::Receiver<String>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let span = tracing::info_span!("link", source = %cfg.peer, target = %cfg.region);
     async move {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        let (signal_tx, mut signals) = mpsc::unbounded_channel();
-        let listener = tokio::spawn(listen_links(cfg.url.clone(), signal_tx));
         loop {
             if *shutdown.borrow() {
                 break;
@@ -115,7 +118,6 @@ pub async fn run(
                 _ = shutdown.changed() => break,
             }
         }
-        listener.abort();
     }
     .instrument(span)
     .await
@@ -139,7 +141,7 @@ async fn session(
     cfg: &PullConfig,
     progress: Option<Progress>,
     on_batch: &OnBatch,
-    signals: &mut mpsc::UnboundedReceiver<String>,
+    signals: &mut broadcast::Receiver<String>,
     shutdown: &mut watch::Receiver<bool>,
     backoff: &mut Backoff,
 ) -> Result<(), PullError> {
@@ -154,7 +156,7 @@ async fn session(
             logged_pause = true;
         }
         tokio::select! {
-            s = signals.recv() => if s.is_none() { return Ok(()) },
+            s = signals.recv() => if s == Err(RecvError::Closed) { return Ok(()) },
             _ = shutdown.changed() => return Ok(()),
             _ = heads.tick() => match peer_head(cfg, applier.checkpoint(&cfg.peer).await?).await {
                 Ok(head) => set_head(&applier, &cfg.peer, head, None).await?,
@@ -238,9 +240,13 @@ async fn session(
                 }
             },
             s = signals.recv() => match s.as_deref() {
-                None => return Ok(()),
-                Some("dead_letters") => { applier.retry_dead_letters().await?; }
-                Some(_) => {
+                Err(RecvError::Closed) => return Ok(()),
+                Ok("dead_letters") => { applier.retry_dead_letters().await?; }
+                // A signal missed (`Lagged`) may have been either kind.
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    if s.is_err() {
+                        applier.retry_dead_letters().await?;
+                    }
                     if link_status(&applier, &cfg.peer).await? == "paused" {
                         info!("link paused; disconnecting");
                         return Err(PullError::Link(LinkError::Closed));
@@ -287,31 +293,65 @@ async fn set_head(
     Ok(())
 }
 
-/// Forwards `NOTIFY pgmesh_links` payloads; reconnects when the connection drops.
-async fn listen_links(url: String, tx: mpsc::UnboundedSender<String>) {
+/// The node's one `LISTEN pgmesh_links` connection, shared by all of its links:
+/// each listening backend is woken by every NOTIFY in its database (the change
+/// log's included), so one per node instead of one per link saves wake-ups on every
+/// append. Payloads go to every subscriber; an empty one after each (re)connect
+/// asks the links to re-check their state. Dropping it stops the listener.
+#[derive(Debug)]
+pub struct LinkSignals {
+    tx: broadcast::Sender<String>,
+    task: JoinHandle<()>,
+}
+
+impl LinkSignals {
+    /// Starts listening on the regional database `url`.
+    pub fn start(url: &str) -> Self {
+        let (tx, _) = broadcast::channel(64);
+        let task = tokio::spawn(listen_links(url.to_string(), tx.clone()));
+        Self { tx, task }
+    }
+
+    /// A receiver for one link's [`run`].
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.tx.subscribe()
+    }
+}
+
+impl Drop for LinkSignals {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Forwards `NOTIFY pgmesh_links` payloads to every subscriber; reconnects when
+/// the connection drops. Runs until aborted by [`LinkSignals`]'s drop.
+async fn listen_links(url: String, tx: broadcast::Sender<String>) {
     loop {
-        if let Ok((client, mut conn)) = tokio_postgres::connect(&url, NoTls).await {
-            let tx2 = tx.clone();
-            let driver = tokio::spawn(async move {
-                let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-                while let Some(Ok(m)) = messages.next().await {
-                    if let AsyncMessage::Notification(n) = m {
-                        if tx2.send(n.payload().to_string()).is_err() {
-                            return;
+        if let Ok(mut config) = url.parse::<tokio_postgres::Config>() {
+            if config.get_application_name().is_none() {
+                config.application_name("pgmesh-links");
+            }
+            if let Ok((client, mut conn)) = config.connect(NoTls).await {
+                let tx2 = tx.clone();
+                let driver = tokio::spawn(async move {
+                    let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+                    while let Some(Ok(m)) = messages.next().await {
+                        if let AsyncMessage::Notification(n) = m {
+                            // No subscriber yet is fine: links check their state
+                            // when they start.
+                            let _ = tx2.send(n.payload().to_string());
                         }
                     }
+                });
+                if client.batch_execute("LISTEN pgmesh_links").await.is_ok() {
+                    // Re-check state after (re)connecting: a change may have been missed.
+                    let _ = tx.send(String::new());
+                    let _ = driver.await;
+                } else {
+                    driver.abort();
                 }
-            });
-            if client.batch_execute("LISTEN pgmesh_links").await.is_ok() {
-                // Re-check state after (re)connecting: a change may have been missed.
-                let _ = tx.send(String::new());
-                let _ = driver.await;
-            } else {
-                driver.abort();
             }
-        }
-        if tx.is_closed() {
-            return;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

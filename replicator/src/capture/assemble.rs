@@ -88,6 +88,13 @@ impl Assembler {
             .ok_or(AssembleError::OutsideTransaction { what })
     }
 
+    /// Whether the open transaction's row changes are wanted. A transaction replayed
+    /// by apply carries an origin and is never shipped, so its rows are not decoded
+    /// (receiving regions see every applied transaction in their own stream).
+    fn collecting(&mut self, what: &'static str) -> Result<bool, AssembleError> {
+        Ok(self.open(what)?.origin.is_none())
+    }
+
     /// Feeds one message; returns a finished transaction at its Commit.
     pub fn push(&mut self, msg: PgOutputMessage) -> Result<Option<Assembled>, AssembleError> {
         match msg {
@@ -124,21 +131,30 @@ impl Assembler {
                 }
             }
             PgOutputMessage::Insert(i) => {
-                let rel = self.relations.require(i.relation_oid)?.clone();
-                let change = row_change(&rel, Op::Insert, None, Some(&i.new))?;
-                self.open("Insert")?.changes.push(change);
+                if self.collecting("Insert")? {
+                    let rel = self.relations.require(i.relation_oid)?;
+                    let change = row_change(rel, Op::Insert, None, Some(&i.new))?;
+                    self.open("Insert")?.changes.push(change);
+                }
             }
             PgOutputMessage::Update(u) => {
-                let rel = self.relations.require(u.relation_oid)?.clone();
-                let change = row_change(&rel, Op::Update, u.old.as_ref(), Some(&u.new))?;
-                self.open("Update")?.changes.push(change);
+                if self.collecting("Update")? {
+                    let rel = self.relations.require(u.relation_oid)?;
+                    let change = row_change(rel, Op::Update, u.old.as_ref(), Some(&u.new))?;
+                    self.open("Update")?.changes.push(change);
+                }
             }
             PgOutputMessage::Delete(d) => {
-                let rel = self.relations.require(d.relation_oid)?.clone();
-                let change = row_change(&rel, Op::Delete, Some(&d.old), None)?;
-                self.open("Delete")?.changes.push(change);
+                if self.collecting("Delete")? {
+                    let rel = self.relations.require(d.relation_oid)?;
+                    let change = row_change(rel, Op::Delete, Some(&d.old), None)?;
+                    self.open("Delete")?.changes.push(change);
+                }
             }
             PgOutputMessage::Truncate(t) => {
+                if !self.collecting("Truncate")? {
+                    return Ok(None);
+                }
                 let mut changes = Vec::new();
                 for oid in &t.relation_oids {
                     let rel = self.relations.require(*oid)?;

@@ -189,6 +189,17 @@ fn applied_transactions_are_not_shipped_but_advance_previous() {
                 relation_oid: 16384,
                 new: TupleData(vec![t("2"), t("1"), t("x")]),
             }),
+            // Rows of an applied transaction are not decoded at all: a tuple that
+            // does not fit its relation (an error in a local transaction) and an
+            // unknown relation pass unread.
+            PgOutputMessage::Insert(Insert {
+                relation_oid: 16384,
+                new: TupleData(vec![t("2")]),
+            }),
+            PgOutputMessage::Insert(Insert {
+                relation_oid: 99,
+                new: TupleData(vec![t("2")]),
+            }),
             commit(600, 1_000),
         ],
     );
@@ -211,6 +222,15 @@ fn applied_transactions_are_not_shipped_but_advance_previous() {
     assert!(
         e.hlc > remote,
         "a local write after an applied one wins against it"
+    );
+    a.push(begin(3)).unwrap();
+    let short = PgOutputMessage::Insert(Insert {
+        relation_oid: 16384,
+        new: TupleData(vec![t("2")]),
+    });
+    assert!(
+        a.push(short).is_err(),
+        "the tuple skipped above is an error in a local transaction"
     );
 }
 
