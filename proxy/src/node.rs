@@ -381,6 +381,7 @@ async fn supervise_links(
                 addr: p.addr.clone(),
                 regions: regions.clone(),
                 max_batch: 500,
+                relay: v.config.relay,
                 tls,
             };
             links.push(tokio::spawn(pull::run(

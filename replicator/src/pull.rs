@@ -56,6 +56,9 @@ pub struct PullConfig {
     /// Every region name known to this node (for naming conflict origins).
     pub regions: Vec<String>,
     pub max_batch: u32,
+    /// Whether this node relays other origins' events (`--relay`): only then do the
+    /// appends of applied events notify the log's readers.
+    pub relay: bool,
     pub tls: Option<(
         Arc<rustls::ClientConfig>,
         rustls::pki_types::ServerName<'static>,
@@ -147,6 +150,7 @@ async fn session(
 ) -> Result<(), PullError> {
     let mut applier =
         Applier::connect(&cfg.url, &cfg.region, &cfg.peer, &cfg.regions, progress).await?;
+    applier.set_notify_appends(cfg.relay);
     // A paused link stays disconnected until resumed, but keeps its backlog known.
     let mut heads = tokio::time::interval(PAUSED_HEAD_EVERY);
     let mut logged_pause = false;

@@ -1,7 +1,9 @@
 //! `pgmesh log tail`: prints change-log events as they arrive, one line per change.
 //!
 //! It reads `mesh.changelog` after a position and then waits on the log's NOTIFY
-//! channel, so new events print at once without polling. It only reads.
+//! channel, so new events print at once. Events applied from peers are appended
+//! without a NOTIFY unless the node relays (`--relay`), so while idle it also reads
+//! again every second. It only reads.
 
 use anyhow::Context;
 use futures::StreamExt;
@@ -36,6 +38,10 @@ pub fn format_change(seq: i64, e: &ChangeEvent, i: usize) -> String {
         if e.local_only { " local-only" } else { "" }
     )
 }
+
+/// How often a following tail reads the log without a notification: applied
+/// events of a node that does not relay come without one.
+const UNNOTIFIED_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Prints the last `last` events, then follows the log until Ctrl-C (or forever).
 pub async fn tail(url: &str, last: i64, follow: bool) -> anyhow::Result<()> {
@@ -84,6 +90,7 @@ pub async fn tail(url: &str, last: i64, follow: bool) -> anyhow::Result<()> {
         }
         tokio::select! {
             w = wake_rx.recv() => if w.is_none() { anyhow::bail!("connection to the database closed") },
+            _ = tokio::time::sleep(UNNOTIFIED_EVERY) => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
         // Coalesce a burst of notifications into one read.

@@ -35,7 +35,7 @@ use crate::capture::{Progress, APPLIED_PREFIX};
 use crate::catalog::{self, origin_id_for};
 use crate::event::ChangeEvent;
 use crate::hlc::Hlc;
-use crate::log::table::{append_params, APPEND_LOCKED_INSERT, APPEND_RESULT};
+use crate::log::table::{append_params, APPEND_LOCKED_INSERT, APPEND_NOTIFY, APPEND_ROWS};
 use crate::log::versions;
 use crate::log::Logged;
 use crate::pgoutput::Lsn;
@@ -72,13 +72,15 @@ const CHECKPOINT: &str = "UPDATE mesh.link_state SET checkpoint = $2::int8,
 /// ([`CHECKPOINT`], `$17`..`$21`), which also tells capture the highest HLC the batch
 /// applied (a transactional logical message, `$22` prefix and `$23` content). The
 /// link's row exists from [`Applier::connect`] on, so the message is emitted once.
-/// The CTEs modify different tables, so their shared snapshot does not matter.
+/// The append notifies the log's readers only when `$24` is true (see
+/// [`Applier::set_notify_appends`]). The CTEs modify different tables, so their
+/// shared snapshot does not matter.
 static TAIL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH ins AS ({APPEND_LOCKED_INSERT}),
      ver AS ({}),
      cp AS ({} RETURNING pg_logical_emit_message(true, $22, $23))
-{APPEND_RESULT}, (SELECT count(*) FROM cp)
+SELECT {APPEND_ROWS}, CASE WHEN $24::bool THEN {APPEND_NOTIFY} END, (SELECT count(*) FROM cp)
 FROM ins",
         sql::shift_params(versions::STORE, 10),
         sql::shift_params(CHECKPOINT, 16)
@@ -167,6 +169,8 @@ pub struct Applier {
     names: HashMap<i16, String>,
     progress: Option<Progress>,
     capture_wait: Duration,
+    /// Whether appends of applied events notify the log's readers.
+    notify_appends: bool,
 }
 
 impl Applier {
@@ -234,7 +238,16 @@ impl Applier {
             names,
             progress,
             capture_wait: Duration::from_secs(10),
+            notify_appends: true,
         })
+    }
+
+    /// Whether the appends of applied events `NOTIFY` the log's readers (the default).
+    /// Only a node that relays serves other origins' events from its log, so only
+    /// then does a reader need waking for them; every NOTIFY wakes every listening
+    /// session of the database, the applications' too.
+    pub fn set_notify_appends(&mut self, on: bool) {
+        self.notify_appends = on;
     }
 
     /// The session's connection (for link bookkeeping outside batches).
@@ -421,7 +434,8 @@ impl Applier {
         // The versions are stored by the tail statement, not with the writes.
         let touched = std::mem::take(&mut planned.touched);
         let store = versions::StoreParams::new(&touched);
-        let cp_params: [&(dyn ToSql + Sync); 7] = [
+        let notify = self.notify_appends;
+        let cp_params: [&(dyn ToSql + Sync); 8] = [
             &peer,
             &upto,
             &head,
@@ -429,6 +443,7 @@ impl Applier {
             &out.max_commit_ts_us,
             &APPLIED_PREFIX,
             &max_text,
+            &notify,
         ];
         let mut rest: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = Vec::new();
         if fresh.is_empty() {

@@ -50,17 +50,38 @@ macro_rules! append_insert {
     };
 }
 
+/// The rows an append logged, from its INSERT as CTE `ins` (see [`logged_rows`]).
+macro_rules! append_rows {
+    () => {
+        "coalesce(array_agg(seq), '{}'), coalesce(array_agg(origin), '{}'), coalesce(array_agg(hlc), '{}')"
+    };
+}
+
+/// The append's notification of readers, over its INSERT as CTE `ins`.
+macro_rules! append_notify {
+    () => {
+        "pg_notify('pgmesh_changelog', coalesce(min(origin), '') || ' ' || coalesce(max(seq), 0))"
+    };
+}
+
 /// What an append returns, from its INSERT as CTE `ins`, notifying readers.
 macro_rules! append_result {
     () => {
-        "SELECT coalesce(array_agg(seq), '{}'), coalesce(array_agg(origin), '{}'), coalesce(array_agg(hlc), '{}'),
-       pg_notify('pgmesh_changelog', coalesce(min(origin), '') || ' ' || coalesce(max(seq), 0))"
+        concat!("SELECT ", append_rows!(), ",\n       ", append_notify!())
     };
 }
 
 /// The columns an append returns (see [`APPEND`]), for a statement that appends with
 /// [`APPEND_LOCKED_INSERT`] as CTE `ins`; it may add columns before ` FROM ins`.
 pub const APPEND_RESULT: &str = append_result!();
+
+/// The columns of [`APPEND_RESULT`] before its notification, for an appender that
+/// decides itself whether to notify ([`APPEND_NOTIFY`]).
+pub const APPEND_ROWS: &str = append_rows!();
+
+/// The notification of [`APPEND_RESULT`]: the payload is `ORIGIN SEQ` (see
+/// [`APPEND`]).
+pub const APPEND_NOTIFY: &str = append_notify!();
 
 /// Inserts events (from [`append_params`]), notifies readers, and returns the
 /// inserted rows' sequence numbers with their event ids (see [`logged_rows`]). The

@@ -5,14 +5,18 @@
 //! from the hub. A write in one spoke must reach the other spoke exactly once,
 //! still naming the spoke it came from (not the hub), and the hub must never
 //! ship a spoke's own events back to it. Every region's change log ends up
-//! holding each event of each origin exactly once. This module owns the
-//! topology checks.
+//! holding each event of each origin exactly once. Only the hub's appends of
+//! applied events notify the log's readers (it is the only one that serves them).
+//! This module owns the topology checks.
 
 use std::collections::BTreeMap;
 
 use anyhow::Result;
 use pgmesh_tests::regions::{Mesh, NodeSpec, CONVERGE_TIMEOUT};
 use pgmesh_tests::wait_until;
+use tokio_postgres::AsyncMessage;
+
+use crate::support::WatchedConn;
 
 const SCHEMA: &str = "CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL)";
 
@@ -29,6 +33,31 @@ async fn events_by_origin(mesh: &Mesh, i: usize) -> Result<BTreeMap<String, i64>
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect())
+}
+
+/// `LISTEN pgmesh_changelog` on region `i`'s database.
+async fn listen_log(mesh: &Mesh, i: usize) -> Result<WatchedConn> {
+    let c = WatchedConn::connect(&mesh.region(i).url()).await?;
+    c.client.batch_execute("LISTEN pgmesh_changelog").await?;
+    Ok(c)
+}
+
+/// The origins (`ORIGIN SEQ` payloads) of the log notifications `c` received, up to
+/// a marker this sends now: notifications arrive in commit order, so every append
+/// committed before this call is in.
+async fn notified_origins(c: &mut WatchedConn) -> Result<Vec<String>> {
+    c.client
+        .batch_execute("NOTIFY pgmesh_changelog, 'marker'")
+        .await?;
+    let mut origins = Vec::new();
+    loop {
+        if let AsyncMessage::Notification(n) = c.next_message().await? {
+            match n.payload() {
+                "marker" => return Ok(origins),
+                p => origins.push(p.split(' ').next().unwrap_or_default().to_string()),
+            }
+        }
+    }
 }
 
 /// Waits until note `id` exists in region `i`.
@@ -64,6 +93,8 @@ async fn a_hub_relays_spoke_writes_once_with_their_origin() -> Result<()> {
     .await?;
     let (hub, a, b) = (0, 1, 2);
     assert_eq!(mesh.region(a).peers(), ["hub"]);
+    let mut hub_log = listen_log(&mesh, hub).await?;
+    let mut b_log = listen_log(&mesh, b).await?;
 
     mesh.connect_proxy(a)
         .await?
@@ -81,6 +112,19 @@ async fn a_hub_relays_spoke_writes_once_with_their_origin() -> Result<()> {
         .await?;
     let sums = mesh.wait_converged(CONVERGE_TIMEOUT).await?;
     assert_eq!(sums["public.notes"].split(':').next(), Some("3"));
+
+    // The hub relays, so its append of spoke_a's event woke its readers; spoke_b
+    // does not, so only its own write did (capture's append), not what it applied.
+    let hub_heard = notified_origins(&mut hub_log).await?;
+    assert!(
+        hub_heard.iter().any(|o| o == "spoke_a"),
+        "the hub's readers hear of applied events: {hub_heard:?}"
+    );
+    let b_heard = notified_origins(&mut b_log).await?;
+    assert!(
+        !b_heard.is_empty() && b_heard.iter().all(|o| o == "spoke_b"),
+        "spoke_b's readers hear of its own appends only: {b_heard:?}"
+    );
 
     // spoke_b holds spoke_a's event under spoke_a's name, with its HLC.
     let a_event: (String, i64) = {
