@@ -25,6 +25,10 @@ In one run, on fresh local clusters:
    (clock_timestamp() when apply logs the batch, its last step before the link
    checkpoint and COMMIT) - its commit_ts (the commit time at the origin). p50, p99
    and max in ms.
+   The probe's TPS is what r1's proxy takes while the peers fall behind, not what
+   the mesh sustains. So the probe also measures the replicated max: the slowest
+   peer's events of the probe applied before the probe ended, per second of it. A
+   second pgmesh lag run goes at half of that (BENCH_REPLICATED_MAX_RUN=0 skips it).
 2. Catch-up rate. r2 pauses its link from r1 (mesh.pause_link('r1')); r1 writes a
    backlog of BENCH_BACKLOG events through its proxy at full speed (pgbench -c 8
    -j 2 -t N; r3 keeps replicating live). Write rate = backlog / span of the
@@ -53,6 +57,7 @@ Environment:
   BENCH_BACKLOG        events written while r2's link is paused    [100000; 2000 with BENCH_FAST=1]
   BENCH_PROBE_SECONDS  seconds of the max-throughput probe         [10; 5 with BENCH_FAST=1]
   BENCH_RATE           -R for the lag runs                         [half the probe's TPS]
+  BENCH_REPLICATED_MAX_RUN  1: a second pgmesh lag run at half the replicated max [1]
   BENCH_BACKLOG_WORKLOAD  tpcb: pgbench TPC-B transactions         [tpcb]
                        insert: single-row INSERT transactions into a table bench_events
   BENCH_SCALE          pgbench -i scale factor                     [10]
@@ -105,6 +110,7 @@ else
 fi
 SCALE="${BENCH_SCALE:-10}"
 RATE="${BENCH_RATE:-}"
+REPLMAX_RUN="${BENCH_REPLICATED_MAX_RUN:-1}"
 WORKLOAD="${BENCH_BACKLOG_WORKLOAD:-tpcb}"
 STALL="${BENCH_STALL_TIMEOUT:-60}"
 OUT="${BENCH_OUT:-bench-results}"
@@ -112,6 +118,8 @@ for v in SECS BACKLOG PROBE_SECS SCALE STALL; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
 done
 [[ -z "$RATE" || "$RATE" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RATE must be a positive integer, got '$RATE'"
+[[ "$REPLMAX_RUN" == 0 || "$REPLMAX_RUN" == 1 ]] ||
+    die "BENCH_REPLICATED_MAX_RUN must be 0 or 1, got '$REPLMAX_RUN'"
 [[ "$WORKLOAD" == tpcb || "$WORKLOAD" == insert ]] ||
     die "BENCH_BACKLOG_WORKLOAD must be tpcb or insert, got '$WORKLOAD'"
 
@@ -498,75 +506,108 @@ ALL_PG=("${PG_PORT[r1]}" "${PG_PORT[r2]}" "${PG_PORT[r3]}")
 log "== 1. replication lag"
 seq0="$(origin_head)"
 checkpoint_all "${ALL_PG[@]}"
+P0="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
 run_pgbench "max-throughput probe through $ORIGIN's proxy" "$ORIGIN_PROXY" -b tpcb-like -T "$PROBE_SECS"
+P1="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
 MAX_TPS="$LAST_TPS"
 wait_captured "$seq0" "$LAST_PROCESSED" "max-throughput probe"
 t0="$(now_s)"
 wait_replicated "after the max-throughput probe" r2 r3
 log "      r2 and r3 caught up with the probe in $(secs_since "$t0")s"
+# What the mesh replicated while the origin ran flat out: the slowest peer's events
+# of the probe logged (applied) before the probe ended, per second of it. Events the
+# peers applied only after the probe do not count: at the probe's rate they fall
+# behind without bound.
+REPL_MAX="$MAX_TPS"
+for r in r2 r3; do
+    applied="$(rsql "$r" "SELECT round(count(*) / extract(epoch FROM timestamptz '$P1' - timestamptz '$P0'), 1)
+        FROM mesh.changelog
+        WHERE origin = '$ORIGIN' AND commit_ts >= '$P0' AND logged_at <= '$P1'")"
+    log "      $r applied $applied events/s of the probe while it ran"
+    awk -v a="$applied" -v m="$REPL_MAX" 'BEGIN { exit !(a < m) }' && REPL_MAX="$applied"
+done
 
+half() { awk -v t="$1" 'BEGIN { r = int(t / 2 + 0.5); print (r < 1) ? 1 : r }'; }
 if [[ -z "$RATE" ]]; then
-    RATE="$(awk -v t="$MAX_TPS" 'BEGIN { r = int(t / 2 + 0.5); print (r < 1) ? 1 : r }')"
+    RATE="$(half "$MAX_TPS")"
     RATE_DESC="half the probe's $(printf '%.1f' "$MAX_TPS") tps"
 else
     RATE_DESC="BENCH_RATE; the probe reached $(printf '%.1f' "$MAX_TPS") tps"
 fi
+RATE2=""
+if [[ "$REPLMAX_RUN" == 1 ]]; then
+    RATE2="$(half "$REPL_MAX")"
+    RATE2_DESC="half the $(printf '%.1f' "$REPL_MAX") events/s the slowest peer applied during the probe"
+fi
 
-seq0="$(origin_head)"
-settle "${ALL_PG[@]}"
-T0="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
-mark="$(cpu_mark)"
-run_pgbench "pgmesh lag at $RATE tps" "$ORIGIN_PROXY" -b tpcb-like -R "$RATE" -T "$SECS"
-read -r MESH_BUSY MESH_WAIT < <(cpu_since "$mark")
-log "      machine during the run: CPU busy $MESH_BUSY, some task waiting for a CPU $MESH_WAIT of the time"
-T1="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
-MESH_TPS="$LAST_TPS"
-MESH_PROCESSED="$LAST_PROCESSED"
-wait_captured "$seq0" "$MESH_PROCESSED" "lag run"
-t0="$(now_s)"
-wait_replicated "after the lag run" r2 r3
-log "      r2 and r3 caught up with the lag run $(secs_since "$t0")s after capture"
-
+# lag_run KEY RATE: pgbench TPC-B at -R RATE through ORIGIN's proxy for SECS, then,
+# once every peer has it all, per peer: lag = logged_at in the peer (clock_timestamp()
+# when apply logs the batch, its last step before the link checkpoint and COMMIT) -
+# commit_ts at the origin. Sets LAG[KEY,r], BATCHES[KEY,r], CAPTURE[KEY], TPS[KEY],
+# PROCESSED[KEY], BUSY[KEY], WAIT[KEY], and writes the per-event series.
 # Not pg_xact_commit_timestamp() of the applied rows: with a replication origin set
 # up in the session and no per-transaction origin timestamp, PostgreSQL records the
 # session's first commit time for every later commit of that session.
-declare -A LAG=() BATCHES=()
-for r in r2 r3; do
-    LAG[$r]="$(rsql "$r" "SELECT $(stats_select)
+declare -A LAG=() BATCHES=() CAPTURE=() TPS=() PROCESSED=() BUSY=() WAIT=()
+lag_run() {
+    local key="$1" rate="$2" seq0 t0 T0 T1 mark r n p50 p99 mx series
+    seq0="$(origin_head)"
+    settle "${ALL_PG[@]}"
+    T0="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
+    mark="$(cpu_mark)"
+    run_pgbench "pgmesh lag at $rate tps" "$ORIGIN_PROXY" -b tpcb-like -R "$rate" -T "$SECS"
+    read -r "BUSY[$key]" "WAIT[$key]" < <(cpu_since "$mark")
+    log "      machine during the run: CPU busy ${BUSY[$key]}, some task waiting for a CPU ${WAIT[$key]} of the time"
+    T1="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
+    TPS[$key]="$LAST_TPS"
+    PROCESSED[$key]="$LAST_PROCESSED"
+    wait_captured "$seq0" "$LAST_PROCESSED" "lag run at $rate tps"
+    t0="$(now_s)"
+    wait_replicated "after the lag run at $rate tps" r2 r3
+    log "      r2 and r3 caught up with the lag run $(secs_since "$t0")s after capture"
+    for r in r2 r3; do
+        LAG[$key,$r]="$(rsql "$r" "SELECT $(stats_select)
+            FROM (SELECT extract(epoch FROM logged_at - commit_ts) * 1000 AS ms
+                  FROM mesh.changelog
+                  WHERE origin = '$ORIGIN' AND commit_ts BETWEEN '$T0' AND '$T1') s")"
+        IFS='|' read -r n p50 p99 mx <<<"${LAG[$key,$r]}"
+        [[ "$n" == "${PROCESSED[$key]}" ]] ||
+            log "WARNING: $r holds $n events of the lag run, pgbench committed ${PROCESSED[$key]}"
+        # One apply transaction per batch: its rows share an xmin.
+        BATCHES[$key,$r]="$(rsql "$r" "SELECT count(DISTINCT xmin::text) FROM mesh.changelog
+            WHERE origin = '$ORIGIN' AND commit_ts BETWEEN '$T0' AND '$T1'")"
+        log "      $ORIGIN -> $r: lag p50 $p50 ms, p99 $p99 ms, max $mx ms over $n events in ${BATCHES[$key,$r]} apply transactions"
+    done
+    # The per-event series, for a look at where the tail lies (stalls or spread out):
+    # commit time at the origin, then lag in ms to r2, to r3 and of capture in r1.
+    mkdir -p "$OUT"
+    series="$OUT/replication-series-$key-$(date -u +%Y%m%dT%H%M%SZ).csv"
+    {
+        echo "commit_ts,r2_ms,r3_ms,capture_ms"
+        for r in r1 r2 r3; do
+            rsql "$r" "COPY (SELECT hlc, extract(epoch FROM commit_ts), extract(epoch FROM logged_at - commit_ts) * 1000
+                       FROM mesh.changelog WHERE origin = '$ORIGIN' AND commit_ts BETWEEN '$T0' AND '$T1')
+                       TO STDOUT (FORMAT csv)" >"$TMPD/series-$r.csv"
+        done
+        join -t, <(sort "$TMPD/series-r2.csv") <(sort "$TMPD/series-r3.csv") |
+            join -t, - <(sort "$TMPD/series-r1.csv") |
+            awk -F, '{ printf "%.6f,%.2f,%.2f,%.2f\n", $2, $3, $5, $7 }' | sort -t, -k1,1n
+    } >"$series"
+    log "      per-event lag series: $series"
+    # The origin's share of it: capture (commit at the origin -> logged in its change log).
+    CAPTURE[$key]="$(rsql "$ORIGIN" "SELECT $(stats_select)
         FROM (SELECT extract(epoch FROM logged_at - commit_ts) * 1000 AS ms
               FROM mesh.changelog
               WHERE origin = '$ORIGIN' AND commit_ts BETWEEN '$T0' AND '$T1') s")"
-    IFS='|' read -r n p50 p99 mx <<<"${LAG[$r]}"
-    [[ "$n" == "$MESH_PROCESSED" ]] ||
-        log "WARNING: $r holds $n events of the lag run, pgbench committed $MESH_PROCESSED"
-    # One apply transaction per batch: its rows share an xmin.
-    BATCHES[$r]="$(rsql "$r" "SELECT count(DISTINCT xmin::text) FROM mesh.changelog
-        WHERE origin = '$ORIGIN' AND commit_ts BETWEEN '$T0' AND '$T1'")"
-    log "      $ORIGIN -> $r: lag p50 $p50 ms, p99 $p99 ms, max $mx ms over $n events in ${BATCHES[$r]} apply transactions"
-done
-# The per-event series, for a look at where the tail lies (stalls or spread out):
-# commit time at the origin, then lag in ms to r2, to r3 and of capture in r1.
-mkdir -p "$OUT"
-SERIES="$OUT/replication-series-$(date -u +%Y%m%dT%H%M%SZ).csv"
-{
-    echo "commit_ts,r2_ms,r3_ms,capture_ms"
-    for r in r1 r2 r3; do
-        rsql "$r" "COPY (SELECT hlc, extract(epoch FROM commit_ts), extract(epoch FROM logged_at - commit_ts) * 1000
-                   FROM mesh.changelog WHERE origin = '$ORIGIN' AND commit_ts BETWEEN '$T0' AND '$T1')
-                   TO STDOUT (FORMAT csv)" >"$TMPD/series-$r.csv"
-    done
-    join -t, <(sort "$TMPD/series-r2.csv") <(sort "$TMPD/series-r3.csv") |
-        join -t, - <(sort "$TMPD/series-r1.csv") |
-        awk -F, '{ printf "%.6f,%.2f,%.2f,%.2f\n", $2, $3, $5, $7 }' | sort -t, -k1,1n
-} >"$SERIES"
-log "      per-event lag series: $SERIES"
-# The origin's share of it: capture (commit at the origin -> logged in its change log).
-CAPTURE="$(rsql "$ORIGIN" "SELECT $(stats_select)
-    FROM (SELECT extract(epoch FROM logged_at - commit_ts) * 1000 AS ms
-          FROM mesh.changelog
-          WHERE origin = '$ORIGIN' AND commit_ts BETWEEN '$T0' AND '$T1') s")"
-IFS='|' read -r n p50 p99 mx <<<"$CAPTURE"
-log "      of which capture in $ORIGIN: p50 $p50 ms, p99 $p99 ms, max $mx ms over $n events"
+    IFS='|' read -r n p50 p99 mx <<<"${CAPTURE[$key]}"
+    log "      of which capture in $ORIGIN: p50 $p50 ms, p99 $p99 ms, max $mx ms over $n events"
+}
+
+lag_run probe "$RATE"
+if [[ -n "$RATE2" ]]; then
+    log "== 1b. replication lag at $RATE2 tps ($RATE2_DESC)"
+    lag_run repl "$RATE2"
+fi
 
 # ---------------------------------------------------------------------------
 # 2. Catch-up rate.
@@ -755,22 +796,28 @@ fmt1() { if [[ -z "$1" || "$1" == n/a ]]; then echo n/a; else printf '%.1f\n' "$
 
 HEAD=(system link "rate tps" "achieved tps" events "lag p50 ms" "lag p99 ms" "lag max ms")
 ROWS=()
-WORST_P99=""
-for r in r2 r3; do
-    IFS='|' read -r n p50 p99 mx <<<"${LAG[$r]}"
-    ROWS+=("pgmesh|$ORIGIN -> $r|$RATE|$(fmt1 "$MESH_TPS")|$n|$p50|$p99|$mx")
-    if [[ "$p99" != n/a ]]; then
-        if [[ -z "$WORST_P99" ]] || awk -v a="$p99" -v b="$WORST_P99" 'BEGIN { exit !(a > b) }'; then
-            WORST_P99="$p99"
+declare -A WORST=()
+# rows KEY RATE: the table rows of lag run KEY; sets WORST[KEY] (worst peer p99).
+rows() {
+    local key="$1" rate="$2" r n p50 p99 mx
+    for r in r2 r3; do
+        IFS='|' read -r n p50 p99 mx <<<"${LAG[$key,$r]}"
+        ROWS+=("pgmesh|$ORIGIN -> $r|$rate|$(fmt1 "${TPS[$key]}")|$n|$p50|$p99|$mx")
+        if [[ "$p99" != n/a ]]; then
+            if [[ -z "${WORST[$key]:-}" ]] || awk -v a="$p99" -v b="${WORST[$key]}" 'BEGIN { exit !(a > b) }'; then
+                WORST[$key]="$p99"
+            fi
         fi
-    fi
-done
-IFS='|' read -r n p50 p99 mx <<<"$CAPTURE"
-ROWS+=("pgmesh|capture in $ORIGIN|$RATE|$(fmt1 "$MESH_TPS")|$n|$p50|$p99|$mx")
+    done
+    IFS='|' read -r n p50 p99 mx <<<"${CAPTURE[$key]}"
+    ROWS+=("pgmesh|capture in $ORIGIN|$rate|$(fmt1 "${TPS[$key]}")|$n|$p50|$p99|$mx")
+}
+rows probe "$RATE"
 ROWS+=("native|pub -> sub|$RATE|$(fmt1 "$NATIVE_TPS")|$NATIVE_N|$NATIVE_P50|$NATIVE_P99|$NATIVE_MAX")
+[[ -n "$RATE2" ]] && rows repl "$RATE2"
 
-VERDICT_LAG=n/a
-[[ -n "$WORST_P99" ]] && VERDICT_LAG="$(judge "$WORST_P99 < $LAG_TARGET_MS")"
+# verdict KEY: the lag target's verdict for lag run KEY.
+verdict() { if [[ -n "${WORST[$1]:-}" ]]; then judge "${WORST[$1]} < $LAG_TARGET_MS"; else echo n/a; fi; }
 VERDICT_CATCHUP=n/a
 [[ "$CATCHUP_RATIO" != n/a ]] && VERDICT_CATCHUP="$(judge "$CATCHUP_RATIO >= $CATCHUP_TARGET")"
 
@@ -778,11 +825,17 @@ CHEAD=("backlog events" "workload" "write rate ev/s" "catch-up rate ev/s" "ratio
 CROW="$PENDING|$WORKLOAD|$WRITE_RATE|$CATCHUP_RATE|${CATCHUP_RATIO}x|$DRAIN_SECS"
 
 RATE_LINE="rate: -R $RATE ($RATE_DESC), ${SECS}s, pgbench TPC-B -c $CLIENTS -j $JOBS through $ORIGIN's proxy (pgmesh) / directly (native)"
+[[ -n "$RATE2" ]] && RATE_LINE+=$'\n'"and pgmesh at -R $RATE2 ($RATE2_DESC)"
 TARGET_LINES=(
     "$NATIVE_REF"
     "  this run: native p50 $NATIVE_P50 ms, p99 $NATIVE_P99 ms at $RATE tps"
     "target: pgmesh lag p99 < $LAG_TARGET_MS ms on loopback"
-    "  this run: worst peer p99 ${WORST_P99:-n/a} ms -> $VERDICT_LAG"
+    "  this run, at $RATE tps ($RATE_DESC): worst peer p99 ${WORST[probe]:-n/a} ms -> $(verdict probe)"
+)
+[[ -n "$RATE2" ]] && TARGET_LINES+=(
+    "  this run, at $RATE2 tps ($RATE2_DESC): worst peer p99 ${WORST[repl]:-n/a} ms -> $(verdict repl)"
+)
+TARGET_LINES+=(
     "target: catch-up rate >= ${CATCHUP_TARGET}x the rate the backlog was written"
     "  this run: $CATCHUP_RATE / $WRITE_RATE events/s = ${CATCHUP_RATIO}x -> $VERDICT_CATCHUP"
 )
@@ -812,12 +865,16 @@ CFMT='%-14s  %-8s  %15s  %18s  %8s  %8s\n'
 
 {
     echo "measure,system,link,rate_tps,achieved_tps,events,apply_txns,lag_p50_ms,lag_p99_ms,lag_max_ms,write_rate_eps,catchup_rate_eps,catchup_ratio,drain_s,first_apply_s"
-    for r in r2 r3; do
-        IFS='|' read -r n p50 p99 mx <<<"${LAG[$r]}"
-        echo "lag,pgmesh,$ORIGIN->$r,$RATE,$MESH_TPS,$n,${BATCHES[$r]},$p50,$p99,$mx,,,,,"
+    for key in probe ${RATE2:+repl}; do
+        rate="$RATE"
+        [[ "$key" == repl ]] && rate="$RATE2"
+        for r in r2 r3; do
+            IFS='|' read -r n p50 p99 mx <<<"${LAG[$key,$r]}"
+            echo "lag,pgmesh,$ORIGIN->$r,$rate,${TPS[$key]},$n,${BATCHES[$key,$r]},$p50,$p99,$mx,,,,,"
+        done
+        IFS='|' read -r n p50 p99 mx <<<"${CAPTURE[$key]}"
+        echo "capture,pgmesh,$ORIGIN,$rate,${TPS[$key]},$n,,$p50,$p99,$mx,,,,,"
     done
-    IFS='|' read -r n p50 p99 mx <<<"$CAPTURE"
-    echo "capture,pgmesh,$ORIGIN,$RATE,$MESH_TPS,$n,,$p50,$p99,$mx,,,,,"
     echo "lag,native,pub->sub,$RATE,$NATIVE_TPS,$NATIVE_N,,$NATIVE_P50,$NATIVE_P99,$NATIVE_MAX,,,,,"
     echo "catchup,pgmesh,$ORIGIN->$PAUSED,,$BACKLOG_PGBENCH_TPS,$PENDING,$CATCHUP_TXNS,,,,$WRITE_RATE,$CATCHUP_RATE,$CATCHUP_RATIO,$DRAIN_SECS,$FIRST_SECS"
 } >"$CSV"
@@ -832,15 +889,15 @@ fi
     echo "- pgmesh: $PGMESH_VERSION, commit $GIT_REV"
     echo "- $PG_VERSION; $FSYNC_DESC; shared_buffers=256MB; every cluster on this host"
     echo "- pgmesh: regions r1, r2, r3, full mesh, plain TCP on loopback; every write goes to r1 through its proxy"
-    echo "- max-throughput probe: pgbench TPC-B -c $CLIENTS -j $JOBS -T $PROBE_SECS through r1's proxy: $(fmt1 "$MAX_TPS") tps"
-    echo "- lag runs: pgbench -n TPC-B (-M simple), scale $SCALE, -c $CLIENTS -j $JOBS, -R $RATE ($RATE_DESC), ${SECS}s"
+    echo "- max-throughput probe: pgbench TPC-B -c $CLIENTS -j $JOBS -T $PROBE_SECS through r1's proxy: $(fmt1 "$MAX_TPS") tps; meanwhile the slowest peer applied $(fmt1 "$REPL_MAX") events/s of it (events logged in the peer before the probe ended, per second of the probe)"
+    echo "- lag runs: pgbench -n TPC-B (-M simple), scale $SCALE, -c $CLIENTS -j $JOBS, -R $RATE ($RATE_DESC)${RATE2:+ and, pgmesh only, -R $RATE2 ($RATE2_DESC)}, ${SECS}s each"
     echo "- pgmesh lag: mesh.changelog.logged_at in the peer (clock_timestamp() when apply logs the batch, its last step before the checkpoint update and COMMIT) - commit_ts (origin commit time), every event of the run; the \"capture in $ORIGIN\" row is the origin's share (logged_at - commit_ts in $ORIGIN's change log)"
     echo "- native lag: publication/subscription (copy_data = false) between two fresh clusters, run after the pgmesh clusters were stopped; the TPC-B transaction plus INSERT INTO lagprobe; lag = lagprobe.applied (subscriber-side default clock_timestamp()) - lagprobe.t (clock_timestamp() at the origin)"
     echo "- catch-up: r2 paused its link from r1 (mesh.pause_link), r1 wrote $PENDING $WORKLOAD_DESC (pgbench -c $CLIENTS -j $JOBS -t $PER_CLIENT, $(fmt1 "$BACKLOG_PGBENCH_TPS") tps by pgbench) while r3 replicated live; write rate = events / (last - first origin commit, ${WRITE_SPAN}s); catch-up rate = events / (last logged_at in r2 - resume, ${DRAIN_SECS}s; the first batch was logged ${FIRST_SECS}s after the resume)"
-    echo "- apply transactions (batches) during the lag run: r2 ${BATCHES[r2]}, r3 ${BATCHES[r3]}"
+    echo "- apply transactions (batches) during the lag run at $RATE tps: r2 ${BATCHES[probe,r2]}, r3 ${BATCHES[probe,r3]}${RATE2:+; at $RATE2 tps: r2 ${BATCHES[repl,r2]:-}, r3 ${BATCHES[repl,r3]:-}}"
     echo "- dead letters in the mesh: $DEAD; conflicts: $CONFLICTS; warning/error lines in the node logs: $NODE_WARNINGS (the pause accounts for one)"
     echo "- host: $(nproc 2>/dev/null || echo '?') CPUs, $(uname -sr)"
-    echo "- CPU during the lag runs (whole machine, /proc/stat and /proc/pressure/cpu): pgmesh busy $MESH_BUSY, some task waiting for a CPU $MESH_WAIT of the time; native busy $NATIVE_BUSY, waiting $NATIVE_WAIT"
+    echo "- CPU during the lag runs (whole machine, /proc/stat and /proc/pressure/cpu): pgmesh at $RATE tps busy ${BUSY[probe]}, some task waiting for a CPU ${WAIT[probe]} of the time${RATE2:+; pgmesh at $RATE2 tps busy ${BUSY[repl]:-}, waiting ${WAIT[repl]:-}}; native busy $NATIVE_BUSY, waiting $NATIVE_WAIT"
     echo
     echo "## Replication lag"
     echo
