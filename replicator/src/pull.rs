@@ -83,8 +83,8 @@ impl PullConfig {
     }
 }
 
-/// Runs the link until shutdown.
-/// `signals` come from the node's [`LinkSignals`].
+/// Runs the link until shutdown, hearing pauses, resumes and dead-letter retries on
+/// `signals` (from the node's [`LinkSignals`]).
 pub async fn run(
     cfg: PullConfig,
     progress: Option<Progress>,
