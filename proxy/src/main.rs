@@ -12,8 +12,13 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let default_log = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "info",
+    };
+    let log = cli.log.as_deref().unwrap_or(default_log);
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(EnvFilter::try_new(log).unwrap_or_else(|_| EnvFilter::new(default_log)))
         .with_writer(std::io::stderr)
         .init();
     let runtime = || {

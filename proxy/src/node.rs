@@ -190,13 +190,28 @@ pub struct NodeHandle {
     stop: watch::Sender<bool>,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// The pull links' supervisor, stopped by `links_stop` before anything else.
+    links: Option<JoinHandle<()>>,
+    links_stop: watch::Sender<bool>,
     /// Declared last: shut down after everything running on it has stopped.
     _replication: ReplicationRuntime,
 }
 
 impl NodeHandle {
+    /// Stops pulling from peers and waits until every link has ended; the node goes
+    /// on serving its own log. [`Self::shutdown`] starts with this. Whoever stops
+    /// several nodes of one mesh (the demo) calls it on each before shutting any
+    /// down, so no link sees its peer go away and warns about it.
+    pub async fn stop_links(&mut self) {
+        let _ = self.links_stop.send(true);
+        if let Some(t) = self.links.take() {
+            let _ = t.await;
+        }
+    }
+
     /// Stops links, peer server, capture, then drains the proxy within `grace`.
-    pub async fn shutdown(self, grace: Duration) {
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.stop_links().await;
         let _ = self.stop.send(true);
         self.cancel.cancel();
         for t in self.tasks {
@@ -213,8 +228,10 @@ impl NodeHandle {
 pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
     let metrics = Metrics::new(&v.config.region);
     let (stop, stop_rx) = watch::channel(false);
+    let (links_stop, links_stop_rx) = watch::channel(false);
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
+    let mut links = None;
     let url = capture_url(&v);
     // What capture logs is served to peers from memory while it is fresh.
     let tail = v
@@ -260,13 +277,13 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
         }
         if let Some(c) = &capture {
             if !v.peers.is_empty() {
-                tasks.push(repl.handle.spawn(supervise_links(
+                links = Some(repl.handle.spawn(supervise_links(
                     v.clone(),
                     url.clone(),
                     c.watch_role(),
                     c.progress(),
                     metrics.clone(),
-                    stop_rx.clone(),
+                    links_stop_rx,
                 )));
             }
         }
@@ -293,6 +310,8 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
         stop,
         cancel,
         tasks,
+        links,
+        links_stop,
         _replication: repl,
     })
 }

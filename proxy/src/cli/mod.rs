@@ -19,9 +19,10 @@ use crate::config::Config;
 #[derive(Debug, Parser)]
 #[command(name = "pgmesh", version, about, long_about = None)]
 pub struct Cli {
-    /// Log filter, e.g. `info` or `pgmesh_proxy=debug`.
-    #[arg(long, global = true, env = "PGMESH_LOG", default_value = "info")]
-    pub log: String,
+    /// Log filter, e.g. `info` or `pgmesh_proxy=debug` [default: info; warn for
+    /// `demo`, whose own output tells the story].
+    #[arg(long, global = true, env = "PGMESH_LOG")]
+    pub log: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -59,7 +59,11 @@ struct Demo {
 }
 
 impl Demo {
-    async fn teardown(self) -> anyhow::Result<()> {
+    async fn teardown(mut self) -> anyhow::Result<()> {
+        // Every link first, while every peer still serves: no link sees its peer go.
+        for n in &mut self.nodes {
+            n.stop_links().await;
+        }
         for n in self.nodes {
             n.shutdown(Duration::from_secs(2)).await;
         }

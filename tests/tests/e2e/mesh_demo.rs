@@ -1,5 +1,6 @@
 //! Smoke test of `pgmesh demo`: start it, write in region 1, read in region 3,
-//! stop it with Ctrl-C, and check that nothing is left behind.
+//! stop it with Ctrl-C, and check that nothing is left behind and that its output
+//! is the demo's own (no node info logs, no link warnings while it stops).
 //!
 //! The demo binds fixed ports from `--base-port` (region i uses base+10i ..
 //! base+10i+3), so the test probes for a base whose twelve ports are free, below
@@ -53,6 +54,7 @@ impl Demo {
                 &base.to_string(),
             ])
             .env("NO_COLOR", "1")
+            .env_remove("PGMESH_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -205,6 +207,19 @@ async fn the_demo_replicates_and_leaves_nothing_behind() -> Result<()> {
         .find_map(|l| l.strip_prefix("removed "))
         .with_context(|| format!("no `removed <dir>` line:\n{printed}"))?;
     assert_eq!(Path::new(removed), demo.root);
+    // The narrative stands alone: node logs default to `warn` for the demo, and
+    // stopping the mesh makes no link warn that its peer went away.
+    assert!(
+        !printed.lines().any(|l| l.contains(" INFO ")),
+        "node info logs in the demo's output:\n{printed}"
+    );
+    let stopping = printed
+        .split_once("stopping nodes and clusters")
+        .map_or("", |(_, after)| after);
+    assert!(
+        !stopping.contains("link session ended"),
+        "a link warned while the demo stopped:\n{printed}"
+    );
     assert!(!demo.root.exists(), "{removed} still exists");
     wait_until(
         Duration::from_secs(30),
