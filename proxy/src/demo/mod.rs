@@ -300,8 +300,10 @@ async fn conflict_scenario(names: &[&str], base: u16) -> anyhow::Result<()> {
         {
             let (remote, local, winner, strategy, why): (String, String, String, String, String) =
                 (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            // `local` is the version the row had here, whichever region wrote it.
+            let won = if winner == "remote" { &remote } else { &local };
             say(format!(
-                "   conflict seen in {}: {remote}'s write vs {local}'s -> {winner} wins by {strategy} ({why})",
+                "   conflict seen in {}: incoming {remote} write vs the row's {local} version -> {won}'s wins by {strategy} ({why})",
                 names[i]
             ));
         }
