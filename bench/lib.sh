@@ -271,3 +271,13 @@ pick_client() {
         command -v "$1" || die "$1 not found in $PGBIN or on PATH"
     fi
 }
+
+# proc_cpu_ticks PID...: "PID TICKS" per live PID, TICKS = its user + system CPU time
+# in clock ticks (/proc/PID/stat fields 14 and 15, counted after the command name).
+proc_cpu_ticks() {
+    local pid
+    for pid in "$@"; do
+        [[ -r "/proc/$pid/stat" ]] || continue
+        awk -v pid="$pid" '{ sub(/^.*\) /, ""); print pid, $12 + $13 }' "/proc/$pid/stat" 2>/dev/null
+    done
+}

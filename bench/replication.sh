@@ -30,6 +30,10 @@ In one run, on fresh local clusters:
    peer's events of the probe applied before the probe ended, per second of it. When
    that is under 90% of the probe's TPS, a second pgmesh lag run goes at half of it
    (BENCH_REPLICATED_MAX_RUN=0 skips it).
+   Each lag run also reports the CPU of each part of the mesh over its middle (each
+   node process, each region's PostgreSQL sessions by application_name, the pgbench
+   client), in % of one CPU and in microseconds per transaction: a steadier figure
+   than the lag's tail on a shared machine.
 2. Catch-up rate. r2 pauses its link from r1 (mesh.pause_link('r1')); r1 writes a
    backlog of BENCH_BACKLOG events through its proxy at full speed (pgbench -c 8
    -j 2 -t N; r3 keeps replicating live). Write rate = backlog / span of the
@@ -551,16 +555,63 @@ fi
 # Not pg_xact_commit_timestamp() of the applied rows: with a replication origin set
 # up in the session and no per-transaction origin timestamp, PostgreSQL records the
 # session's first commit time for every later commit of that session.
-declare -A LAG=() BATCHES=() CAPTURE=() TPS=() PROCESSED=() BUSY=() WAIT=()
+declare -A LAG=() BATCHES=() CAPTURE=() TPS=() PROCESSED=() BUSY=() WAIT=() PARTS=()
+# cpu_by_part OUT DELAY SPAN: after DELAY seconds, the CPU each part of the mesh uses
+# over SPAN seconds (each node; each region's PostgreSQL sessions by
+# application_name: apply, capture's log append and walsender, pgbench's sessions,
+# the rest; the pgbench client), as "ms|label" lines in OUT. Run in the background
+# while the lag run's pgbench runs.
+cpu_by_part() {
+    local out="$1" delay="$2" span="$3" r pid name hz
+    declare -A label=()
+    sleep "$delay"
+    for r in "${REGIONS[@]}"; do
+        label[${NODE_PID[$r]}]="$r node (proxy, capture, links)"
+        while IFS='|' read -r pid name; do
+            case "$name" in
+                pgmesh-apply-*) label[$pid]="$r apply session (from ${name#pgmesh-apply-})" ;;
+                pgmesh-capture-log) label[$pid]="$r capture log append session" ;;
+                "pgmesh-capture-$r") label[$pid]="$r walsender (capture)" ;;
+                pgbench) label[$pid]="$r pgbench sessions" ;;
+                *) label[$pid]="$r other sessions" ;;
+            esac
+        done < <(rsql "$r" "SELECT pid, application_name FROM pg_stat_activity
+                            WHERE pid <> pg_backend_pid() AND backend_type IN ('client backend', 'walsender')")
+    done
+    for pid in $(pgrep -x pgbench); do label[$pid]="pgbench client"; done
+    hz="$(getconf CLK_TCK)"
+    proc_cpu_ticks "${!label[@]}" | sort -k1,1 >"$out.0"
+    sleep "$span"
+    proc_cpu_ticks "${!label[@]}" | sort -k1,1 >"$out.1"
+    join "$out.0" "$out.1" | while read -r pid a b; do
+        printf '%s|%s\n' "${label[$pid]}" "$(((b - a) * 1000 / hz))"
+    done | awk -F'|' '{ ms[$1] += $2 } END { for (l in ms) if (ms[l] > 0) printf "%d|%s\n", ms[l], l }' |
+        sort -t'|' -k1,1nr >"$out"
+}
+
 lag_run() {
-    local key="$1" rate="$2" seq0 t0 T0 T1 mark r n p50 p99 mx series
+    local key="$1" rate="$2" seq0 t0 T0 T1 mark r n p50 p99 mx series sampler span ms part
     seq0="$(origin_head)"
     settle "${ALL_PG[@]}"
     T0="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
     mark="$(cpu_mark)"
+    # The middle of the run: from a second in to a second before its end.
+    span=$((SECS > 3 ? SECS - 2 : 1))
+    cpu_by_part "$TMPD/parts-$key" 1 "$span" &
+    sampler=$!
     run_pgbench "pgmesh lag at $rate tps" "$ORIGIN_PROXY" -b tpcb-like -R "$rate" -T "$SECS"
     read -r "BUSY[$key]" "WAIT[$key]" < <(cpu_since "$mark")
     log "      machine during the run: CPU busy ${BUSY[$key]}, some task waiting for a CPU ${WAIT[$key]} of the time"
+    PARTS[$key]=""
+    if wait "$sampler" && [[ -s "$TMPD/parts-$key" ]]; then
+        log "      CPU by part over ${span}s of it (% of one CPU, us per transaction):"
+        while IFS='|' read -r ms part; do
+            read -r pct us < <(awk -v ms="$ms" -v s="$span" -v t="$LAST_TPS" 'BEGIN {
+                printf "%.1f %.0f\n", ms / s / 10, (t > 0) ? ms * 1000 / s / t : 0 }')
+            PARTS[$key]+="$part|$pct|$us"$'\n'
+            log "$(printf '        %-44s %6s%% %6s us' "$part" "$pct" "$us")"
+        done <"$TMPD/parts-$key"
+    fi
     T1="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
     TPS[$key]="$LAST_TPS"
     PROCESSED[$key]="$LAST_PROCESSED"
@@ -912,6 +963,18 @@ fi
         echo "| ${row//|/ | } |"
     done
     echo
+    if [[ -n "${PARTS[probe]:-}" ]]; then
+        echo "## CPU by part during the lag run at $RATE tps"
+        echo
+        echo "Over the run's middle (all but its first and last second): each node process, each region's PostgreSQL sessions by application_name, and the pgbench client. 100% is one CPU; the machine has $(nproc 2>/dev/null || echo '?')."
+        echo
+        echo "| part | % of one CPU | us per transaction |"
+        echo "|---|--:|--:|"
+        while IFS='|' read -r part pct us; do
+            [[ -n "$part" ]] && echo "| $part | $pct | $us |"
+        done <<<"${PARTS[probe]}"
+        echo
+    fi
     echo "## Catch-up"
     echo
     printf '| %s ' "${CHEAD[@]}"
