@@ -589,6 +589,16 @@ cpu_by_part() {
         sort -t'|' -k1,1nr >"$out"
 }
 
+# lag_stats REGION T0 T1: count, p50, p99 and max of logged_at - commit_ts in ms
+# over REGION's change log rows of ORIGIN's events committed between T0 and T1 (in
+# the origin, capture's share; in a peer, the whole replication lag).
+lag_stats() {
+    rsql "$1" "SELECT $(stats_select)
+        FROM (SELECT extract(epoch FROM logged_at - commit_ts) * 1000 AS ms
+              FROM mesh.changelog
+              WHERE origin = '$ORIGIN' AND commit_ts BETWEEN '$2' AND '$3') s"
+}
+
 lag_run() {
     local key="$1" rate="$2" seq0 t0 T0 T1 mark r n p50 p99 mx series sampler span ms part
     seq0="$(origin_head)"
@@ -620,10 +630,7 @@ lag_run() {
     wait_replicated "after the lag run at $rate tps" r2 r3
     log "      r2 and r3 caught up with the lag run $(secs_since "$t0")s after capture"
     for r in r2 r3; do
-        LAG[$key,$r]="$(rsql "$r" "SELECT $(stats_select)
-            FROM (SELECT extract(epoch FROM logged_at - commit_ts) * 1000 AS ms
-                  FROM mesh.changelog
-                  WHERE origin = '$ORIGIN' AND commit_ts BETWEEN '$T0' AND '$T1') s")"
+        LAG[$key,$r]="$(lag_stats "$r" "$T0" "$T1")"
         IFS='|' read -r n p50 p99 mx <<<"${LAG[$key,$r]}"
         [[ "$n" == "${PROCESSED[$key]}" ]] ||
             log "WARNING: $r holds $n events of the lag run, pgbench committed ${PROCESSED[$key]}"
@@ -649,10 +656,7 @@ lag_run() {
     } >"$series"
     log "      per-event lag series: $series"
     # The origin's share of it: capture (commit at the origin -> logged in its change log).
-    CAPTURE[$key]="$(rsql "$ORIGIN" "SELECT $(stats_select)
-        FROM (SELECT extract(epoch FROM logged_at - commit_ts) * 1000 AS ms
-              FROM mesh.changelog
-              WHERE origin = '$ORIGIN' AND commit_ts BETWEEN '$T0' AND '$T1') s")"
+    CAPTURE[$key]="$(lag_stats "$ORIGIN" "$T0" "$T1")"
     IFS='|' read -r n p50 p99 mx <<<"${CAPTURE[$key]}"
     log "      of which capture in $ORIGIN: p50 $p50 ms, p99 $p99 ms, max $mx ms over $n events"
 }

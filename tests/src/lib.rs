@@ -35,7 +35,7 @@ pub mod wait;
 pub use client::{connect, pgbench, psql, CmdOutput};
 pub use cluster::{AuthMethod, ClusterOptions, PasswordUser, PgBin, PgCluster};
 pub use node::{pgmesh_bin, pgmesh_output, PgmeshProcess, ProxyNode};
-pub use wait::{wait_for, wait_until, wait_until_blocking, DEFAULT_TIMEOUT};
+pub use wait::{wait_for, wait_row, wait_until, wait_until_blocking, DEFAULT_TIMEOUT};
 
 /// Install a `tracing` subscriber that writes through the test harness's
 /// captured output, filtered by `RUST_LOG` (default `info`). Safe to call from

@@ -45,6 +45,21 @@ where
     .await
 }
 
+/// Poll until `sql` (with `params`) returns a row on `client`: a query error counts
+/// as "not yet". Fails after `timeout` naming `what`.
+pub async fn wait_row(
+    client: &tokio_postgres::Client,
+    timeout: Duration,
+    what: &str,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<()> {
+    wait_until(timeout, what, || async {
+        client.query_opt(sql, params).await.ok().flatten().is_some()
+    })
+    .await
+}
+
 /// Poll `probe` until it returns `Ok(Some(value))` and return that value. An
 /// `Ok(None)` or `Err` means "not yet"; on timeout the error names `what` and
 /// includes the last `Err`, which usually explains the hang.

@@ -13,7 +13,7 @@
 
 use anyhow::Result;
 use pgmesh_tests::regions::{Mesh, NodeSpec, CONVERGE_TIMEOUT};
-use pgmesh_tests::{wait_for, wait_until};
+use pgmesh_tests::{wait_for, wait_row};
 use tokio_postgres::Client;
 
 const SCHEMA: &str = "CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL)";
@@ -50,18 +50,9 @@ async fn dead_letter(c: &Client, id: i32) -> Result<(i64, String, Option<String>
 
 /// Waits until account `id` exists in `c`.
 async fn wait_account(c: &Client, id: i32) -> Result<()> {
-    wait_until(
-        CONVERGE_TIMEOUT,
-        &format!("account {id} to arrive"),
-        || async {
-            c.query_opt("SELECT 1 FROM accounts WHERE id = $1", &[&id])
-                .await
-                .ok()
-                .flatten()
-                .is_some()
-        },
-    )
-    .await
+    let what = format!("account {id} to arrive");
+    let sql = "SELECT 1 FROM accounts WHERE id = $1";
+    wait_row(c, CONVERGE_TIMEOUT, &what, sql, &[&id]).await
 }
 
 /// How far `dl_b` is behind `dl_a`'s change log, in log entries.

@@ -10,7 +10,7 @@
 
 use anyhow::{Context, Result};
 use pgmesh_tests::regions::{http_get, Mesh, NodeSpec, CONVERGE_TIMEOUT};
-use pgmesh_tests::wait_until;
+use pgmesh_tests::wait_row;
 
 const SCHEMA: &str = "CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL)";
 
@@ -124,16 +124,13 @@ async fn peers_are_served_from_memory_not_the_table() -> Result<()> {
     let b = &mesh.region(1).admin;
     for i in 1..=100 {
         a.execute("INSERT INTO kv VALUES ($1, 'a')", &[&i]).await?;
-        wait_until(
+        let what = format!("row {i} to reach t_b");
+        wait_row(
+            b,
             CONVERGE_TIMEOUT,
-            &format!("row {i} to reach t_b"),
-            || async {
-                b.query_opt("SELECT 1 FROM kv WHERE id = $1", &[&i])
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some()
-            },
+            &what,
+            "SELECT 1 FROM kv WHERE id = $1",
+            &[&i],
         )
         .await?;
     }

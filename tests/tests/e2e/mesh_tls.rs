@@ -20,14 +20,13 @@ const SCHEMA: &str = "CREATE TABLE t (id int PRIMARY KEY, v text)";
 async fn wait_row(mesh: &Mesh, i: usize, id: i32) -> Result<()> {
     let admin = &mesh.region(i).admin;
     let what = format!("row {id} to reach {}", mesh.region(i).name);
-    wait_until(CONVERGE_TIMEOUT, &what, || async {
-        admin
-            .query_opt("SELECT 1 FROM t WHERE id = $1", &[&id])
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-    })
+    pgmesh_tests::wait_row(
+        admin,
+        CONVERGE_TIMEOUT,
+        &what,
+        "SELECT 1 FROM t WHERE id = $1",
+        &[&id],
+    )
     .await
 }
 

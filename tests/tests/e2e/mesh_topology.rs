@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use pgmesh_tests::regions::{Mesh, NodeSpec, CONVERGE_TIMEOUT};
-use pgmesh_tests::wait_until;
+use pgmesh_tests::wait_row;
 use tokio_postgres::AsyncMessage;
 
 use crate::support::WatchedConn;
@@ -64,15 +64,8 @@ async fn notified_origins(c: &mut WatchedConn) -> Result<Vec<String>> {
 async fn wait_note(mesh: &Mesh, i: usize, id: i32) -> Result<()> {
     let admin = &mesh.region(i).admin;
     let what = format!("note {id} to reach {}", mesh.region(i).name);
-    wait_until(CONVERGE_TIMEOUT, &what, || async {
-        admin
-            .query_opt("SELECT 1 FROM notes WHERE id = $1", &[&id])
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-    })
-    .await
+    let sql = "SELECT 1 FROM notes WHERE id = $1";
+    wait_row(admin, CONVERGE_TIMEOUT, &what, sql, &[&id]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

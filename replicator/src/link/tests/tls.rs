@@ -38,15 +38,23 @@ fn tls_client(trust: &Path, identity: Option<(&Path, &Path)>, name: &str) -> Cli
     cfg
 }
 
+/// A server with the mesh certificate for eu-1 ([`material`] in a fresh directory,
+/// which lives as long as the returned guard), requiring mesh client certificates
+/// when `mtls`.
+async fn mesh_server(mtls: bool) -> (tempfile::TempDir, Harness) {
+    let dir = tempfile::tempdir().unwrap();
+    material(dir.path());
+    let h = Harness::start(|_| {}, Some(server_tls(dir.path(), mtls))).await;
+    (dir, h)
+}
+
 fn mesh_identity(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     (dir.join("us-1.pem"), dir.join("us-1.key"))
 }
 
 #[tokio::test]
 async fn mutual_tls_happy_path_by_node_name_localhost_and_ip() {
-    let dir = tempfile::tempdir().unwrap();
-    material(dir.path());
-    let h = Harness::start(|_| {}, Some(server_tls(dir.path(), true))).await;
+    let (dir, h) = mesh_server(true).await;
     h.log.push("eu", false);
     let (cert, key) = mesh_identity(dir.path());
     for name in ["eu-1", "localhost", "127.0.0.1"] {
@@ -60,9 +68,7 @@ async fn mutual_tls_happy_path_by_node_name_localhost_and_ip() {
 
 #[tokio::test]
 async fn tls_without_client_auth_accepts_a_client_without_a_certificate() {
-    let dir = tempfile::tempdir().unwrap();
-    material(dir.path());
-    let h = Harness::start(|_| {}, Some(server_tls(dir.path(), false))).await;
+    let (dir, h) = mesh_server(false).await;
     let cfg = tls_client(&dir.path().join("ca.pem"), None, "eu-1");
     LinkClient::connect(h.addr, cfg).await.unwrap();
     h.stop().await;
@@ -79,9 +85,7 @@ fn assert_tls_refusal(e: &LinkError) {
 
 #[tokio::test]
 async fn mutual_tls_refuses_peers_without_a_mesh_certificate() {
-    let dir = tempfile::tempdir().unwrap();
-    material(dir.path());
-    let h = Harness::start(|_| {}, Some(server_tls(dir.path(), true))).await;
+    let (dir, h) = mesh_server(true).await;
     h.log.push("eu", false);
     let ca = dir.path().join("ca.pem");
 
@@ -115,9 +119,7 @@ async fn mutual_tls_refuses_peers_without_a_mesh_certificate() {
 
 #[tokio::test]
 async fn mutual_tls_refuses_a_peer_whose_certificate_names_another_peer() {
-    let dir = tempfile::tempdir().unwrap();
-    material(dir.path());
-    let h = Harness::start(|_| {}, Some(server_tls(dir.path(), true))).await;
+    let (dir, h) = mesh_server(true).await;
     h.log.push("eu", false);
     let ca = dir.path().join("ca.pem");
     let (cert, key) = mesh_identity(dir.path());
@@ -152,9 +154,7 @@ async fn mutual_tls_refuses_a_peer_whose_certificate_names_another_peer() {
 
 #[tokio::test]
 async fn clients_refuse_servers_outside_the_mesh_or_under_another_name() {
-    let dir = tempfile::tempdir().unwrap();
-    material(dir.path());
-    let h = Harness::start(|_| {}, Some(server_tls(dir.path(), true))).await;
+    let (dir, h) = mesh_server(true).await;
     let (cert, key) = mesh_identity(dir.path());
 
     // Trusting only the rogue CA: the mesh server's certificate is not accepted.
