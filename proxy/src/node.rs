@@ -21,6 +21,7 @@ use pgmesh_replicator::capture::{self, CaptureConfig, Progress, Role};
 use pgmesh_replicator::link::server::{LinkServer, ServeConfig, SharedTableLog, TailedLog};
 use pgmesh_replicator::log::notify::LogNotifier;
 use pgmesh_replicator::log::tail::{self, Tail};
+use pgmesh_replicator::pgtls::SslMode;
 use pgmesh_replicator::pull::{self, OnBatch, PullConfig};
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::watch;
@@ -65,7 +66,7 @@ impl CaptureHandle {
 }
 
 /// The URL the replication side uses: the upstream URL, with user `postgres` when none
-/// is given.
+/// is given, and the same TLS settings (`sslmode`, `sslrootcert`).
 pub fn capture_url(v: &Validated) -> String {
     let u = &v.upstream;
     let user = u.user.clone().unwrap_or_else(|| "postgres".into());
@@ -74,7 +75,11 @@ pub fn capture_url(v: &Validated) -> String {
         None => user,
     };
     let db = u.database.clone().unwrap_or_else(|| "postgres".into());
-    format!("postgres://{auth}@{}/{db}", u.addr())
+    let tls = match u.sslmode() {
+        SslMode::Disable => String::new(),
+        _ => format!("?{}", u.tls.url_query()),
+    };
+    format!("postgres://{auth}@{}/{db}{tls}", u.addr())
 }
 
 async fn catalog_installed(url: &str) -> bool {

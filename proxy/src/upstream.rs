@@ -5,17 +5,14 @@
 //! the SSLRequest answer byte: startup and authentication are the client's own.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
 
-use rustls::pki_types::ServerName;
+use pgmesh_replicator::pgtls::{PgStream, PgTls, PgTlsError};
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::net::startup::encode_ssl_request;
 use crate::net::stream::Stream;
-use crate::tls;
+
+pub use pgmesh_replicator::pgtls::SslMode;
 
 /// Errors from parsing the upstream URL or connecting to it. These are upstream-side
 /// faults: the client is told with SQLSTATE 08001.
@@ -28,35 +25,8 @@ pub enum UpstreamError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("upstream {addr} does not accept TLS, but sslmode={mode} requires it")]
-    TlsRefused { addr: String, mode: &'static str },
-    #[error("TLS handshake with upstream {addr} failed: {source}")]
-    Handshake {
-        addr: String,
-        source: std::io::Error,
-    },
-    #[error("upstream TLS setup: {0}")]
-    Tls(#[from] tls::TlsError),
-}
-
-/// libpq-style `sslmode` for the proxy's own connections to upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
-    Disable,
-    Prefer,
-    Require,
-    VerifyFull,
-}
-
-impl SslMode {
-    fn name(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
+    #[error("upstream {0}")]
+    Tls(#[from] PgTlsError),
 }
 
 /// Parsed upstream URL.
@@ -67,9 +37,8 @@ pub struct UpstreamTarget {
     pub user: Option<String>,
     pub password: Option<String>,
     pub database: Option<String>,
-    pub sslmode: SslMode,
-    pub sslrootcert: Option<PathBuf>,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    /// `sslmode` and `sslrootcert` (see [`pgmesh_replicator::pgtls`]).
+    pub tls: PgTls,
 }
 
 impl UpstreamTarget {
@@ -81,7 +50,11 @@ impl UpstreamTarget {
             url: s.to_string(),
             reason: reason.to_string(),
         };
-        let u = url::Url::parse(s).map_err(|e| err(&e.to_string()))?;
+        let (tls, rest) = PgTls::from_url(s).map_err(|e| match e {
+            PgTlsError::Url(reason) => err(&reason),
+            other => err(&other.to_string()),
+        })?;
+        let u = url::Url::parse(&rest).map_err(|e| err(&e.to_string()))?;
         if u.scheme() != "postgres" && u.scheme() != "postgresql" {
             return Err(err("scheme must be postgres:// or postgresql://"));
         }
@@ -90,33 +63,9 @@ impl UpstreamTarget {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let mut sslmode = SslMode::Disable;
-        let mut sslrootcert = None;
-        for (k, v) in u.query_pairs() {
-            match &*k {
-                "sslmode" => {
-                    sslmode = match &*v {
-                        "disable" => SslMode::Disable,
-                        "prefer" | "allow" => SslMode::Prefer,
-                        "require" => SslMode::Require,
-                        "verify-full" | "verify-ca" => SslMode::VerifyFull,
-                        other => return Err(err(&format!("unknown sslmode {other:?}"))),
-                    }
-                }
-                "sslrootcert" => sslrootcert = Some(PathBuf::from(&*v)),
-                other => return Err(err(&format!("unknown parameter {other:?}"))),
-            }
+        if let Some((k, _)) = u.query_pairs().next() {
+            return Err(err(&format!("unknown parameter {k:?}")));
         }
-        let tls = match sslmode {
-            SslMode::Disable => None,
-            SslMode::Prefer | SslMode::Require => Some(tls::insecure_client_config()),
-            SslMode::VerifyFull => {
-                let root = sslrootcert
-                    .as_ref()
-                    .ok_or_else(|| err("sslmode=verify-full needs sslrootcert=PATH"))?;
-                Some(tls::verifying_client_config(root)?)
-            }
-        };
         let nonempty = |x: &str| (!x.is_empty()).then(|| x.to_string());
         Ok(Self {
             host,
@@ -124,10 +73,13 @@ impl UpstreamTarget {
             user: nonempty(u.username()),
             password: u.password().map(str::to_string),
             database: nonempty(u.path().trim_start_matches('/')),
-            sslmode,
-            sslrootcert,
             tls,
         })
+    }
+
+    /// The `sslmode` in effect.
+    pub fn sslmode(&self) -> SslMode {
+        self.tls.mode()
     }
 
     /// `HOST:PORT` for messages.
@@ -141,41 +93,17 @@ impl UpstreamTarget {
 
     /// Opens a TCP connection and negotiates TLS according to `sslmode`.
     pub async fn connect(&self) -> Result<Stream, UpstreamError> {
-        let addr = self.addr();
-        let mut tcp = TcpStream::connect((self.host.as_str(), self.port))
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|source| UpstreamError::Connect {
-                addr: addr.clone(),
+                addr: self.addr(),
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
-        let Some(cfg) = &self.tls else {
-            return Ok(Stream::Plain(tcp));
-        };
-        let io_err = |source| UpstreamError::Connect {
-            addr: addr.clone(),
-            source,
-        };
-        tcp.write_all(&encode_ssl_request()).await.map_err(io_err)?;
-        let answer = tcp.read_u8().await.map_err(io_err)?;
-        if answer != b'S' {
-            if self.sslmode == SslMode::Prefer {
-                return Ok(Stream::Plain(tcp));
-            }
-            return Err(UpstreamError::TlsRefused {
-                addr,
-                mode: self.sslmode.name(),
-            });
-        }
-        let name = ServerName::try_from(self.host.clone()).map_err(|e| UpstreamError::Url {
-            url: addr.clone(),
-            reason: e.to_string(),
-        })?;
-        let tls = tokio_rustls::TlsConnector::from(cfg.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|source| UpstreamError::Handshake { addr, source })?;
-        Ok(Stream::ClientTls(Box::new(tls)))
+        Ok(match self.tls.negotiate(tcp, &self.host).await? {
+            PgStream::Plain(tcp) => Stream::Plain(tcp),
+            PgStream::Tls(tls) => Stream::ClientTls(tls),
+        })
     }
 
     /// Resolved socket address, for logs.
@@ -201,10 +129,10 @@ mod tests {
         assert_eq!(t.user.as_deref(), Some("alice"));
         assert_eq!(t.password.as_deref(), Some("pw"));
         assert_eq!(t.database.as_deref(), Some("app"));
-        assert_eq!(t.sslmode, SslMode::Require);
+        assert_eq!(t.sslmode(), SslMode::Require);
         let t = UpstreamTarget::parse("postgresql://127.0.0.1").unwrap();
         assert_eq!(
-            (t.port, t.sslmode, t.database),
+            (t.port, t.sslmode(), t.database),
             (5432, SslMode::Disable, None)
         );
         let t = UpstreamTarget::parse("postgres://[::1]:7/x").unwrap();

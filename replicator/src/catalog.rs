@@ -8,7 +8,7 @@
 
 use pgmesh_sql::migrations::{self, MIGRATIONS};
 use thiserror::Error;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// Name of the publication capture reads.
 pub const PUBLICATION: &str = "pgmesh";
@@ -22,6 +22,11 @@ pub enum CatalogError {
     Connect {
         url: String,
         source: tokio_postgres::Error,
+    },
+    #[error("cannot connect to {url}: {source}")]
+    Tls {
+        url: String,
+        source: crate::pgtls::PgTlsError,
     },
     #[error("the database is not ready for pgmesh:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
     Prerequisites(Vec<String>),
@@ -125,11 +130,14 @@ pub async fn connect_as(url: &str, role: &str) -> Result<Client, CatalogError> {
         url: redact(url),
         source,
     };
-    let mut config: tokio_postgres::Config = url.parse().map_err(bad)?;
+    let (mut config, tls) = crate::pgtls::pg_config(url).map_err(|source| CatalogError::Tls {
+        url: redact(url),
+        source,
+    })?;
     if config.get_application_name().is_none() {
         config.application_name(role);
     }
-    let (client, conn) = config.connect(NoTls).await.map_err(bad)?;
+    let (client, conn) = config.connect(tls).await.map_err(bad)?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "catalog connection closed");

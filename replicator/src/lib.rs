@@ -9,6 +9,7 @@ pub mod hlc;
 pub mod link;
 pub mod log;
 pub mod pgoutput;
+pub mod pgtls;
 pub mod pull;
 pub mod replconn;
 pub mod resolve;

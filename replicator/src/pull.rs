@@ -18,7 +18,7 @@ use thiserror::Error;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::apply::{Applier, ApplyError, BatchOutcome};
@@ -332,11 +332,11 @@ impl Drop for LinkSignals {
 /// the connection drops. Runs until aborted by [`LinkSignals`]'s drop.
 async fn listen_links(url: String, tx: broadcast::Sender<String>) {
     loop {
-        if let Ok(mut config) = url.parse::<tokio_postgres::Config>() {
+        if let Ok((mut config, tls)) = crate::pgtls::pg_config(&url) {
             if config.get_application_name().is_none() {
                 config.application_name("pgmesh-links");
             }
-            if let Ok((client, mut conn)) = config.connect(NoTls).await {
+            if let Ok((client, mut conn)) = config.connect(tls).await {
                 let tx2 = tx.clone();
                 let driver = tokio::spawn(async move {
                     let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));

@@ -59,6 +59,8 @@ pub struct NodeSpec {
     pub metrics: bool,
     /// Run the real binary as a subprocess instead of in-process.
     pub process: bool,
+    /// The node's `--upstream` URL; default: the region's cluster as `postgres`.
+    pub upstream: Option<String>,
 }
 
 /// A running node.
@@ -135,10 +137,15 @@ pub struct Mesh {
 impl Mesh {
     /// Start one default cluster per region name, all in parallel.
     pub async fn start(names: &[&str]) -> Result<Mesh> {
+        Self::start_with(names, ClusterOptions::default()).await
+    }
+
+    /// [`Mesh::start`] with every cluster started with `opts`.
+    pub async fn start_with(names: &[&str], opts: ClusterOptions) -> Result<Mesh> {
         crate::init_tracing();
         let starts: Vec<_> = names
             .iter()
-            .map(|_| tokio::spawn(PgCluster::start_async(ClusterOptions::default())))
+            .map(|_| tokio::spawn(PgCluster::start_async(opts.clone())))
             .collect();
         let mut clusters = Vec::new();
         for s in starts {
@@ -246,6 +253,7 @@ impl Mesh {
             .map(|p| format!("{p}=127.0.0.1:{}", ports[p]))
             .collect();
         let node_name = format!("{}-node", r.name);
+        let upstream = spec.upstream.clone().unwrap_or_else(|| r.url());
         let peer_listen = format!("127.0.0.1:{}", r.peer_port);
         if spec.process {
             let (proxy, metrics) = r.process_ports;
@@ -254,7 +262,7 @@ impl Mesh {
                 "--listen",
                 &format!("127.0.0.1:{proxy}"),
                 "--upstream",
-                &r.url(),
+                &upstream,
                 "--region",
                 &r.name,
                 "--node",
@@ -294,7 +302,7 @@ impl Mesh {
         } else {
             let cfg = Config {
                 listen: Some("127.0.0.1:0".into()),
-                upstream: Some(r.url()),
+                upstream: Some(upstream),
                 region: r.name.clone(),
                 node: Some(node_name),
                 peer_listen: Some(peer_listen),

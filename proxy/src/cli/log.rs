@@ -10,7 +10,7 @@ use futures::StreamExt;
 use pgmesh_replicator::event::ChangeEvent;
 use pgmesh_replicator::log::{table::NOTIFY_CHANNEL, ChangeLog, TableLog};
 use pgmesh_replicator::pgoutput::Lsn;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 /// Formats one change of an event as a readable line.
 pub fn format_change(seq: i64, e: &ChangeEvent, i: usize) -> String {
@@ -45,9 +45,9 @@ const UNNOTIFIED_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Prints the last `last` events, then follows the log until Ctrl-C (or forever).
 pub async fn tail(url: &str, last: i64, follow: bool) -> anyhow::Result<()> {
-    let (client, mut conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .with_context(|| format!("connecting to {}", pgmesh_replicator::catalog::redact(url)))?;
+    let what = || format!("connecting to {}", pgmesh_replicator::catalog::redact(url));
+    let (config, tls) = pgmesh_replicator::pgtls::pg_config(url).with_context(what)?;
+    let (client, mut conn) = config.connect(tls).await.with_context(what)?;
     let (wake_tx, mut wake_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));

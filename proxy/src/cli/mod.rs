@@ -317,7 +317,7 @@ pub fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     println!(
         "  upstream           = {} (sslmode {:?})",
         v.upstream.addr(),
-        v.upstream.sslmode
+        v.upstream.sslmode()
     );
     println!("  region             = {}", v.config.region);
     println!("  max_connections    = {}", v.config.max_connections);

@@ -138,14 +138,6 @@ pub fn encode_cancel(pid: u32, secret: &[u8]) -> Bytes {
     out.freeze()
 }
 
-/// Encodes an SSLRequest.
-pub fn encode_ssl_request() -> [u8; 8] {
-    let mut out = [0u8; 8];
-    out[..4].copy_from_slice(&8u32.to_be_bytes());
-    out[4..].copy_from_slice(&SSL_REQUEST.to_be_bytes());
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,7 +159,11 @@ mod tests {
 
     #[test]
     fn requests_round_trip() {
-        assert_eq!(parse(&encode_ssl_request()), Ok(StartupPacket::Ssl));
+        // The SSLRequest pgmesh itself sends upstream.
+        assert_eq!(
+            parse(&pgmesh_replicator::pgtls::SSL_REQUEST),
+            Ok(StartupPacket::Ssl)
+        );
         let c = encode_cancel(7, &[1, 2, 3, 4]);
         assert_eq!(
             parse(&c),

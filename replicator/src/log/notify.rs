@@ -16,7 +16,7 @@ use futures::StreamExt;
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::table::{HEAD, NOTIFY_CHANNEL};
@@ -28,7 +28,7 @@ use crate::link::backoff::Backoff;
 #[derive(Debug, Error)]
 pub enum NotifyError {
     #[error("bad database URL: {0}")]
-    Url(tokio_postgres::Error),
+    Url(crate::pgtls::PgTlsError),
     #[error("cannot connect: {0}")]
     Connect(tokio_postgres::Error),
     #[error("LISTEN {NOTIFY_CHANNEL} failed (is the mesh catalog installed?): {0}")]
@@ -150,7 +150,7 @@ async fn wakes(payload: &str, filter: &Filter, tail: &Tail) -> bool {
 
 /// One connection's life: connect, LISTEN, bump per notification. Returns why it ended.
 async fn listen(url: &str, filter: &Filter, tail: &Tail, backoff: &mut Backoff) -> NotifyError {
-    let mut config: tokio_postgres::Config = match url.parse() {
+    let (mut config, tls) = match crate::pgtls::pg_config(url) {
         Ok(c) => c,
         Err(e) => return NotifyError::Url(e),
     };
@@ -160,7 +160,7 @@ async fn listen(url: &str, filter: &Filter, tail: &Tail, backoff: &mut Backoff) 
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30))
         .connect_timeout(Duration::from_secs(10));
-    let (client, mut conn) = match config.connect(NoTls).await {
+    let (client, mut conn) = match config.connect(tls).await {
         Ok(c) => c,
         Err(e) => return NotifyError::Connect(e),
     };
@@ -327,7 +327,9 @@ mod tests {
         };
         let first = wait(&mut rx).await;
         rx.borrow_and_update();
-        let (admin, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         admin
             .batch_execute(&format!("SELECT pg_notify('{NOTIFY_CHANNEL}', '1')"))

@@ -30,12 +30,15 @@ pub struct ReplConnection {
 }
 
 impl ReplConnection {
-    /// Connects over TCP, sends the startup packet with `replication=database`,
-    /// authenticates, and waits for the server to be ready.
+    /// Connects over TCP, negotiates TLS as `params.tls` demands, sends the startup
+    /// packet with `replication=database`, authenticates, and waits for the server
+    /// to be ready.
     pub async fn connect(params: &ConnParams) -> Result<Self, ReplError> {
         let stream = TcpStream::connect((params.host.as_str(), params.port)).await?;
         // Status updates are tiny and latency matters for the server's view of lag.
         stream.set_nodelay(true)?;
+        let stream = params.tls.negotiate(stream, &params.host).await?;
+        let tls = stream.is_tls();
         let mut transport = Transport::new(stream);
         let session = auth::startup(&mut transport, params).await?;
         debug!(
@@ -43,6 +46,7 @@ impl ReplConnection {
             port = params.port,
             user = %params.user,
             dbname = %params.dbname,
+            tls,
             server_version = session.parameters.get("server_version").map(String::as_str),
             "replication connection ready"
         );

@@ -25,6 +25,10 @@ pub enum ReplError {
     /// Network: reading or writing the socket failed.
     #[error("I/O error on the replication connection: {0}")]
     Io(#[from] io::Error),
+    /// Network, upstream or caller: TLS could not be set up as `sslmode` demands
+    /// (the server refused it, its certificate failed verification).
+    #[error("{0}")]
+    Tls(#[from] crate::pgtls::PgTlsError),
     /// Network or upstream: the server closed the socket. `mid_frame` is true when
     /// it did so in the middle of a message.
     #[error("PostgreSQL closed the connection{}", if *.mid_frame { " in the middle of a message" } else { "" })]

@@ -9,9 +9,8 @@
 //! [`ReplConnection::start_logical`], and streaming with [`ReplStream`]:
 //! CopyData frames in, decoded by [`crate::pgoutput`], standby status updates out.
 //!
-//! Only plain TCP is supported: there is no TLS yet, so `sslmode=require` is
-//! refused and SCRAM runs without channel binding. Use it on a trusted network or
-//! through a TLS tunnel until TLS is added here.
+//! TLS follows the URL's `sslmode` and `sslrootcert` as in libpq ([`crate::pgtls`]);
+//! SCRAM runs without channel binding.
 //!
 //! It must never decide what to acknowledge or when (the capture loop owns the
 //! status-update schedule and confirms only what is durable in the change log),

@@ -1,7 +1,8 @@
 //! Where and as whom a replication connection logs in.
 //!
 //! This file owns [`ConnParams`] and its parsing from a
-//! `postgres://user[:password]@host[:port][/dbname][?application_name=...]` URL.
+//! `postgres://user[:password]@host[:port][/dbname][?application_name=..&sslmode=..&sslrootcert=..]`
+//! URL.
 //! It must never print the password: `Debug` redacts it, because connection
 //! parameters end up in logs and panics.
 
@@ -12,6 +13,7 @@ use percent_encoding::percent_decode_str;
 use url::{Host, Url};
 
 use super::ReplError;
+use crate::pgtls::PgTls;
 
 /// The `application_name` a capture session reports unless told otherwise; it is
 /// what a DBA sees in `pg_stat_replication`.
@@ -35,6 +37,8 @@ pub struct ConnParams {
     pub dbname: String,
     /// Reported to the server as `application_name`. Default `pgmesh-capture`.
     pub application_name: String,
+    /// TLS (`sslmode`, `sslrootcert`). Default: plain TCP.
+    pub tls: PgTls,
 }
 
 impl ConnParams {
@@ -52,6 +56,7 @@ impl ConnParams {
             password: None,
             dbname: dbname.into(),
             application_name: DEFAULT_APPLICATION_NAME.to_owned(),
+            tls: PgTls::disabled(),
         }
     }
 
@@ -69,13 +74,13 @@ impl ConnParams {
 
     /// Parses a `postgres://` (or `postgresql://`) URL.
     ///
-    /// Query parameters: `application_name`, and `sslmode` for compatibility with
-    /// libpq URLs; only `disable`, `allow` and `prefer` are accepted, because this
-    /// client does not speak TLS. Unknown parameters are an error rather than
-    /// silently ignored.
+    /// Query parameters: `application_name`, and libpq's `sslmode` and `sslrootcert`
+    /// (see [`crate::pgtls`]). Unknown parameters are an error rather than silently
+    /// ignored.
     pub fn from_url(s: &str) -> Result<Self, ReplError> {
         // Never echo the input: it may hold a password.
-        let url = Url::parse(s).map_err(|e| ReplError::Config(format!("invalid URL: {e}")))?;
+        let (tls, rest) = PgTls::from_url(s).map_err(|e| ReplError::Config(e.to_string()))?;
+        let url = Url::parse(&rest).map_err(|e| ReplError::Config(format!("invalid URL: {e}")))?;
         if !matches!(url.scheme(), "postgres" | "postgresql") {
             return Err(ReplError::Config(format!(
                 "URL scheme must be postgres:// or postgresql://, not {}://",
@@ -101,18 +106,10 @@ impl ConnParams {
         };
         let mut params = ConnParams::new(host, url.port().unwrap_or(DEFAULT_PORT), user, dbname);
         params.password = password;
+        params.tls = tls;
         for (key, value) in url.query_pairs() {
             match &*key {
                 "application_name" => params.application_name = value.into_owned(),
-                "sslmode" => match &*value {
-                    "disable" | "allow" | "prefer" => {}
-                    other => {
-                        return Err(ReplError::Config(format!(
-                            "sslmode={other} needs TLS, which the replication connection \
-                             does not support yet"
-                        )))
-                    }
-                },
                 other => {
                     return Err(ReplError::Config(format!(
                         "unknown URL parameter {other:?}"
@@ -148,6 +145,7 @@ impl fmt::Debug for ConnParams {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("dbname", &self.dbname)
             .field("application_name", &self.application_name)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -196,7 +194,8 @@ mod tests {
             "postgres://h/d",
             "postgres:///d",
             "postgres://u@/d",
-            "postgres://u@h/d?sslmode=require",
+            "postgres://u@h/d?sslmode=verify-full",
+            "postgres://u@h/d?sslmode=bogus",
             "postgres://u@h/d?target_session_attrs=any",
             "not a url",
         ] {

@@ -8,9 +8,9 @@
 //! that drops either future never desynchronises the stream. It must never
 //! interpret messages beyond decoding them, and never log their contents.
 
+use crate::pgtls::PgStream;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::backend::BackendMessage;
 use super::frame::Frame;
@@ -20,17 +20,17 @@ use super::ReplError;
 /// Bytes we ask the kernel for per read when no larger frame is pending.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// A TCP connection to PostgreSQL with framed, cancel-safe reads and resumable
-/// writes.
+/// A connection to PostgreSQL (TCP, or TLS over it) with framed, cancel-safe reads
+/// and resumable writes.
 #[derive(Debug)]
 pub struct Transport {
-    stream: TcpStream,
+    stream: PgStream,
     rbuf: BytesMut,
     wbuf: BytesMut,
 }
 
 impl Transport {
-    pub fn new(stream: TcpStream) -> Self {
+    pub fn new(stream: PgStream) -> Self {
         Transport {
             stream,
             rbuf: BytesMut::with_capacity(READ_CHUNK),

@@ -23,6 +23,7 @@ mod mesh_dead_letters;
 mod mesh_demo;
 mod mesh_metrics;
 mod mesh_outage;
+mod mesh_pg_tls;
 mod mesh_races;
 mod mesh_replay;
 mod mesh_tls;

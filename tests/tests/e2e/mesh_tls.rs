@@ -17,7 +17,7 @@ use pgmesh_tests::{wait_for, wait_until};
 const SCHEMA: &str = "CREATE TABLE t (id int PRIMARY KEY, v text)";
 
 /// Waits until row `id` of `t` exists in region `i`.
-async fn wait_row(mesh: &Mesh, i: usize, id: i32) -> Result<()> {
+pub(crate) async fn wait_row(mesh: &Mesh, i: usize, id: i32) -> Result<()> {
     let admin = &mesh.region(i).admin;
     let what = format!("row {id} to reach {}", mesh.region(i).name);
     pgmesh_tests::wait_row(

@@ -8,55 +8,9 @@
 //! proxy to hide channel binding (DESIGN.md §1).
 
 use anyhow::Result;
-use pgmesh_tests::{
-    connect, psql, wait_for, AuthMethod, ClusterOptions, CmdOutput, PgBin, PgCluster, ProxyNode,
-    DEFAULT_TIMEOUT,
-};
+use pgmesh_tests::{connect, psql, AuthMethod, ClusterOptions, PgCluster, ProxyNode};
 
-use crate::support::{cluster_and_proxy, sqlstate, TestCerts};
-
-/// Run `psql -X -Atq -c <sql>` with a full libpq connection string.
-async fn psql_conn(conninfo: &str, sql: &str) -> Result<CmdOutput> {
-    psql(&["-Atq", "-d", conninfo, "-c", sql], &[]).await
-}
-
-/// Turn on TLS in a running cluster with `certs`, waiting until a TLS
-/// connection to it works. The files go into the cluster's own directory,
-/// owned by the server user, the key with mode 0600 as PostgreSQL demands.
-async fn enable_server_tls(cluster: &PgCluster, certs: &TestCerts) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let bin = PgBin::get()?;
-    let cert = cluster.root_dir().join("server.crt");
-    let key = cluster.root_dir().join("server.key");
-    std::fs::copy(certs.cert(), &cert)?;
-    std::fs::copy(certs.key(), &key)?;
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
-    bin.give_to_server_user(&cert)?;
-    bin.give_to_server_user(&key)?;
-    let client = cluster.connect().await?;
-    // One statement per call: ALTER SYSTEM refuses an implicit transaction.
-    for sql in [
-        format!("ALTER SYSTEM SET ssl_cert_file = '{}'", cert.display()),
-        format!("ALTER SYSTEM SET ssl_key_file = '{}'", key.display()),
-        "ALTER SYSTEM SET ssl = on".to_string(),
-        "SELECT pg_reload_conf()".to_string(),
-    ] {
-        client.batch_execute(&sql).await?;
-    }
-    let conninfo = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require",
-        cluster.port()
-    );
-    wait_for(DEFAULT_TIMEOUT, "the server to accept TLS", || async {
-        let out = psql_conn(
-            &conninfo,
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-        )
-        .await?;
-        Ok((out.success() && out.stdout.trim() == "t").then_some(()))
-    })
-    .await
-}
+use crate::support::{cluster_and_proxy, enable_server_tls, psql_conn, sqlstate, TestCerts};
 
 /// The server's message text of a tokio-postgres error ("" if it has none).
 fn db_message(err: &tokio_postgres::Error) -> String {
