@@ -39,7 +39,13 @@ pub enum PullError {
     Link(#[from] LinkError),
     #[error("database: {}", crate::catalog::pg_error(.0))]
     Db(#[from] tokio_postgres::Error),
+    /// Not a failure: the link was paused (`mesh.pause_link`) and disconnected.
+    #[error("{PAUSED}")]
+    Paused,
 }
+
+/// What `mesh.links.error` says while a link is paused and disconnected.
+pub const PAUSED: &str = "paused: disconnected until mesh.resume_link";
 
 /// Everything a pull loop needs.
 #[derive(Debug, Clone)]
@@ -110,6 +116,7 @@ pub async fn run(
             .await
             {
                 Ok(()) => break,
+                Err(PullError::Paused) => info!("link paused; disconnected"),
                 Err(e) => {
                     warn!(error = %e, "link session ended; reconnecting");
                     record_error(&cfg, &e.to_string()).await;
@@ -158,6 +165,16 @@ async fn session(
         if !logged_pause {
             info!("link paused");
             logged_pause = true;
+            // Says so in mesh.links, however the pause found the link (connected,
+            // connecting, or waiting to retry).
+            applier
+                .client()
+                .execute(
+                    "UPDATE mesh.link_state SET error = $2, updated_at = now()
+                     WHERE peer = $1 AND status = 'paused'",
+                    &[&cfg.peer, &PAUSED],
+                )
+                .await?;
         }
         tokio::select! {
             s = signals.recv() => if s == Err(RecvError::Closed) { return Ok(()) },
@@ -171,9 +188,11 @@ async fn session(
     applier
         .client()
         .execute(
-            "UPDATE mesh.link_state SET address = $2, status = CASE WHEN status = 'degraded' THEN 'active' ELSE status END
+            "UPDATE mesh.link_state SET address = $2,
+                    status = CASE WHEN status = 'degraded' THEN 'active' ELSE status END,
+                    error = CASE WHEN error = $3 THEN NULL ELSE error END
              WHERE peer = $1",
-            &[&cfg.peer, &cfg.addr],
+            &[&cfg.peer, &cfg.addr, &PAUSED],
         )
         .await?;
     applier.retry_dead_letters().await?;
@@ -252,8 +271,8 @@ async fn session(
                         applier.retry_dead_letters().await?;
                     }
                     if link_status(&applier, &cfg.peer).await? == "paused" {
-                        info!("link paused; disconnecting");
-                        return Err(PullError::Link(LinkError::Closed));
+                        // The next session waits for the resume, and records it.
+                        return Err(PullError::Paused);
                     }
                 }
             },

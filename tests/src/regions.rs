@@ -488,7 +488,7 @@ impl Mesh {
     }
 
     /// Pause region `i`'s link from `peer` and wait until the link has dropped
-    /// its connection (the pull loop records why it ended).
+    /// its connection (it then says so in `mesh.links.error`).
     pub async fn pause_link(&self, i: usize, peer: &str) -> Result<()> {
         let admin = &self.regions[i].admin;
         admin
@@ -502,7 +502,8 @@ impl Mesh {
             .await?;
         let what = format!("the link {peer} -> {} to disconnect", self.regions[i].name);
         wait_until(READY_TIMEOUT, &what, || async {
-            matches!(self.link(i, peer).await, Ok(Some(l)) if l.status == "paused" && l.error.is_some())
+            matches!(self.link(i, peer).await, Ok(Some(l))
+                if l.status == "paused" && l.error.as_deref() == Some(pgmesh_replicator::pull::PAUSED))
         })
         .await
     }

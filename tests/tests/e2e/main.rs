@@ -17,6 +17,7 @@ mod capture_stamps;
 mod capture_values;
 mod harness;
 mod log_reads;
+mod mesh_chaos;
 mod mesh_convergence;
 mod mesh_crash;
 mod mesh_dead_letters;

@@ -1,0 +1,252 @@
+//! Faults in a row while every region writes: nodes SIGKILLed and restarted,
+//! databases crashed (SIGKILL of the postmaster, then crash recovery) under their
+//! running nodes, both at once, and links paused; then the mesh must converge to
+//! the last-writer-wins winners, with every acknowledged write everywhere and no
+//! event logged twice anywhere.
+//!
+//! Three regions run real `pgmesh run` processes. Writers in each region mix
+//! conflicting writes on a small key space with unique inserts; a unique insert
+//! counts as acknowledged only when its commit returned, and a writer whose node
+//! or database is down reconnects and goes on. The faults and their timing come
+//! from a seed that is printed, so a failure can be replayed
+//! (`PGMESH_CHAOS_SEED`). The short form (3 faults) runs in every test run;
+//! `PGMESH_CHAOS=1` runs 25.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use pgmesh_tests::regions::{predict_lww, Mesh, NodeSpec, CONVERGE_TIMEOUT};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::watch;
+
+const SCHEMA: &str = "
+CREATE TABLE kv (id int PRIMARY KEY, val text NOT NULL);
+CREATE TABLE acks (id bigint PRIMARY KEY, origin text NOT NULL);";
+
+const KEYS: i32 = 10;
+const WRITERS_PER_REGION: u64 = 2;
+
+/// Writes until `stop`: conflicting upserts, updates and deletes on `kv`, and
+/// unique inserts into `acks` (ids `base + n`). Returns the acks whose commit
+/// returned. Connection failures (a dead node or database) mean reconnecting;
+/// errors the server reports (deadlocks between local writers) are skipped.
+async fn writer(
+    conn: String,
+    base: i64,
+    seed: u64,
+    stop: watch::Receiver<bool>,
+) -> Result<Vec<i64>> {
+    let tag = format!("w{base}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut acked = Vec::new();
+    let mut n = 0i64;
+    let mut client: Option<tokio_postgres::Client> = None;
+    while !*stop.borrow() {
+        let Some(c) = client.as_ref().filter(|c| !c.is_closed()) else {
+            client = pgmesh_tests::connect(&conn).await.ok();
+            if client.is_none() {
+                // Pacing a workload while its node restarts, not waiting on a result.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            continue;
+        };
+        let key: i32 = rng.gen_range(0..KEYS);
+        let val = format!("{tag}-{n}");
+        let r = match rng.gen_range(0..10) {
+            0..=3 => {
+                let id = base + n;
+                let r = c
+                    .execute("INSERT INTO acks VALUES ($1, $2)", &[&id, &tag])
+                    .await;
+                if r.is_ok() {
+                    acked.push(id);
+                }
+                r
+            }
+            4..=6 => {
+                c.execute(
+                    "INSERT INTO kv VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET val = excluded.val",
+                    &[&key, &val],
+                )
+                .await
+            }
+            7..=8 => {
+                c.execute("UPDATE kv SET val = $2 WHERE id = $1", &[&key, &val])
+                    .await
+            }
+            _ => c.execute("DELETE FROM kv WHERE id = $1", &[&key]).await,
+        };
+        n += 1;
+        if let Err(e) = r {
+            if e.code().is_none() {
+                client = None;
+            }
+        }
+        // About 100 writes a second per writer: catch-ups stay short on 2 cores.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(acked)
+}
+
+/// One fault, chosen and timed by `rng`; returns what it did.
+async fn fault(mesh: &mut Mesh, rng: &mut StdRng) -> Result<String> {
+    let i = rng.gen_range(0..3);
+    let name = mesh.region(i).name.clone();
+    let down = Duration::from_millis(rng.gen_range(200..2000));
+    Ok(match rng.gen_range(0..4) {
+        0 => {
+            mesh.kill_node(i).await?;
+            tokio::time::sleep(down).await;
+            mesh.restart_node(i).await?;
+            format!("SIGKILL {name}'s node for {down:?}")
+        }
+        1 => {
+            mesh.crash_database(i).await?;
+            format!("crash {name}'s database under its node")
+        }
+        2 => {
+            mesh.kill_node(i).await?;
+            mesh.crash_database(i).await?;
+            tokio::time::sleep(down).await;
+            mesh.restart_node(i).await?;
+            format!("SIGKILL {name}'s node and crash its database, {down:?}")
+        }
+        _ => {
+            let peer = mesh.region((i + rng.gen_range(1..3)) % 3).name.clone();
+            mesh.pause_link(i, &peer).await?;
+            tokio::time::sleep(down).await;
+            mesh.resume_link(i, &peer).await?;
+            format!("pause {name}'s link from {peer} for {down:?}")
+        }
+    })
+}
+
+/// Prints the tail of every node's log (for a failure).
+fn dump_logs(mesh: &Mesh) {
+    for r in &mesh.regions {
+        if let Some(p) = r.process() {
+            let log = p.log();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("--- {}'s node, last lines:", r.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_converges_and_loses_nothing_through_a_run_of_faults() -> Result<()> {
+    let rounds = if std::env::var("PGMESH_CHAOS").as_deref() == Ok("1") {
+        25
+    } else {
+        3
+    };
+    let seed: u64 = match std::env::var("PGMESH_CHAOS_SEED") {
+        Ok(s) => s.parse().context("PGMESH_CHAOS_SEED")?,
+        Err(_) => rand::random(),
+    };
+    eprintln!("chaos: {rounds} faults, seed {seed} (PGMESH_CHAOS_SEED={seed} replays them)");
+    let started = Instant::now();
+    let mut mesh = Mesh::start(&["ch_a", "ch_b", "ch_c"]).await?;
+    mesh.exec_all(SCHEMA).await?;
+    mesh.init_all().await?;
+    mesh.start_nodes(|_| NodeSpec {
+        process: true,
+        ..NodeSpec::default()
+    })
+    .await?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut writers = Vec::new();
+    for region in 0..3 {
+        for w in 0..WRITERS_PER_REGION {
+            let base = (region as i64 * 10 + w as i64 + 1) * 1_000_000_000;
+            writers.push(tokio::spawn(writer(
+                mesh.proxy_conn_string(region)?,
+                base,
+                seed ^ base as u64,
+                stop_rx.clone(),
+            )));
+        }
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    for round in 0..rounds {
+        // Writes flow between faults (the workload's rhythm, not a wait for a result).
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1500))).await;
+        let what = match fault(&mut mesh, &mut rng).await {
+            Ok(what) => what,
+            Err(e) => {
+                dump_logs(&mesh);
+                return Err(e.context(format!("fault {round}")));
+            }
+        };
+        eprintln!("fault {round}: {what} (at {:?})", started.elapsed());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(true)?;
+    let mut acked = BTreeSet::new();
+    for w in writers {
+        acked.extend(w.await??);
+    }
+    let sums = mesh.wait_converged(CONVERGE_TIMEOUT).await;
+    eprintln!(
+        "{} acknowledged inserts; converged at {:?}: {sums:?}",
+        acked.len(),
+        started.elapsed()
+    );
+    if sums.is_err() {
+        dump_logs(&mesh);
+    }
+    sums?;
+    assert!(
+        acked.len() > 100,
+        "only {} acknowledged inserts",
+        acked.len()
+    );
+
+    let mut changes = Vec::new();
+    for i in 0..3 {
+        let r = mesh.region(i);
+        let rows: BTreeSet<i64> = r
+            .admin
+            .query("SELECT id FROM acks", &[])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let lost: Vec<_> = acked.difference(&rows).take(10).collect();
+        assert!(
+            lost.is_empty(),
+            "acknowledged inserts missing in {}: {lost:?}",
+            r.name
+        );
+        let twice: i64 = r
+            .admin
+            .query_one(
+                "SELECT count(*) FROM (SELECT 1 FROM mesh.changelog GROUP BY origin, hlc HAVING count(*) > 1) d",
+                &[],
+            )
+            .await?
+            .get(0);
+        assert_eq!(twice, 0, "events logged twice in {}", r.name);
+        changes.extend(mesh.own_changes(i).await?);
+    }
+    let expected = predict_lww(&changes);
+    let mut wrong = Vec::new();
+    for i in 0..3 {
+        for w in mesh.lww_mismatches(i, &expected).await? {
+            wrong.push(format!("{}: {w}", mesh.region(i).name));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "not the LWW winners:\n{}",
+        wrong.join("\n")
+    );
+    eprintln!("chaos done in {:?}", started.elapsed());
+    mesh.shutdown().await;
+    Ok(())
+}
