@@ -161,6 +161,38 @@ impl Mesh {
         }
         Ok(out)
     }
+
+    /// The LWW prediction over every region's own changes, and every row of every
+    /// region that differs from it (as `lww_mismatches` lines, prefixed with the
+    /// region). Fails when no region originated anything.
+    pub async fn lww_check(&self) -> Result<(Expected, Vec<String>)> {
+        let mut changes = Vec::new();
+        for i in 0..self.regions.len() {
+            changes.extend(self.own_changes(i).await?);
+        }
+        anyhow::ensure!(!changes.is_empty(), "no region originated a change");
+        let expected = predict_lww(&changes);
+        let mut wrong = Vec::new();
+        for (i, r) in self.regions.iter().enumerate() {
+            for w in self.lww_mismatches(i, &expected).await? {
+                wrong.push(format!("{}: {w}", r.name));
+            }
+        }
+        Ok((expected, wrong))
+    }
+
+    /// The ids of `acked` that `sql` (one bigint column) does not return in region
+    /// `i`: acknowledged writes that are missing there.
+    pub async fn missing(&self, i: usize, sql: &str, acked: &BTreeSet<i64>) -> Result<Vec<i64>> {
+        let present: BTreeSet<i64> = self.regions[i]
+            .admin
+            .query(sql, &[])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        Ok(acked.difference(&present).copied().collect())
+    }
 }
 
 /// Last-writer-wins over the union of every region's own changes: per key, the
