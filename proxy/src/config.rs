@@ -97,6 +97,9 @@ pub struct Config {
     pub peer_tls: PeerTlsConfig,
     /// Address of the Prometheus endpoint (`GET /metrics`), `HOST:PORT`. Default: none.
     pub metrics_listen: Option<String>,
+    /// How often the region's leader prunes its change log below what every peer has
+    /// durably applied, in seconds; 0 never prunes. Default: 60.
+    pub prune_interval_secs: u64,
 }
 
 /// TLS of peer links: this node's certificate, and the mesh CA that every peer
@@ -143,6 +146,7 @@ impl Default for Config {
             max_connections: 1000,
             login_timeout_secs: 60,
             shutdown_grace_secs: 30,
+            prune_interval_secs: 60,
             max_message_bytes: crate::net::frame::PG_LARGE_MESSAGE_LIMIT,
             tls: TlsConfig::default(),
             mesh: "pgmesh".into(),

@@ -20,6 +20,7 @@ use std::time::Duration;
 use pgmesh_replicator::capture::{self, CaptureConfig, Progress, Role};
 use pgmesh_replicator::link::server::{LinkServer, ServeConfig, SharedTableLog, TailedLog};
 use pgmesh_replicator::log::notify::LogNotifier;
+use pgmesh_replicator::log::prune;
 use pgmesh_replicator::log::tail::{self, Tail};
 use pgmesh_replicator::pgtls::SslMode;
 use pgmesh_replicator::pull::{self, OnBatch, PullConfig};
@@ -416,7 +417,16 @@ async fn supervise_links(
                 links_rx.clone(),
             )));
         }
-        info!(links = links.len(), "leader: pull links started");
+        if v.config.prune_interval_secs > 0 {
+            links.push(tokio::spawn(prune::run(
+                url.clone(),
+                v.config.region.clone(),
+                regions.clone(),
+                Duration::from_secs(v.config.prune_interval_secs),
+                links_rx.clone(),
+            )));
+        }
+        info!(links = v.peers.len(), "leader: pull links started");
         let stopping = loop {
             tokio::select! {
                 r = role.changed() => {

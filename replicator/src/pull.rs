@@ -44,6 +44,9 @@ pub enum PullError {
     Paused,
 }
 
+/// How often a link makes its checkpoint durable and reports it to the peer.
+const DURABLE_EVERY: Duration = Duration::from_secs(2);
+
 /// What `mesh.links.error` says while a link is paused and disconnected.
 pub const PAUSED: &str = "paused: disconnected until mesh.resume_link";
 
@@ -211,6 +214,11 @@ async fn session(
     // checkpoint; it is saved with the next real batch or heartbeat, not in a
     // transaction of its own.
     let mut unsaved: Option<i64> = None;
+    // Now and then the peer hears how far this region has applied durably, so it can
+    // prune its log below that.
+    let mut durable = tokio::time::interval(DURABLE_EVERY);
+    durable.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut acked, mut reported) = (after, 0);
     loop {
         tokio::select! {
             ev = client.next() => match ev? {
@@ -235,6 +243,7 @@ async fn session(
                             None => break,
                         }
                     }
+                    acked = upto;
                     if events.is_empty() {
                         client.ack(upto).await?;
                         unsaved = Some(upto);
@@ -276,6 +285,13 @@ async fn session(
                     }
                 }
             },
+            _ = durable.tick() => {
+                let cp = applier.durable_checkpoint(&cfg.peer).await?;
+                if cp > reported && cp <= acked {
+                    client.ack_durable(acked, cp).await?;
+                    reported = cp;
+                }
+            }
             _ = shutdown.changed() => return Ok(()),
         }
     }

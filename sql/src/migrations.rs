@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "json_changes",
         sql: include_str!("../migrations/0006_json_changes.sql"),
     },
+    Migration {
+        version: 7,
+        name: "log_pruning",
+        sql: include_str!("../migrations/0007_log_pruning.sql"),
+    },
 ];
 
 /// The newest catalog version this binary knows.

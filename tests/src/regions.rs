@@ -61,6 +61,9 @@ pub struct NodeSpec {
     pub process: bool,
     /// The node's `--upstream` URL; default: the region's cluster as `postgres`.
     pub upstream: Option<String>,
+    /// `--prune-interval-secs`. Default: no pruning, because most tests read whole
+    /// change logs back (the mesh_prune and chaos tests turn it on).
+    pub prune_secs: Option<u64>,
 }
 
 /// A running node.
@@ -281,6 +284,8 @@ impl Mesh {
             if spec.relay {
                 args.push("--relay".into());
             }
+            let prune = spec.prune_secs.unwrap_or(0).to_string();
+            args.extend(["--prune-interval-secs".into(), prune]);
             if spec.metrics {
                 args.extend(["--metrics-listen".into(), format!("127.0.0.1:{metrics}")]);
             }
@@ -318,6 +323,7 @@ impl Mesh {
                 },
                 metrics_listen: spec.metrics.then(|| "127.0.0.1:0".to_string()),
                 shutdown_grace_secs: 1,
+                prune_interval_secs: spec.prune_secs.unwrap_or(0),
                 ..Config::default()
             };
             let h = node::start(cfg.validate()?)

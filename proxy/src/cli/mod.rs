@@ -162,6 +162,10 @@ pub struct RunArgs {
     /// Seconds open sessions may keep running after SIGTERM [default: 30].
     #[arg(long)]
     pub shutdown_grace_secs: Option<u64>,
+    /// Seconds between prunings of the change log below what every peer has durably
+    /// applied; 0 never prunes [default: 60].
+    #[arg(long)]
+    pub prune_interval_secs: Option<u64>,
 }
 
 impl RunArgs {
@@ -227,6 +231,9 @@ impl RunArgs {
         }
         if let Some(v) = self.shutdown_grace_secs {
             c.shutdown_grace_secs = v;
+        }
+        if let Some(v) = self.prune_interval_secs {
+            c.prune_interval_secs = v;
         }
         Ok(c)
     }
@@ -323,6 +330,7 @@ pub fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     println!("  max_connections    = {}", v.config.max_connections);
     println!("  login_timeout_secs = {}", v.config.login_timeout_secs);
     println!("  shutdown_grace_secs= {}", v.config.shutdown_grace_secs);
+    println!("  prune_interval_secs= {}", v.config.prune_interval_secs);
     println!(
         "  client tls         = {}",
         if v.config.tls.cert.is_some() {

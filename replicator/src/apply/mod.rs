@@ -267,6 +267,24 @@ impl Applier {
             .map_or(0, |r| r.get(0)))
     }
 
+    /// The link's checkpoint, made durable: a synchronous commit flushes the WAL up
+    /// to it, and with it every batch applied before (batches commit
+    /// asynchronously). Also kept as `mesh.link_state.durable_checkpoint`.
+    pub async fn durable_checkpoint(&self, peer: &str) -> Result<i64, ApplyError> {
+        let c = &self.client;
+        let (_, row, _) = try_join3(
+            c.batch_execute("BEGIN; SET LOCAL synchronous_commit = on"),
+            c.query_opt(
+                "UPDATE mesh.link_state SET durable_checkpoint = checkpoint WHERE peer = $1
+                 RETURNING checkpoint",
+                &[&peer],
+            ),
+            c.batch_execute("COMMIT"),
+        )
+        .await?;
+        Ok(row.map_or(0, |r| r.get(0)))
+    }
+
     /// Applies one batch in one transaction and advances the checkpoint to `upto`.
     pub async fn apply_batch(
         &mut self,

@@ -306,7 +306,28 @@ impl LinkClient {
                 received: self.received,
             });
         }
-        self.send(&ClientMsg::Ack { upto }).await
+        self.send(&ClientMsg::Ack {
+            upto,
+            durable: None,
+        })
+        .await
+    }
+
+    /// Tells the server that everything up to `durable` (a checkpoint of this link
+    /// that a synchronous commit covered) is applied for good, so it may prune its
+    /// log below it; `upto` is the cumulative ack as in [`LinkClient::ack`].
+    pub async fn ack_durable(&mut self, upto: i64, durable: i64) -> Result<(), LinkError> {
+        if upto > self.received || durable > upto {
+            return Err(LinkError::AckBeyondReceived {
+                upto: upto.max(durable),
+                received: self.received,
+            });
+        }
+        self.send(&ClientMsg::Ack {
+            upto,
+            durable: Some(durable),
+        })
+        .await
     }
 
     /// [`LinkClient::next`] fails with [`LinkError::Idle`] after this long without a

@@ -94,6 +94,10 @@ pub enum ClientMsg {
     /// Everything up to and including log sequence `upto` is applied (cumulative).
     Ack {
         upto: i64,
+        /// Everything up to here is applied durably (a synchronous commit covered it),
+        /// so the server may prune its log below it. Sent now and then.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        durable: Option<i64>,
     },
 }
 
@@ -297,7 +301,14 @@ mod tests {
 
     #[test]
     fn ack_round_trip() {
-        client_round_trip(ClientMsg::Ack { upto: i64::MAX });
+        client_round_trip(ClientMsg::Ack {
+            upto: i64::MAX,
+            durable: None,
+        });
+        client_round_trip(ClientMsg::Ack {
+            upto: 7,
+            durable: Some(5),
+        });
     }
 
     #[test]
@@ -376,7 +387,11 @@ mod tests {
 
     #[test]
     fn parse_hello_refuses_other_messages_and_garbage() {
-        let ack = encode_client(&ClientMsg::Ack { upto: 1 }).unwrap();
+        let ack = encode_client(&ClientMsg::Ack {
+            upto: 1,
+            durable: None,
+        })
+        .unwrap();
         assert!(parse_hello(&ack).unwrap_err().contains("ack"));
         assert!(parse_hello(b"\xff\x00").unwrap_err().contains("malformed"));
         assert!(parse_hello(br#"{"type":"hello"}"#)

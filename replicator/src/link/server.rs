@@ -72,6 +72,14 @@ impl ServeError {
     }
 }
 
+/// How far the log was pruned (0 before the catalog knew pruning).
+const PRUNED_UPTO: &str = "SELECT coalesce((SELECT pruned_upto FROM mesh.log_prune), 0)::int8";
+
+/// A puller's durable position (`$1` region, `$2` seq); it only moves up.
+const RECORD_DURABLE: &str = "INSERT INTO mesh.peer_acks (peer, durable_seq) VALUES ($1, $2)
+     ON CONFLICT (peer) DO UPDATE SET durable_seq = greatest(mesh.peer_acks.durable_seq, $2),
+                                      updated_at = now()";
+
 /// Reads the change log for peer sessions. Shared by every session of a server.
 pub trait LogReader: Send + Sync {
     /// Reads up to `limit` log rows above `after`, in log order, and returns the
@@ -84,6 +92,18 @@ pub trait LogReader: Send + Sync {
     ) -> BoxFuture<'_, Result<Scan, LogError>>;
     /// The highest sequence number in the log (0 when it is empty).
     fn head(&self) -> BoxFuture<'_, Result<i64, LogError>>;
+    /// Sequence numbers at or below this may be pruned (0: nothing is).
+    fn pruned_upto(&self) -> BoxFuture<'_, Result<i64, LogError>> {
+        Box::pin(std::future::ready(Ok(0)))
+    }
+    /// Records that region `peer` has applied everything up to `seq` durably.
+    fn record_durable<'a>(
+        &'a self,
+        _peer: &'a str,
+        _seq: i64,
+    ) -> BoxFuture<'a, Result<(), LogError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// [`TableLog`] connections shared by all sessions: a few, so that peers woken by
@@ -173,6 +193,29 @@ impl LogReader for SharedTableLog {
             })
         }))
     }
+
+    fn pruned_upto(&self) -> BoxFuture<'_, Result<i64, LogError>> {
+        Box::pin(self.with_log(|log| {
+            Box::pin(async move {
+                let row = log.client().query_one(PRUNED_UPTO, &[]).await?;
+                Ok(row.get(0))
+            })
+        }))
+    }
+
+    fn record_durable<'a>(
+        &'a self,
+        peer: &'a str,
+        seq: i64,
+    ) -> BoxFuture<'a, Result<(), LogError>> {
+        let peer = peer.to_string();
+        Box::pin(self.with_log(move |log| {
+            Box::pin(async move {
+                log.client().execute(RECORD_DURABLE, &[&peer, &seq]).await?;
+                Ok(())
+            })
+        }))
+    }
 }
 
 /// A [`LogReader`] that serves reads from the node's in-memory [`Tail`] when it holds
@@ -209,6 +252,18 @@ impl<R: LogReader> LogReader for TailedLog<R> {
 
     fn head(&self) -> BoxFuture<'_, Result<i64, LogError>> {
         self.inner.head()
+    }
+
+    fn pruned_upto(&self) -> BoxFuture<'_, Result<i64, LogError>> {
+        self.inner.pruned_upto()
+    }
+
+    fn record_durable<'a>(
+        &'a self,
+        peer: &'a str,
+        seq: i64,
+    ) -> BoxFuture<'a, Result<(), LogError>> {
+        self.inner.record_durable(peer, seq)
     }
 }
 

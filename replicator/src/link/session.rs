@@ -46,6 +46,8 @@ struct Flow {
     window: usize,
     /// Highest seq sent (the `upto` of the last batch).
     cursor: i64,
+    /// A durable position the peer just reported, to record.
+    durable: Option<i64>,
     head: i64,
     /// `upto` of each unacknowledged batch, oldest first.
     in_flight: VecDeque<i64>,
@@ -96,6 +98,16 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             );
             return self.refuse(reason).await;
         }
+        let pruned = self.server.log.pruned_upto().await?;
+        if hello.after < pruned {
+            let reason = format!(
+                "this log was pruned up to seq {pruned}, past checkpoint {}: every region \
+                 pulling from it had applied those events, so this one's checkpoint went \
+                 back (restored from a backup?); reseed the region",
+                hello.after
+            );
+            return self.refuse(reason).await;
+        }
         let cfg = &self.server.cfg;
         self.send(&ServerMsg::Welcome(Welcome {
             proto: PROTO_VERSION,
@@ -115,6 +127,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 peer_region: hello.region,
             },
             cursor: hello.after,
+            durable: None,
             head,
             in_flight: VecDeque::new(),
             caught_up: false,
@@ -183,7 +196,13 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             tokio::select! {
                 frame = self.framed.next() => match frame {
                     None => return Ok(()),
-                    Some(r) => self.on_frame(f, &r?)?,
+                    Some(r) => {
+                        self.on_frame(f, &r?)?;
+                        if let Some(seq) = f.durable.take() {
+                            let peer = &f.filter.peer_region;
+                            self.server.log.record_durable(peer, seq).await?;
+                        }
+                    }
                 },
                 changed = self.wake.changed(), if can_wake => match changed {
                     Ok(()) => f.caught_up = false,
@@ -207,13 +226,14 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
 
     fn on_frame(&mut self, f: &mut Flow, frame: &[u8]) -> Result<(), ServeError> {
         match protocol::decode_client(frame).map_err(ServeError::PeerMessage)? {
-            ClientMsg::Ack { upto } => {
-                if upto > f.cursor {
+            ClientMsg::Ack { upto, durable } => {
+                if upto > f.cursor || durable.is_some_and(|d| d > upto) {
                     return Err(ServeError::PeerViolation(format!(
-                        "ack {upto} is beyond the last batch sent ({})",
+                        "ack {upto} (durable {durable:?}) is beyond the last batch sent ({})",
                         f.cursor
                     )));
                 }
+                f.durable = durable;
                 while f.in_flight.front().is_some_and(|u| *u <= upto) {
                     f.in_flight.pop_front();
                 }

@@ -8,6 +8,7 @@
 //! events of one append.
 
 pub mod notify;
+pub mod prune;
 pub mod table;
 pub mod tail;
 pub mod versions;

@@ -25,6 +25,7 @@ mod mesh_demo;
 mod mesh_metrics;
 mod mesh_outage;
 mod mesh_pg_tls;
+mod mesh_prune;
 mod mesh_races;
 mod mesh_replay;
 mod mesh_tls;

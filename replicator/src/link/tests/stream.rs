@@ -299,9 +299,15 @@ async fn protocol_violations_close_only_that_link() {
         "{batch:?}"
     );
     // Acking what was never sent ends the link...
-    raw.send(protocol::encode_client(&ClientMsg::Ack { upto: 99 }).unwrap())
-        .await
-        .unwrap();
+    raw.send(
+        protocol::encode_client(&ClientMsg::Ack {
+            upto: 99,
+            durable: None,
+        })
+        .unwrap(),
+    )
+    .await
+    .unwrap();
     assert!(raw.next().await.is_none());
     // ...while the server keeps serving others.
     let (mut c, _) = LinkClient::connect(h.addr, client("us")).await.unwrap();

@@ -1,0 +1,137 @@
+//! Pruning the change log: below what every peer has durably applied, a region's
+//! own events are deleted (but the newest) and other regions' events keep only
+//! their ids; replication, restarts and capture go on as before, and a peer whose
+//! checkpoint falls behind the pruned log is refused with the reason instead of
+//! being served a hole.
+//!
+//! Three regions in a full mesh prune every second. This module owns those checks;
+//! the chaos test runs its faults with pruning on too.
+
+use anyhow::Result;
+use pgmesh_tests::regions::{Mesh, NodeSpec, CONVERGE_TIMEOUT};
+use pgmesh_tests::{wait_for, wait_until};
+
+const SCHEMA: &str = "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL)";
+
+async fn scalar(mesh: &Mesh, i: usize, sql: &str) -> Result<i64> {
+    Ok(mesh.region(i).admin.query_one(sql, &[]).await?.get(0))
+}
+
+/// Inserts ids `from..to` through region `i`'s proxy.
+async fn insert(mesh: &Mesh, i: usize, from: i32, to: i32) -> Result<()> {
+    let c = mesh.connect_proxy(i).await?;
+    for id in from..to {
+        c.execute("INSERT INTO t VALUES ($1, 'x')", &[&id]).await?;
+    }
+    Ok(())
+}
+
+/// Waits until region `i` has pruned its log up to at least `seq`.
+async fn wait_pruned(mesh: &Mesh, i: usize, seq: i64) -> Result<()> {
+    let what = format!("{} to prune up to {seq}", mesh.region(i).name);
+    wait_until(CONVERGE_TIMEOUT, &what, || async {
+        scalar(mesh, i, "SELECT pruned_upto FROM mesh.log_prune")
+            .await
+            .is_ok_and(|p| p >= seq)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_pruned_below_what_every_peer_applied_durably() -> Result<()> {
+    let mut mesh = Mesh::start(&["pr_a", "pr_b", "pr_c"]).await?;
+    mesh.exec_all(SCHEMA).await?;
+    mesh.init_all().await?;
+    let spec = NodeSpec {
+        prune_secs: Some(1),
+        ..NodeSpec::default()
+    };
+    mesh.start_nodes(|_| spec.clone()).await?;
+    insert(&mesh, 0, 0, 200).await?;
+    insert(&mesh, 1, 1000, 1050).await?;
+    mesh.wait_converged(CONVERGE_TIMEOUT).await?;
+
+    // pr_a prunes everything both peers have: its own events but the newest are
+    // gone, pr_b's keep their ids without their changes.
+    let head = mesh.head(0).await?;
+    wait_pruned(&mesh, 0, head).await?;
+    let own = "SELECT count(*) FROM mesh.changelog WHERE origin = 'pr_a'";
+    assert_eq!(
+        scalar(&mesh, 0, own).await?,
+        1,
+        "pr_a kept only its newest event"
+    );
+    let others = "SELECT count(*) FILTER (WHERE changes::text = '[]'), count(*)
+                  FROM mesh.changelog WHERE origin = 'pr_b'";
+    let row = mesh.region(0).admin.query_one(others, &[]).await?;
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (50, 50));
+    let acks: Vec<(String, i64)> = mesh
+        .region(0)
+        .admin
+        .query(
+            "SELECT peer, durable_seq FROM mesh.peer_acks ORDER BY peer",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(acks.len(), 2, "{acks:?}");
+    assert!(acks.iter().all(|(_, s)| *s >= head), "{acks:?}");
+    // The receiving regions still have every row.
+    assert_eq!(scalar(&mesh, 2, "SELECT count(*) FROM t").await?, 250);
+
+    // Replication, a node restart (capture resumes from the newest own event) and
+    // duplicates detection all go on.
+    mesh.stop_node(0).await?;
+    insert(&mesh, 1, 1050, 1060).await?;
+    mesh.start_node(0, spec.clone()).await?;
+    insert(&mesh, 0, 200, 220).await?;
+    let sums = mesh.wait_converged(CONVERGE_TIMEOUT).await?;
+    assert!(sums["public.t"].starts_with("280:"), "{sums:?}");
+    let twice = "SELECT count(*) FROM (SELECT 1 FROM mesh.changelog GROUP BY origin, hlc
+                 HAVING count(*) > 1) d";
+    for i in 0..3 {
+        assert_eq!(scalar(&mesh, i, twice).await?, 0, "an event logged twice");
+    }
+
+    // A peer whose checkpoint went back behind the pruned log is refused, says why,
+    // and applies nothing twice.
+    let b = &mesh.region(1).admin;
+    let kept: i64 = b
+        .query_one(
+            "SELECT checkpoint FROM mesh.link_state WHERE peer = 'pr_a'",
+            &[],
+        )
+        .await?
+        .get(0);
+    mesh.stop_node(1).await?;
+    mesh.region(1)
+        .admin
+        .execute(
+            "UPDATE mesh.link_state SET checkpoint = 0 WHERE peer = 'pr_a'",
+            &[],
+        )
+        .await?;
+    mesh.start_node(1, spec.clone()).await?;
+    let error = wait_for(
+        CONVERGE_TIMEOUT,
+        "pr_b's link from pr_a to fail",
+        || async { Ok(mesh.link(1, "pr_a").await?.and_then(|l| l.error)) },
+    )
+    .await?;
+    assert!(error.contains("pruned"), "{error}");
+    assert_eq!(scalar(&mesh, 1, "SELECT count(*) FROM t").await?, 280);
+    // Put back, it goes on.
+    let b = &mesh.region(1).admin;
+    b.execute(
+        "UPDATE mesh.link_state SET checkpoint = $1 WHERE peer = 'pr_a'",
+        &[&kept],
+    )
+    .await?;
+    insert(&mesh, 0, 220, 230).await?;
+    let sums = mesh.wait_converged(CONVERGE_TIMEOUT).await?;
+    assert!(sums["public.t"].starts_with("290:"), "{sums:?}");
+    mesh.shutdown().await;
+    Ok(())
+}
