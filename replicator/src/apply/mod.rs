@@ -571,3 +571,6 @@ async fn run_plan(
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
