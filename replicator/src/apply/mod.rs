@@ -272,16 +272,26 @@ impl Applier {
     /// asynchronously). Also kept as `mesh.link_state.durable_checkpoint`.
     pub async fn durable_checkpoint(&self, peer: &str) -> Result<i64, ApplyError> {
         let c = &self.client;
-        let (_, row, _) = try_join3(
-            c.batch_execute("BEGIN; SET LOCAL synchronous_commit = on"),
-            c.query_opt(
+        // One after the other: pipelined, the UPDATE (a statement prepared on the
+        // way) would reach the server after the COMMIT and run on its own,
+        // asynchronously committed.
+        c.batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
+            .await?;
+        let row = c
+            .query_opt(
                 "UPDATE mesh.link_state SET durable_checkpoint = checkpoint WHERE peer = $1
                  RETURNING checkpoint",
                 &[&peer],
-            ),
-            c.batch_execute("COMMIT"),
-        )
-        .await?;
+            )
+            .await;
+        let row = match row {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = c.batch_execute("ROLLBACK").await;
+                return Err(e.into());
+            }
+        };
+        c.batch_execute("COMMIT").await?;
         Ok(row.map_or(0, |r| r.get(0)))
     }
 
