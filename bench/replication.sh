@@ -47,6 +47,10 @@ In one run, on fresh local clusters:
    filled at apply) - lagprobe.t (clock_timestamp() at the origin, the last
    statement before COMMIT).
 
+The nodes do not prune their change logs (--prune-interval-secs 0): the figures
+are read back from every region's log. Links still make their checkpoints durable
+every 2 s for pruning.
+
 All clusters share the machine's clock, so the timestamps compare. Runs pass -n
 to pgbench (no vacuum and no TRUNCATE of pgbench_history, so every transaction is
 exactly one replicated event); instead every cluster is vacuumed (VACUUM ANALYZE)
@@ -336,6 +340,7 @@ for r in "${REGIONS[@]}"; do
         --region "$r" --node "$r-node" \
         --peer-listen "127.0.0.1:${PEER_PORT[$r]}" "${peers[@]}" \
         --metrics-listen "127.0.0.1:${METRICS_PORT[$r]}" \
+        --prune-interval-secs 0 \
         --shutdown-grace-secs 2 >"$TMPD/node-$r.log" 2>&1 &
     NODE_PID[$r]=$!
 done
