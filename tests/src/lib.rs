@@ -27,6 +27,7 @@
 
 pub mod client;
 pub mod cluster;
+pub mod faultnet;
 pub mod mesh;
 pub mod node;
 pub mod regions;

@@ -13,7 +13,7 @@
 //! other regions dial them. It never asserts (tests do) and never sleeps for a
 //! fixed time: every wait has a condition and a deadline.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -61,6 +61,9 @@ pub struct NodeSpec {
     pub process: bool,
     /// The node's `--upstream` URL; default: the region's cluster as `postgres`.
     pub upstream: Option<String>,
+    /// Where to reach a peer instead of its own peer port (a
+    /// [`crate::faultnet::Forwarder`]), by region.
+    pub peer_addrs: BTreeMap<String, SocketAddr>,
     /// `--prune-interval-secs`. Default: no pruning, because most tests read whole
     /// change logs back (the mesh_prune and chaos tests turn it on).
     pub prune_secs: Option<u64>,
@@ -253,7 +256,10 @@ impl Mesh {
             .unwrap_or_else(|| names.iter().filter(|n| **n != r.name).cloned().collect());
         let peer_args: Vec<String> = peers
             .iter()
-            .map(|p| format!("{p}=127.0.0.1:{}", ports[p]))
+            .map(|p| match spec.peer_addrs.get(p) {
+                Some(a) => format!("{p}={a}"),
+                None => format!("{p}=127.0.0.1:{}", ports[p]),
+            })
             .collect();
         let node_name = format!("{}-node", r.name);
         let upstream = spec.upstream.clone().unwrap_or_else(|| r.url());

@@ -155,6 +155,10 @@ pub struct LinkClient {
     /// `upto` of the last batch received.
     received: i64,
     idle_timeout: Duration,
+    /// When the last frame arrived (or the link opened): the idle deadline counts
+    /// from here, not from each call, so a caller that re-polls `next` in a
+    /// `select!` with other timers still notices a silent peer.
+    last_frame: tokio::time::Instant,
 }
 
 impl std::fmt::Debug for LinkClient {
@@ -206,6 +210,7 @@ impl LinkClient {
             framed: Framed::new(io, protocol::codec()),
             received: cfg.after,
             idle_timeout: IDLE_TIMEOUT,
+            last_frame: tokio::time::Instant::now(),
         };
         client
             .send(&ClientMsg::Hello(Hello {
@@ -239,11 +244,13 @@ impl LinkClient {
     /// The next frame, decoded. Cancel-safe: a frame is only taken off the stream
     /// when it is complete.
     async fn recv(&mut self) -> Result<ServerMsg, LinkError> {
-        let frame = match tokio::time::timeout(self.idle_timeout, self.framed.next()).await {
+        let deadline = self.last_frame + self.idle_timeout;
+        let frame = match tokio::time::timeout_at(deadline, self.framed.next()).await {
             Err(_) => return Err(LinkError::Idle(self.idle_timeout)),
             Ok(None) => return Err(LinkError::Closed),
             Ok(Some(r)) => r.map_err(io_error)?,
         };
+        self.last_frame = tokio::time::Instant::now();
         Ok(protocol::decode_server(&frame)?)
     }
 

@@ -26,7 +26,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 
-const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = "
 CREATE TABLE kv (id int PRIMARY KEY, val text NOT NULL);
 CREATE TABLE acks (id bigint PRIMARY KEY, origin text NOT NULL);";
 
@@ -142,79 +142,68 @@ fn dump_logs(mesh: &Mesh) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_mesh_converges_and_loses_nothing_through_a_run_of_faults() -> Result<()> {
+/// How many faults (`short`, or `long` with `PGMESH_CHAOS=1`) and their seed
+/// (`PGMESH_CHAOS_SEED`, else random), printed so a failure can be replayed.
+pub(crate) fn plan(short: usize, long: usize) -> Result<(usize, u64)> {
     let rounds = if std::env::var("PGMESH_CHAOS").as_deref() == Ok("1") {
-        25
+        long
     } else {
-        3
+        short
     };
     let seed: u64 = match std::env::var("PGMESH_CHAOS_SEED") {
         Ok(s) => s.parse().context("PGMESH_CHAOS_SEED")?,
         Err(_) => rand::random(),
     };
-    eprintln!("chaos: {rounds} faults, seed {seed} (PGMESH_CHAOS_SEED={seed} replays them)");
-    let started = Instant::now();
-    let mut mesh = Mesh::start(&["ch_a", "ch_b", "ch_c"]).await?;
-    mesh.exec_all(SCHEMA).await?;
-    mesh.init_all().await?;
-    mesh.start_nodes(|_| NodeSpec {
-        process: true,
-        prune_secs: Some(1),
-        ..NodeSpec::default()
-    })
-    .await?;
+    eprintln!("{rounds} faults, seed {seed} (PGMESH_CHAOS_SEED={seed} replays them)");
+    Ok((rounds, seed))
+}
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut writers = Vec::new();
-    for region in 0..3 {
-        for w in 0..WRITERS_PER_REGION {
-            let base = (region as i64 * 10 + w as i64 + 1) * 1_000_000_000;
-            writers.push(tokio::spawn(writer(
-                mesh.proxy_conn_string(region)?,
-                base,
-                seed ^ base as u64,
-                stop_rx.clone(),
-            )));
-        }
-    }
-    let mut rng = StdRng::seed_from_u64(seed);
-    for round in 0..rounds {
-        // Writes flow between faults (the workload's rhythm, not a wait for a result).
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1500))).await;
-        let what = match fault(&mut mesh, &mut rng).await {
-            Ok(what) => what,
-            Err(e) => {
-                dump_logs(&mesh);
-                return Err(e.context(format!("fault {round}")));
+/// [`writer`]s in every region of a mesh with [`SCHEMA`]'s tables.
+pub(crate) struct Writers {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Result<Vec<i64>>>>,
+}
+
+impl Writers {
+    /// Starts [`WRITERS_PER_REGION`] writers per region, seeded from `seed`.
+    pub(crate) fn start(mesh: &Mesh, seed: u64) -> Result<Writers> {
+        let (stop, rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for region in 0..mesh.regions.len() {
+            for w in 0..WRITERS_PER_REGION {
+                let base = (region as i64 * 10 + w as i64 + 1) * 1_000_000_000;
+                let conn = mesh.proxy_conn_string(region)?;
+                tasks.push(tokio::spawn(writer(
+                    conn,
+                    base,
+                    seed ^ base as u64,
+                    rx.clone(),
+                )));
             }
-        };
-        eprintln!("fault {round}: {what} (at {:?})", started.elapsed());
+        }
+        Ok(Writers { stop, tasks })
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop_tx.send(true)?;
-    let mut acked = BTreeSet::new();
-    for w in writers {
-        acked.extend(w.await??);
-    }
-    let sums = mesh.wait_converged(CONVERGE_TIMEOUT).await;
-    eprintln!(
-        "{} acknowledged inserts; converged at {:?}: {sums:?}",
-        acked.len(),
-        started.elapsed()
-    );
-    if sums.is_err() {
-        dump_logs(&mesh);
-    }
-    sums?;
-    assert!(
-        acked.len() > 100,
-        "only {} acknowledged inserts",
-        acked.len()
-    );
 
+    /// Stops them; returns every acknowledged insert.
+    pub(crate) async fn stop(self) -> Result<BTreeSet<i64>> {
+        self.stop.send(true)?;
+        let mut acked = BTreeSet::new();
+        for t in self.tasks {
+            acked.extend(t.await??);
+        }
+        anyhow::ensure!(
+            acked.len() > 100,
+            "only {} acknowledged inserts",
+            acked.len()
+        );
+        Ok(acked)
+    }
+}
+
+/// Every region holds every acknowledged insert, and logged no event twice.
+pub(crate) async fn nothing_lost_or_repeated(mesh: &Mesh, acked: &BTreeSet<i64>) -> Result<()> {
     for (i, r) in mesh.regions.iter().enumerate() {
-        let lost = mesh.missing(i, "SELECT id FROM acks", &acked).await?;
+        let lost = mesh.missing(i, "SELECT id FROM acks", acked).await?;
         assert!(
             lost.is_empty(),
             "{}: {} acknowledged inserts missing, e.g. {:?}",
@@ -232,6 +221,50 @@ async fn the_mesh_converges_and_loses_nothing_through_a_run_of_faults() -> Resul
             .get(0);
         assert_eq!(twice, 0, "events logged twice in {}", r.name);
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_converges_and_loses_nothing_through_a_run_of_faults() -> Result<()> {
+    let (rounds, seed) = plan(3, 25)?;
+    let started = Instant::now();
+    let mut mesh = Mesh::start(&["ch_a", "ch_b", "ch_c"]).await?;
+    mesh.exec_all(SCHEMA).await?;
+    mesh.init_all().await?;
+    mesh.start_nodes(|_| NodeSpec {
+        process: true,
+        prune_secs: Some(1),
+        ..NodeSpec::default()
+    })
+    .await?;
+
+    let writers = Writers::start(&mesh, seed)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    for round in 0..rounds {
+        // Writes flow between faults (the workload's rhythm, not a wait for a result).
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1500))).await;
+        let what = match fault(&mut mesh, &mut rng).await {
+            Ok(what) => what,
+            Err(e) => {
+                dump_logs(&mesh);
+                return Err(e.context(format!("fault {round}")));
+            }
+        };
+        eprintln!("fault {round}: {what} (at {:?})", started.elapsed());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acked = writers.stop().await?;
+    let sums = mesh.wait_converged(CONVERGE_TIMEOUT).await;
+    eprintln!(
+        "{} acknowledged inserts; converged at {:?}: {sums:?}",
+        acked.len(),
+        started.elapsed()
+    );
+    if sums.is_err() {
+        dump_logs(&mesh);
+    }
+    sums?;
+    nothing_lost_or_repeated(&mesh, &acked).await?;
     let pruned = "SELECT pruned_upto FROM mesh.log_prune";
     let p: i64 = mesh.region(0).admin.query_one(pruned, &[]).await?.get(0);
     assert!(p > 0, "ch_a never pruned its log");

@@ -202,6 +202,34 @@ async fn the_window_caps_unacked_batches_and_acks_resume_the_stream() {
     h.stop().await;
 }
 
+/// The idle deadline counts from the last frame, not from each call: a caller that
+/// re-polls `next` in a `select!` beside a faster timer (as the pull loop does with
+/// its durable-checkpoint timer) still notices a peer gone silent.
+#[tokio::test(start_paused = true)]
+async fn a_silent_peer_is_noticed_although_next_is_polled_anew() {
+    let h = Harness::start(|c| c.heartbeat_ms = 3_600_000, None).await;
+    let (mut c, _) = LinkClient::connect(h.addr, client("us")).await.unwrap();
+    c.set_idle_timeout(Duration::from_secs(10));
+    let t0 = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            tokio::select! {
+                r = c.next() => break r,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the silence was never noticed");
+    assert!(matches!(ended, Err(LinkError::Idle(_))), "{ended:?}");
+    assert!(
+        t0.elapsed() <= Duration::from_secs(11),
+        "{:?}",
+        t0.elapsed()
+    );
+    h.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn new_events_arrive_on_the_wake_watch_not_by_polling() {
     let h = Harness::start(|c| c.heartbeat_ms = 3_600_000, None).await;
