@@ -23,6 +23,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -161,25 +162,49 @@ impl PgTls {
         Ok(PgTls { mode, root, config })
     }
 
-    /// Takes `sslmode` and `sslrootcert` out of a `postgres://` URL: the settings,
-    /// and the URL without them (every other part unchanged).
+    /// Takes `sslmode` and `sslrootcert` out of a `postgres://` URL (or a libpq
+    /// `key=value` string): the settings, and the rest of the text unchanged, byte for
+    /// byte (other parameters keep their encoding; multi-host URLs pass through).
     pub fn from_url(url: &str) -> Result<(Self, String), PgTlsError> {
-        let mut u = url::Url::parse(url).map_err(|e| PgTlsError::Url(e.to_string()))?;
         let (mut mode, mut root) = (SslMode::Disable, None);
-        let mut rest = Vec::new();
-        for (k, v) in u.query_pairs() {
-            match &*k {
+        let mut take = |k: &str, v: String| -> Result<bool, PgTlsError> {
+            match k {
                 "sslmode" => mode = SslMode::parse(&v)?,
-                "sslrootcert" => root = Some(PathBuf::from(&*v)),
-                _ => rest.push((k.into_owned(), v.into_owned())),
+                "sslrootcert" => root = Some(PathBuf::from(v)),
+                _ => return Ok(false),
             }
-        }
-        if rest.is_empty() {
-            u.set_query(None);
+            Ok(true)
+        };
+        let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            match url.split_once('?') {
+                None => url.to_string(),
+                Some((base, query)) => {
+                    let mut kept = Vec::new();
+                    for pair in query.split('&').filter(|p| !p.is_empty()) {
+                        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                        if !take(&decode(k)?, decode(v)?)? {
+                            kept.push(pair);
+                        }
+                    }
+                    if kept.is_empty() {
+                        base.to_string()
+                    } else {
+                        format!("{base}?{}", kept.join("&"))
+                    }
+                }
+            }
         } else {
-            u.query_pairs_mut().clear().extend_pairs(rest);
-        }
-        Ok((Self::new(mode, root)?, u.to_string()))
+            // `key=value` pairs separated by spaces (values without spaces).
+            let mut kept = Vec::new();
+            for tok in url.split_whitespace() {
+                let (k, v) = tok.split_once('=').unwrap_or((tok, ""));
+                if !take(k, v.trim_matches('\'').to_string())? {
+                    kept.push(tok);
+                }
+            }
+            kept.join(" ")
+        };
+        Ok((Self::new(mode, root)?, rest))
     }
 
     pub fn mode(&self) -> SslMode {
@@ -189,12 +214,13 @@ impl PgTls {
     /// `sslmode=..[&sslrootcert=..]`, URL-encoded, to put these settings back into a
     /// URL's query.
     pub fn url_query(&self) -> String {
-        let mut q = url::form_urlencoded::Serializer::new(String::new());
-        q.append_pair("sslmode", self.mode.name());
+        let mut q = format!("sslmode={}", self.mode.name());
         if let Some(r) = &self.root {
-            q.append_pair("sslrootcert", &r.to_string_lossy());
+            let path = r.to_string_lossy();
+            q.push_str("&sslrootcert=");
+            q.extend(utf8_percent_encode(&path, NON_ALPHANUMERIC));
         }
-        q.finish()
+        q
     }
 
     /// Asks the server on `tcp` for TLS as the mode demands (SSLRequest) and returns
@@ -259,6 +285,14 @@ pub fn pg_config(url: &str) -> Result<(tokio_postgres::Config, MakeRustls), PgTl
     let (mode, connector) = tls.tokio_postgres();
     config.ssl_mode(mode);
     Ok((config, connector))
+}
+
+/// A URL query component, percent-decoded (`+` stays `+`, as in libpq).
+fn decode(s: &str) -> Result<String, PgTlsError> {
+    percent_decode_str(s)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| PgTlsError::Url(format!("{s:?} is not valid UTF-8 once decoded")))
 }
 
 fn server_name(host: &str) -> Result<ServerName<'static>, PgTlsError> {
@@ -446,9 +480,11 @@ impl MakeTlsConnect<Socket> for MakeRustls {
     type Error = PgTlsError;
 
     fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnect, PgTlsError> {
+        // tokio-postgres asks even when it will not use TLS (sslmode=disable, a Unix
+        // socket with an empty host): a name it cannot use fails only on use.
         Ok(RustlsConnect {
             config: self.0.clone(),
-            name: server_name(domain)?,
+            name: server_name(domain),
         })
     }
 }
@@ -457,7 +493,7 @@ impl MakeTlsConnect<Socket> for MakeRustls {
 #[derive(Debug)]
 pub struct RustlsConnect {
     config: Option<Arc<ClientConfig>>,
-    name: ServerName<'static>,
+    name: Result<ServerName<'static>, PgTlsError>,
 }
 
 impl TlsConnect<Socket> for RustlsConnect {
@@ -472,7 +508,8 @@ impl TlsConnect<Socket> for RustlsConnect {
             let cfg = self
                 .config
                 .ok_or_else(|| io::Error::other("TLS is disabled (sslmode=disable)"))?;
-            let s = TlsConnector::from(cfg).connect(self.name, socket).await?;
+            let name = self.name.map_err(io::Error::other)?;
+            let s = TlsConnector::from(cfg).connect(name, socket).await?;
             Ok(RustlsStream(Box::new(s)))
         })
     }
