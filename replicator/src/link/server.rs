@@ -72,8 +72,16 @@ impl ServeError {
     }
 }
 
-/// How far the log was pruned (0 before the catalog knew pruning).
-const PRUNED_UPTO: &str = "SELECT coalesce((SELECT pruned_upto FROM mesh.log_prune), 0)::int8";
+/// [`LogReader::open_for`] in one statement (`$1` peer, `$2` after): the prune mark,
+/// locked as the pruner locks it, and the peer's position registered below it.
+const OPEN_FOR: &str = "WITH mark AS (SELECT pruned_upto FROM mesh.log_prune FOR UPDATE),
+     reg AS (INSERT INTO mesh.peer_acks (peer, durable_seq)
+             SELECT $1, $2 FROM mark WHERE $2 >= mark.pruned_upto
+             ON CONFLICT (peer) DO UPDATE
+                SET durable_seq = least(mesh.peer_acks.durable_seq, excluded.durable_seq),
+                    updated_at = now()
+             RETURNING 1)
+SELECT coalesce((SELECT pruned_upto FROM mark), 0)::int8, (SELECT count(*) FROM reg)";
 
 /// A puller's durable position (`$1` region, `$2` seq); it only moves up.
 const RECORD_DURABLE: &str = "INSERT INTO mesh.peer_acks (peer, durable_seq) VALUES ($1, $2)
@@ -92,8 +100,11 @@ pub trait LogReader: Send + Sync {
     ) -> BoxFuture<'_, Result<Scan, LogError>>;
     /// The highest sequence number in the log (0 when it is empty).
     fn head(&self) -> BoxFuture<'_, Result<i64, LogError>>;
-    /// Sequence numbers at or below this may be pruned (0: nothing is).
-    fn pruned_upto(&self) -> BoxFuture<'_, Result<i64, LogError>> {
+    /// A peer asks for events after `after`: returns how far the log was pruned
+    /// (0: not at all), and unless `after` is below that, registers `after` as the
+    /// peer's position for pruning (lowering what it reported before), atomically
+    /// with the check, so the log is never pruned under a streaming peer.
+    fn open_for<'a>(&'a self, _peer: &'a str, _after: i64) -> BoxFuture<'a, Result<i64, LogError>> {
         Box::pin(std::future::ready(Ok(0)))
     }
     /// Records that region `peer` has applied everything up to `seq` durably.
@@ -194,10 +205,11 @@ impl LogReader for SharedTableLog {
         }))
     }
 
-    fn pruned_upto(&self) -> BoxFuture<'_, Result<i64, LogError>> {
-        Box::pin(self.with_log(|log| {
+    fn open_for<'a>(&'a self, peer: &'a str, after: i64) -> BoxFuture<'a, Result<i64, LogError>> {
+        let peer = peer.to_string();
+        Box::pin(self.with_log(move |log| {
             Box::pin(async move {
-                let row = log.client().query_one(PRUNED_UPTO, &[]).await?;
+                let row = log.client().query_one(OPEN_FOR, &[&peer, &after]).await?;
                 Ok(row.get(0))
             })
         }))
@@ -254,8 +266,8 @@ impl<R: LogReader> LogReader for TailedLog<R> {
         self.inner.head()
     }
 
-    fn pruned_upto(&self) -> BoxFuture<'_, Result<i64, LogError>> {
-        self.inner.pruned_upto()
+    fn open_for<'a>(&'a self, peer: &'a str, after: i64) -> BoxFuture<'a, Result<i64, LogError>> {
+        self.inner.open_for(peer, after)
     }
 
     fn record_durable<'a>(

@@ -98,12 +98,13 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             );
             return self.refuse(reason).await;
         }
-        let pruned = self.server.log.pruned_upto().await?;
+        let pruned = self.server.log.open_for(&hello.region, hello.after).await?;
         if hello.after < pruned {
             let reason = format!(
-                "this log was pruned up to seq {pruned}, past checkpoint {}: every region \
-                 pulling from it had applied those events, so this one's checkpoint went \
-                 back (restored from a backup?); reseed the region",
+                "this log was pruned up to seq {pruned}, past checkpoint {}: the events \
+                 between are gone (this region is new, was forgotten with \
+                 mesh.forget_peer, or was restored from a backup); it cannot catch up \
+                 from this log",
                 hello.after
             );
             return self.refuse(reason).await;

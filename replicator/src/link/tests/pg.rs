@@ -63,3 +63,50 @@ async fn table_log_and_notifier_feed_a_link() {
     drop(writer);
     crate::scratch::drop_database(&url).await;
 }
+
+/// A peer's handshake registers its position under the prune mark's lock: a stale,
+/// higher report no longer lets the log be pruned under it, and a peer asking for
+/// pruned events is told how far pruning went and registers nothing.
+#[tokio::test]
+async fn a_handshake_holds_pruning_back_to_the_peers_position() {
+    use crate::link::server::LogReader;
+    use crate::log::prune::prune;
+    let Some(url) = crate::scratch::database("pgmesh_open_for").await else {
+        return;
+    };
+    let mut writer = TableLog::new(catalog::connect(&url).await.unwrap())
+        .await
+        .unwrap();
+    let mut events: Vec<_> = (1..=4).map(|n| event("eu", n, false)).collect();
+    let logged = writer.append_local(&mut events).await.unwrap();
+    let seq = |i: usize| logged[i].seq;
+    let c = catalog::connect(&url).await.unwrap();
+    c.execute(
+        "INSERT INTO mesh.peer_acks (peer, durable_seq) VALUES ('us', $1)",
+        &[&seq(3)],
+    )
+    .await
+    .unwrap();
+    let log = SharedTableLog::new(
+        TableLog::new(catalog::connect(&url).await.unwrap())
+            .await
+            .unwrap(),
+    );
+    // `us` comes back from an older checkpoint (restored): it streams from seq(1).
+    assert_eq!(log.open_for("us", seq(1)).await.unwrap(), 0);
+    let p = prune(&c, "eu", &["us".to_string()]).await.unwrap();
+    assert_eq!(p.upto, seq(1), "pruned past the streaming peer");
+    // Asking for events below the mark: refused by the caller, nothing registered.
+    assert_eq!(log.open_for("us", 0).await.unwrap(), seq(1));
+    let kept: i64 = c
+        .query_one(
+            "SELECT durable_seq FROM mesh.peer_acks WHERE peer = 'us'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, seq(1));
+    drop((c, log, writer));
+    crate::scratch::drop_database(&url).await;
+}

@@ -50,13 +50,15 @@ async fn prunes_below_the_lowest_durable_ack_and_keeps_what_apply_and_capture_ne
     let seq = |i: usize| logged[i].seq;
     let peers = vec!["r2".to_string(), "r3".to_string()];
 
-    // No horizon while a configured peer has reported nothing.
+    // No horizon while a configured peer has reported nothing; it is named.
     ack(&c, "r2", seq(7)).await;
-    assert_eq!(prune(&c, "r1", &peers).await.unwrap(), None);
+    let p = prune(&c, "r1", &peers).await.unwrap();
+    assert_eq!((p.upto, p.deleted, p.stripped), (0, 0, 0));
+    assert_eq!(p.waiting_for, ["r3"]);
     // A region that once pulled from here holds pruning back as well.
     ack(&c, "r3", seq(7)).await;
     ack(&c, "r4", seq(1)).await;
-    let p = prune_in_chunks(&c, "r1", &peers, 1).await.unwrap().unwrap();
+    let p = prune_in_chunks(&c, "r1", &peers, 1).await.unwrap();
     assert_eq!((p.upto, p.deleted, p.stripped), (seq(1), 1, 1));
     // Forgotten, it no longer does: the horizon is the lowest of r2 and r3.
     let forgot: bool = c
@@ -66,7 +68,7 @@ async fn prunes_below_the_lowest_durable_ack_and_keeps_what_apply_and_capture_ne
         .get(0);
     assert!(forgot);
     ack(&c, "r3", seq(5)).await;
-    let p = prune_in_chunks(&c, "r1", &peers, 2).await.unwrap().unwrap();
+    let p = prune_in_chunks(&c, "r1", &peers, 2).await.unwrap();
     assert_eq!((p.upto, p.deleted, p.stripped), (seq(5), 2, 2));
     let after = rows(&c).await;
     let full = "[{\"op\": \"insert\"}]".to_string();
@@ -82,11 +84,12 @@ async fn prunes_below_the_lowest_durable_ack_and_keeps_what_apply_and_capture_ne
         ]
     );
     // Nothing new: nothing done.
-    assert_eq!(prune(&c, "r1", &peers).await.unwrap(), None);
+    let p = prune(&c, "r1", &peers).await.unwrap();
+    assert_eq!((p.upto, p.deleted, p.stripped), (seq(5), 0, 0));
     // Everything acknowledged: r1's newest event stays, for capture to resume from.
     ack(&c, "r2", seq(7)).await;
     ack(&c, "r3", seq(7)).await;
-    prune(&c, "r1", &peers).await.unwrap().unwrap();
+    prune(&c, "r1", &peers).await.unwrap();
     let left: Vec<(i64, String)> = rows(&c).await.into_iter().map(|r| (r.0, r.1)).collect();
     assert!(left.contains(&(seq(6), "r1".to_string())), "{left:?}");
     assert_eq!(left.iter().filter(|r| r.1 == "r1").count(), 1, "{left:?}");
