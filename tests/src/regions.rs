@@ -32,7 +32,7 @@ use crate::wait::wait_until;
 
 mod check;
 mod converge;
-pub use check::{http_get, predict_lww, Expected, RowChange};
+pub use check::{http_get, predict_lww, Expected, RowChange, LOGGED_TWICE};
 
 /// How long a mesh may take to converge after a workload on a loaded 2-core box.
 pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);

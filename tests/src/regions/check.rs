@@ -19,6 +19,10 @@ use tokio_postgres::Client;
 
 use super::Mesh;
 
+/// How many event ids `(origin, hlc)` a change log holds more than once (0: none).
+pub const LOGGED_TWICE: &str =
+    "SELECT count(*) FROM (SELECT 1 FROM mesh.changelog GROUP BY origin, hlc HAVING count(*) > 1) d";
+
 /// One row change of a region's own origin, read back from `mesh.changelog`.
 #[derive(Debug, Clone)]
 pub struct RowChange {
@@ -179,6 +183,15 @@ impl Mesh {
             }
         }
         Ok((expected, wrong))
+    }
+
+    /// [`LOGGED_TWICE`] in region `i`.
+    pub async fn logged_twice(&self, i: usize) -> Result<i64> {
+        Ok(self.regions[i]
+            .admin
+            .query_one(LOGGED_TWICE, &[])
+            .await?
+            .get(0))
     }
 
     /// The ids of `acked` that `sql` (one bigint column) does not return in region

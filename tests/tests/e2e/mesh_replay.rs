@@ -15,7 +15,7 @@ use anyhow::Result;
 use pgmesh_replicator::apply::Applier;
 use pgmesh_replicator::catalog;
 use pgmesh_replicator::log::{ChangeLog, TableLog};
-use pgmesh_tests::regions::{Mesh, NodeSpec, CONVERGE_TIMEOUT};
+use pgmesh_tests::regions::{Mesh, NodeSpec, CONVERGE_TIMEOUT, LOGGED_TWICE};
 use pgmesh_tests::wait_until;
 
 const SCHEMA: &str = "
@@ -49,10 +49,7 @@ async fn snapshot(mesh: &Mesh, i: usize) -> Result<Snapshot> {
             .collect(),
         conflicts: one("SELECT count(*) FROM mesh.conflicts").await?,
         log_events: one("SELECT count(*) FROM mesh.changelog").await?,
-        repeated_ids: one(
-            "SELECT count(*) FROM (SELECT 1 FROM mesh.changelog GROUP BY origin, hlc HAVING count(*) > 1) d",
-        )
-        .await?,
+        repeated_ids: one(LOGGED_TWICE).await?,
         versions: c
             .query_one(
                 "SELECT md5(coalesce(string_agg(concat_ws(' ', tbl, pk, hlc, origin, deleted), ',' ORDER BY tbl, pk::text), ''))
