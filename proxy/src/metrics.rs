@@ -1,8 +1,9 @@
 //! Prometheus metrics of a node, and the tiny HTTP endpoint that serves them.
 //!
 //! Every metric is registered here, with its unit in its name. Counters live in
-//! memory; replication lag is read from `mesh.links` at scrape time, so it is true
-//! even when a link is stuck. The endpoint answers `GET /metrics` and nothing else;
+//! memory; replication lag and the change log's retention (its head, how far it was
+//! pruned, what each peer has durably applied) are read from the database at scrape
+//! time, so they are true even when a link is stuck. The endpoint answers `GET /metrics` and nothing else;
 //! it never blocks the data path.
 
 use std::collections::BTreeMap;
@@ -25,6 +26,17 @@ pub struct LinkCounters {
     pub conflicts: u64,
     pub dead_letters: u64,
     pub batches: u64,
+}
+
+/// What a scrape reads from the regional database.
+#[derive(Debug, Default, Clone)]
+pub struct DbStats {
+    /// (source, seconds) per link.
+    pub lag: Vec<(String, f64)>,
+    /// The change log's highest seq, and how far it was pruned.
+    pub log: Option<(i64, i64)>,
+    /// (peer, seq) each region pulling from this one has durably applied.
+    pub peer_durable: Vec<(String, i64)>,
 }
 
 /// A counter series: name, help text, and how to read it from a link.
@@ -75,13 +87,13 @@ impl Metrics {
         m.get(source).copied().unwrap_or_default()
     }
 
-    /// Prometheus text exposition; `lag` is (source, seconds) per link.
-    pub fn render(&self, lag: &[(String, f64)]) -> String {
+    /// Prometheus text exposition, with what the scrape read from the database.
+    pub fn render(&self, db: &DbStats) -> String {
         let target = &self.region;
         let mut out = String::new();
         let _ = writeln!(out, "# HELP pgmesh_replication_lag_seconds Age of the oldest change not yet applied from source, 0 when caught up.");
         let _ = writeln!(out, "# TYPE pgmesh_replication_lag_seconds gauge");
-        for (source, secs) in lag {
+        for (source, secs) in &db.lag {
             let _ = writeln!(
                 out,
                 "pgmesh_replication_lag_seconds{{source=\"{source}\",target=\"{target}\"}} {secs}"
@@ -138,6 +150,32 @@ impl Metrics {
                 );
             }
         }
+        if let Some((head, pruned)) = db.log {
+            for (name, help, v) in [
+                (
+                    "pgmesh_changelog_head_seq",
+                    "Highest sequence number in this region's change log.",
+                    head,
+                ),
+                (
+                    "pgmesh_changelog_pruned_seq",
+                    "Sequence numbers up to this were pruned from this region's change log.",
+                    pruned,
+                ),
+            ] {
+                let _ = writeln!(out, "# HELP {name} {help}");
+                let _ = writeln!(out, "# TYPE {name} gauge");
+                let _ = writeln!(out, "{name}{{region=\"{target}\"}} {v}");
+            }
+            let _ = writeln!(out, "# HELP pgmesh_peer_durable_seq What a region pulling from this one has durably applied of its change log; pruning waits for the lowest.");
+            let _ = writeln!(out, "# TYPE pgmesh_peer_durable_seq gauge");
+            for (peer, seq) in &db.peer_durable {
+                let _ = writeln!(
+                    out,
+                    "pgmesh_peer_durable_seq{{region=\"{target}\",peer=\"{peer}\"}} {seq}"
+                );
+            }
+        }
         let _ = writeln!(out, "# HELP pgmesh_proxy_sessions Open client sessions.");
         let _ = writeln!(out, "# TYPE pgmesh_proxy_sessions gauge");
         let _ = writeln!(
@@ -149,18 +187,29 @@ impl Metrics {
     }
 }
 
-/// Reads per-link lag from `mesh.links`.
-async fn read_lag(url: &str) -> Vec<(String, f64)> {
+/// Reads per-link lag from `mesh.links` and the change log's retention; what cannot
+/// be read is left out.
+async fn read_db(url: &str) -> DbStats {
+    let mut out = DbStats::default();
     let Ok(c) = pgmesh_replicator::catalog::connect(url).await else {
-        return Vec::new();
+        return out;
     };
-    match c.query("SELECT name, lag_ms FROM mesh.links", &[]).await {
-        Ok(rows) => rows
+    if let Ok(rows) = c.query("SELECT name, lag_ms FROM mesh.links", &[]).await {
+        out.lag = rows
             .iter()
             .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as f64 / 1000.0))
-            .collect(),
-        Err(_) => Vec::new(),
+            .collect();
     }
+    let log = "SELECT (SELECT coalesce(max(seq), 0) FROM mesh.changelog)::int8,
+                      (SELECT pruned_upto FROM mesh.log_prune)::int8";
+    if let Ok(r) = c.query_one(log, &[]).await {
+        out.log = Some((r.get(0), r.get::<_, Option<i64>>(1).unwrap_or(0)));
+    }
+    let acks = "SELECT peer, durable_seq FROM mesh.peer_acks ORDER BY peer";
+    if let Ok(rows) = c.query(acks, &[]).await {
+        out.peer_durable = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    }
+    out
 }
 
 /// Serves `GET /metrics` on `addr` until shutdown. Returns the bound address.
@@ -197,11 +246,11 @@ pub async fn serve(
                 let req = String::from_utf8_lossy(&buf[..n]);
                 let (status, body) =
                     if req.starts_with("GET /metrics ") || req.starts_with("GET /metrics?") {
-                        let lag = match &db_url {
-                            Some(u) => read_lag(u).await,
-                            None => Vec::new(),
+                        let db = match &db_url {
+                            Some(u) => read_db(u).await,
+                            None => DbStats::default(),
                         };
-                        ("200 OK", metrics.render(&lag))
+                        ("200 OK", metrics.render(&db))
                     } else {
                         ("404 Not Found", "not found\n".to_string())
                     };
@@ -230,11 +279,18 @@ mod tests {
             c.conflicts += 1;
         });
         m.sessions_add(2);
-        let text = m.render(&[("us".into(), 0.25)]);
+        let text = m.render(&DbStats {
+            lag: vec![("us".into(), 0.25)],
+            log: Some((120, 100)),
+            peer_durable: vec![("us".into(), 110)],
+        });
         assert!(text.contains("pgmesh_replication_lag_seconds{source=\"us\",target=\"eu\"} 0.25"));
         assert!(text.contains("pgmesh_applied_events_total{source=\"us\",target=\"eu\"} 3"));
         assert!(text.contains("pgmesh_conflicts_total{source=\"us\",target=\"eu\"} 1"));
         assert!(text.contains("pgmesh_dead_letters_total{source=\"us\",target=\"eu\"} 0"));
         assert!(text.contains("pgmesh_proxy_sessions{region=\"eu\"} 2"));
+        assert!(text.contains("pgmesh_changelog_head_seq{region=\"eu\"} 120"));
+        assert!(text.contains("pgmesh_changelog_pruned_seq{region=\"eu\"} 100"));
+        assert!(text.contains("pgmesh_peer_durable_seq{region=\"eu\",peer=\"us\"} 110"));
     }
 }

@@ -10,7 +10,7 @@
 
 use anyhow::{Context, Result};
 use pgmesh_tests::regions::{http_get, Mesh, NodeSpec, CONVERGE_TIMEOUT};
-use pgmesh_tests::wait_row;
+use pgmesh_tests::{wait_for, wait_row};
 
 const SCHEMA: &str = "CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL)";
 
@@ -97,6 +97,32 @@ async fn metrics_show_lag_applied_events_conflicts_and_dead_letters() -> Result<
     let sessions = sample(&body, "pgmesh_proxy_sessions{region=\"m_b\"}")?;
     assert!(sessions >= 1.0, "open proxy sessions {sessions}");
     b.simple_query("SELECT 1").await?;
+
+    // The change log's retention: its head, how far it was pruned, and (once m_a's
+    // link reports it, every 2 s) what m_a has durably applied of m_b's log.
+    let head = sample(&body, "pgmesh_changelog_head_seq{region=\"m_b\"}")?;
+    assert!(head > 0.0, "head {head}");
+    assert_eq!(
+        sample(&body, "pgmesh_changelog_pruned_seq{region=\"m_b\"}")?,
+        0.0
+    );
+    let durable = wait_for(
+        CONVERGE_TIMEOUT,
+        "m_a's durable position in metrics",
+        || async {
+            let (_, body) = http_get(addr, "/metrics").await?;
+            Ok(sample(
+                &body,
+                "pgmesh_peer_durable_seq{region=\"m_b\",peer=\"m_a\"}",
+            )
+            .ok())
+        },
+    )
+    .await?;
+    assert!(
+        durable > 0.0 && durable <= head,
+        "durable {durable}, head {head}"
+    );
 
     let (status, _) = http_get(addr, "/nope").await?;
     assert!(status.contains(" 404 "), "{status}");
