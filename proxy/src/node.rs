@@ -113,6 +113,13 @@ pub async fn start_capture(
         return Ok(None);
     }
     pgmesh_replicator::catalog::validate_region(&v.config.region)?;
+    // A newer binary upgrades the catalog it finds: the migrations `pgmesh init`
+    // applies, idempotent and under an advisory lock. An older binary stops here.
+    let mut c = pgmesh_replicator::catalog::connect(&url).await?;
+    let applied = pgmesh_replicator::catalog::migrate(&mut c).await?;
+    if !applied.is_empty() {
+        info!(versions = ?applied, "upgraded the mesh catalog");
+    }
     let mut cfg = CaptureConfig::new(&url, &v.config.region, &v.config.node_name());
     cfg.tail = tail;
     Ok(Some(spawn_on(cfg, rt)))

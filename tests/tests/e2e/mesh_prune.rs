@@ -184,3 +184,42 @@ async fn a_hub_prunes_relayed_events_only_when_every_spoke_has_them() -> Result<
     mesh.shutdown().await;
     Ok(())
 }
+
+/// A node started on a catalog from before pruning upgrades it (the migrations
+/// `pgmesh init` applies) and replicates with pruning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_upgrades_an_older_catalog_when_it_starts() -> Result<()> {
+    let mut mesh = Mesh::start(&["pu_a", "pu_b"]).await?;
+    mesh.exec_all(SCHEMA).await?;
+    mesh.init_all().await?;
+    // Back to catalog version 6, as a node of the previous release left it.
+    mesh.exec_all(
+        "DROP FUNCTION mesh.forget_peer(text);
+         DROP TABLE mesh.peer_acks, mesh.log_prune;
+         ALTER TABLE mesh.link_state DROP COLUMN durable_checkpoint CASCADE;
+         CREATE VIEW mesh.checkpoints AS
+             SELECT peer, checkpoint, applied_hlc, updated_at FROM mesh.link_state;
+         DELETE FROM mesh.schema_versions WHERE version = 7",
+    )
+    .await?;
+    mesh.start_nodes(|_| NodeSpec {
+        prune_secs: Some(1),
+        ..NodeSpec::default()
+    })
+    .await?;
+    for i in 0..2 {
+        let v = scalar(
+            &mesh,
+            i,
+            "SELECT max(version)::int8 FROM mesh.schema_versions",
+        )
+        .await?;
+        assert_eq!(v, 7, "{} was not upgraded", mesh.region(i).name);
+    }
+    insert(&mesh, 0, 0, 20).await?;
+    mesh.wait_converged(CONVERGE_TIMEOUT).await?;
+    let head = mesh.head(0).await?;
+    wait_pruned(&mesh, 0, head).await?;
+    mesh.shutdown().await;
+    Ok(())
+}
