@@ -73,12 +73,13 @@ impl ServeError {
 }
 
 /// [`LogReader::open_for`] in one statement (`$1` peer, `$2` after): the prune mark,
-/// locked as the pruner locks it, and the peer's position registered below it.
+/// locked as the pruner locks it, and the peer registered.
 const OPEN_FOR: &str = "WITH mark AS (SELECT pruned_upto FROM mesh.log_prune FOR UPDATE),
      reg AS (INSERT INTO mesh.peer_acks (peer, durable_seq)
-             SELECT $1, $2 FROM mark WHERE $2 >= mark.pruned_upto
+             SELECT $1, 0 FROM mark WHERE $2 >= mark.pruned_upto
              ON CONFLICT (peer) DO UPDATE
-                SET durable_seq = least(mesh.peer_acks.durable_seq, excluded.durable_seq),
+                SET durable_seq = CASE WHEN mesh.peer_acks.durable_seq <= $2
+                                       THEN mesh.peer_acks.durable_seq ELSE 0 END,
                     updated_at = now()
              RETURNING 1)
 SELECT coalesce((SELECT pruned_upto FROM mark), 0)::int8, (SELECT count(*) FROM reg)";
@@ -101,9 +102,10 @@ pub trait LogReader: Send + Sync {
     /// The highest sequence number in the log (0 when it is empty).
     fn head(&self) -> BoxFuture<'_, Result<i64, LogError>>;
     /// A peer asks for events after `after`: returns how far the log was pruned
-    /// (0: not at all), and unless `after` is below that, registers `after` as the
-    /// peer's position for pruning (lowering what it reported before), atomically
-    /// with the check, so the log is never pruned under a streaming peer.
+    /// (0: not at all), and unless `after` is below that, registers the peer for
+    /// pruning atomically with the check: a peer seen for the first time, or one
+    /// whose checkpoint went back below what it reported, holds pruning at 0 until
+    /// it reports a durable position again (`after` itself may not be durable yet).
     fn open_for<'a>(&'a self, _peer: &'a str, _after: i64) -> BoxFuture<'a, Result<i64, LogError>> {
         Box::pin(std::future::ready(Ok(0)))
     }

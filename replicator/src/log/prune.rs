@@ -35,10 +35,11 @@ const LOCK_MARK: &str = "SELECT pruned_upto FROM mesh.log_prune FOR UPDATE";
 
 /// The horizon: the lowest durable position over the configured peers (`$1`) and
 /// every region in `mesh.peer_acks` (NULL while any has reported none), and the
-/// regions that have not.
+/// regions that have reported none (or 0, as registered by a handshake).
 const HORIZON: &str =
     "SELECT CASE WHEN bool_or(a.peer IS NULL) THEN NULL ELSE min(a.durable_seq) END::int8,
-        coalesce(array_agg(p.peer ORDER BY p.peer) FILTER (WHERE a.peer IS NULL), '{}')
+        coalesce(array_agg(p.peer ORDER BY p.peer)
+                 FILTER (WHERE a.peer IS NULL OR a.durable_seq = 0), '{}')
    FROM (SELECT unnest($1::text[]) AS peer UNION SELECT peer FROM mesh.peer_acks) p
    LEFT JOIN mesh.peer_acks a USING (peer)";
 

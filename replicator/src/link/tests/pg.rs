@@ -64,9 +64,10 @@ async fn table_log_and_notifier_feed_a_link() {
     crate::scratch::drop_database(&url).await;
 }
 
-/// A peer's handshake registers its position under the prune mark's lock: a stale,
-/// higher report no longer lets the log be pruned under it, and a peer asking for
-/// pruned events is told how far pruning went and registers nothing.
+/// A peer's handshake registers it under the prune mark's lock: one that comes back
+/// below what it reported (restored) holds pruning at 0 until it reports a durable
+/// position again, and a peer asking for pruned events is told how far pruning went
+/// and changes nothing.
 #[tokio::test]
 async fn a_handshake_holds_pruning_back_to_the_peers_position() {
     use crate::link::server::LogReader;
@@ -92,10 +93,16 @@ async fn a_handshake_holds_pruning_back_to_the_peers_position() {
             .await
             .unwrap(),
     );
-    // `us` comes back from an older checkpoint (restored): it streams from seq(1).
+    // `us` comes back from an older checkpoint (restored): it streams from seq(1),
+    // which may not even be durable there yet.
     assert_eq!(log.open_for("us", seq(1)).await.unwrap(), 0);
     let p = prune(&c, "eu", &["us".to_string()]).await.unwrap();
-    assert_eq!(p.upto, seq(1), "pruned past the streaming peer");
+    assert_eq!(p.upto, 0, "pruned under the streaming peer");
+    assert_eq!(p.waiting_for, ["us"]);
+    // Its next durable report lets pruning go on, to there.
+    log.record_durable("us", seq(1)).await.unwrap();
+    let p = prune(&c, "eu", &["us".to_string()]).await.unwrap();
+    assert_eq!(p.upto, seq(1));
     // Asking for events below the mark: refused by the caller, nothing registered.
     assert_eq!(log.open_for("us", 0).await.unwrap(), seq(1));
     let kept: i64 = c
