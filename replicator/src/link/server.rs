@@ -44,6 +44,8 @@ pub enum ServeError {
     Tls(std::io::Error),
     #[error("peer connection: {0}")]
     Io(#[from] std::io::Error),
+    #[error("peer stopped answering for {0:?}")]
+    Stalled(Duration),
     #[error("peer sent a bad message: {0}")]
     PeerMessage(ProtocolError),
     #[error("peer broke the protocol: {0}")]
@@ -297,6 +299,10 @@ fn default_max_peers() -> usize {
     64
 }
 
+fn default_peer_timeout_ms() -> u64 {
+    60_000
+}
+
 /// How a node serves its change log to peers. Not reloadable: restart the server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -328,6 +334,11 @@ pub struct ServeConfig {
     /// Most peer connections at once; more wait to be accepted. Default: 64.
     #[serde(default = "default_max_peers")]
     pub max_peers: usize,
+    /// A peer that neither reads (a write blocks) nor answers unacknowledged batches
+    /// for this long, as behind a partition without resets, loses its session and
+    /// its slot, milliseconds. Default: 60000.
+    #[serde(default = "default_peer_timeout_ms")]
+    pub peer_timeout_ms: u64,
 }
 
 impl ServeConfig {
@@ -349,6 +360,7 @@ impl ServeConfig {
             max_batch_cap: default_max_batch_cap(),
             max_window_cap: default_max_window_cap(),
             max_peers: default_max_peers(),
+            peer_timeout_ms: default_peer_timeout_ms(),
         }
     }
 
@@ -358,6 +370,10 @@ impl ServeConfig {
 
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms.max(1))
+    }
+
+    pub fn peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.peer_timeout_ms.max(1))
     }
 }
 

@@ -51,6 +51,9 @@ struct Flow {
     head: i64,
     /// `upto` of each unacknowledged batch, oldest first.
     in_flight: VecDeque<i64>,
+    /// Since when the peer owes an answer: its last frame, or the batch that made
+    /// `in_flight` non-empty, whichever is later.
+    heard: Instant,
     /// The last read found nothing after `cursor`.
     caught_up: bool,
     /// The wake watch still has a sender.
@@ -131,6 +134,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             durable: None,
             head,
             in_flight: VecDeque::new(),
+            heard: Instant::now(),
             caught_up: false,
             wake_open: true,
             next_beat: Instant::now() + cfg.heartbeat(),
@@ -182,12 +186,21 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
 
     async fn send(&mut self, msg: &ServerMsg) -> Result<(), ServeError> {
         let bytes = protocol::encode_server(msg).map_err(ServeError::Encode)?;
-        self.framed.send(bytes).await?;
-        Ok(())
+        self.send_bytes(bytes).await
+    }
+
+    /// Writes one frame; a write blocked for the peer timeout ends the session.
+    async fn send_bytes(&mut self, bytes: Bytes) -> Result<(), ServeError> {
+        let limit = self.server.cfg.peer_timeout();
+        match tokio::time::timeout(limit, self.framed.send(bytes)).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ServeError::Stalled(limit)),
+        }
     }
 
     async fn stream(&mut self, f: &mut Flow) -> Result<(), ServeError> {
         let heartbeat = self.server.cfg.heartbeat();
+        let limit = self.server.cfg.peer_timeout();
         loop {
             if !f.caught_up && f.in_flight.len() < f.window {
                 self.send_next_batch(f).await?;
@@ -198,6 +211,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 frame = self.framed.next() => match frame {
                     None => return Ok(()),
                     Some(r) => {
+                        f.heard = Instant::now();
                         self.on_frame(f, &r?)?;
                         if let Some(seq) = f.durable.take() {
                             let peer = &f.filter.peer_region;
@@ -213,6 +227,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                         f.wake_open = false;
                     }
                 },
+                // Batches unacknowledged and not a word from the peer: it is gone
+                // without a reset, or stopped reading; free its slot.
+                _ = tokio::time::sleep_until(f.heard + limit), if !f.in_flight.is_empty() => {
+                    return Err(ServeError::Stalled(limit));
+                }
                 _ = tokio::time::sleep_until(f.next_beat) => {
                     f.head = f.head.max(self.server.log.head().await?);
                     if f.head > f.cursor {
@@ -271,7 +290,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let (bytes, upto) = encode_batch(scan.events, read_upto, f.head)?;
         // A batch cut short to fit a frame left rows behind.
         f.caught_up = scan.drained && upto == read_upto;
-        self.framed.send(bytes).await?;
+        self.send_bytes(bytes).await?;
+        if f.in_flight.is_empty() {
+            f.heard = Instant::now();
+        }
         f.in_flight.push_back(upto);
         f.cursor = upto;
         f.next_beat = Instant::now() + self.server.cfg.heartbeat();

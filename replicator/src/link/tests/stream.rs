@@ -202,6 +202,44 @@ async fn the_window_caps_unacked_batches_and_acks_resume_the_stream() {
     h.stop().await;
 }
 
+/// A peer that stops reading (a partition without resets) loses its session once a
+/// write has blocked for the write timeout, which frees its slot for the next peer.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_stops_reading_frees_its_slot() {
+    let h = Harness::start(
+        |c| {
+            c.max_peers = 1;
+            c.peer_timeout_ms = 2_000;
+            c.heartbeat_ms = 3_600_000;
+        },
+        None,
+    )
+    .await;
+    for _ in 0..40_000 {
+        h.log.push("eu", false);
+    }
+    // Asks for everything, then never reads: the server's writes fill the sockets.
+    let mut raw = h.raw().await;
+    let greedy = ClientMsg::Hello(Hello {
+        max_batch: 10_000,
+        window: 64,
+        ..match hello(PROTO_VERSION, MESH) {
+            ClientMsg::Hello(h) => h,
+            _ => unreachable!(),
+        }
+    });
+    raw.send(protocol::encode_client(&greedy).unwrap())
+        .await
+        .unwrap();
+    // The one slot is taken until that session gives up on a blocked write.
+    let t0 = Instant::now();
+    let (mut c, _) = LinkClient::connect(h.addr, client("us")).await.unwrap();
+    assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(seqs(&next_batch(&mut c).await).0[0], 1);
+    drop(raw);
+    h.stop().await;
+}
+
 /// The idle deadline counts from the last frame, not from each call: a caller that
 /// re-polls `next` in a `select!` beside a faster timer (as the pull loop does with
 /// its durable-checkpoint timer) still notices a peer gone silent.
