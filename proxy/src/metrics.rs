@@ -3,8 +3,8 @@
 //! Every metric is registered here, with its unit in its name. Counters live in
 //! memory; replication lag and the change log's retention (its head, how far it was
 //! pruned, what each peer has durably applied) are read from the database at scrape
-//! time, so they are true even when a link is stuck. The endpoint answers `GET /metrics` and nothing else;
-//! it never blocks the data path.
+//! time, so they are true even when a link is stuck. The endpoint answers
+//! `GET /metrics` and nothing else; it never blocks the data path.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;

@@ -83,16 +83,18 @@ pub fn capture_url(v: &Validated) -> String {
     format!("postgres://{auth}@{}/{db}{tls}", u.addr())
 }
 
-async fn catalog_installed(url: &str) -> bool {
+/// A connection to the regional database when the mesh catalog is installed there;
+/// `None` when it is not, or the database cannot be reached (logged).
+async fn installed_catalog(url: &str) -> Option<tokio_postgres::Client> {
     match pgmesh_replicator::catalog::connect(url).await {
         Ok(c) => c
             .query_one("SELECT to_regclass('mesh.changelog') IS NOT NULL", &[])
             .await
-            .map(|r| r.get::<_, bool>(0))
-            .unwrap_or(false),
+            .is_ok_and(|r| r.get::<_, bool>(0))
+            .then_some(c),
         Err(e) => {
             warn!(error = %e, "cannot reach the regional database");
-            false
+            None
         }
     }
 }
@@ -108,14 +110,13 @@ pub async fn start_capture(
         return Ok(None);
     }
     let url = capture_url(v);
-    if !catalog_installed(&url).await {
+    let Some(mut c) = installed_catalog(&url).await else {
         info!("mesh catalog not installed; running as a proxy only (run `pgmesh init` to enable capture)");
         return Ok(None);
-    }
+    };
     pgmesh_replicator::catalog::validate_region(&v.config.region)?;
     // A newer binary upgrades the catalog it finds: the migrations `pgmesh init`
     // applies, idempotent and under an advisory lock. An older binary stops here.
-    let mut c = pgmesh_replicator::catalog::connect(&url).await?;
     let applied = pgmesh_replicator::catalog::migrate(&mut c).await?;
     if !applied.is_empty() {
         info!(versions = ?applied, "upgraded the mesh catalog");

@@ -285,7 +285,8 @@ async fn session(
                     }
                 }
             },
-            _ = durable.tick() => {
+            // Only when something new was acknowledged: an idle link commits nothing.
+            _ = durable.tick(), if acked > reported => {
                 let cp = applier.durable_checkpoint(&cfg.peer).await?;
                 if cp > reported && cp <= acked {
                     client.ack_durable(acked, cp).await?;

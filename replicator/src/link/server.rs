@@ -84,7 +84,7 @@ const OPEN_FOR: &str = "WITH mark AS (SELECT pruned_upto FROM mesh.log_prune FOR
                                        THEN mesh.peer_acks.durable_seq ELSE 0 END,
                     updated_at = now()
              RETURNING 1)
-SELECT coalesce((SELECT pruned_upto FROM mark), 0)::int8, (SELECT count(*) FROM reg)";
+SELECT coalesce((SELECT pruned_upto FROM mark), 0)::int8";
 
 /// A puller's durable position (`$1` region, `$2` seq); it only moves up.
 const RECORD_DURABLE: &str = "INSERT INTO mesh.peer_acks (peer, durable_seq) VALUES ($1, $2)

@@ -8,7 +8,6 @@
 //! that drops either future never desynchronises the stream. It must never
 //! interpret messages beyond decoding them, and never log their contents.
 
-use crate::pgtls::PgStream;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -16,6 +15,7 @@ use super::backend::BackendMessage;
 use super::frame::Frame;
 use super::frontend::FrontendMessage;
 use super::ReplError;
+use crate::pgtls::PgStream;
 
 /// Bytes we ask the kernel for per read when no larger frame is pending.
 const READ_CHUNK: usize = 64 * 1024;
