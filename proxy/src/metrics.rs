@@ -91,7 +91,7 @@ impl Metrics {
     pub fn render(&self, db: &DbStats) -> String {
         let target = &self.region;
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP pgmesh_replication_lag_seconds Age of the oldest change not yet applied from source, 0 when caught up.");
+        let _ = writeln!(out, "# HELP pgmesh_replication_lag_seconds Age of the oldest change not yet applied from source (0 when caught up); while the link is down, at least the time since source was last heard from.");
         let _ = writeln!(out, "# TYPE pgmesh_replication_lag_seconds gauge");
         for (source, secs) in &db.lag {
             let _ = writeln!(

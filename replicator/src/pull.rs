@@ -315,7 +315,8 @@ async fn peer_head(cfg: &PullConfig, after: i64) -> Result<i64, LinkError> {
     Ok(welcome.head)
 }
 
-/// Records the peer's log head and, if given, a checkpoint reached by empty batches.
+/// Records the peer's log head (so the peer was just heard from) and, if given, a
+/// checkpoint reached by empty batches.
 async fn set_head(
     a: &Applier,
     peer: &str,
@@ -324,7 +325,7 @@ async fn set_head(
 ) -> Result<(), PullError> {
     a.client()
         .execute(
-            "UPDATE mesh.link_state SET peer_head = $2, updated_at = now(),
+            "UPDATE mesh.link_state SET peer_head = $2, updated_at = now(), contact_at = now(),
                     checkpoint = greatest(checkpoint, coalesce($3::int8, checkpoint))
              WHERE peer = $1",
             &[&peer, &head, &checkpoint],

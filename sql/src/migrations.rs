@@ -49,6 +49,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "log_pruning",
         sql: include_str!("../migrations/0007_log_pruning.sql"),
     },
+    Migration {
+        version: 8,
+        name: "link_contact",
+        sql: include_str!("../migrations/0008_link_contact.sql"),
+    },
 ];
 
 /// The newest catalog version this binary knows.

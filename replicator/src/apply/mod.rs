@@ -63,7 +63,7 @@ const CHECKPOINT: &str = "UPDATE mesh.link_state SET checkpoint = $2::int8,
         peer_head = greatest($3::int8, $2::int8),
         applied_hlc = greatest(applied_hlc, $4::int8),
         last_commit_ts = coalesce(timestamptz 'epoch' + $5::int8 * interval '1 microsecond', last_commit_ts),
-        last_applied_at = now(), updated_at = now(), error = NULL
+        last_applied_at = now(), updated_at = now(), contact_at = now(), error = NULL
      WHERE peer = $1";
 
 /// The end of a batch that applied events, in one statement: the events appended to

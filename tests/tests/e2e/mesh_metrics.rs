@@ -6,11 +6,12 @@
 //! resumed. The receiving node's `/metrics` must then show replication lag per
 //! `{source,target}`, applied events above zero, the conflict, and zero dead
 //! letters, with the counters equal to what `mesh.conflicts` and the node
-//! itself report. This module owns those checks.
+//! itself report. A link whose peer is down must show it, in `mesh.links` and in
+//! the lag metric. This module owns those checks.
 
 use anyhow::{Context, Result};
 use pgmesh_tests::regions::{http_get, Mesh, NodeSpec, CONVERGE_TIMEOUT};
-use pgmesh_tests::{wait_for, wait_row};
+use pgmesh_tests::{wait_for, wait_row, wait_until};
 
 const SCHEMA: &str = "CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL)";
 
@@ -24,9 +25,9 @@ fn sample(body: &str, series: &str) -> Result<f64> {
         .with_context(|| format!("value of {series}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_show_lag_applied_events_conflicts_and_dead_letters() -> Result<()> {
-    let mut mesh = Mesh::start(&["m_a", "m_b"]).await?;
+/// Two regions with table `kv` and nodes serving `/metrics`.
+async fn start(names: &[&str]) -> Result<Mesh> {
+    let mut mesh = Mesh::start(names).await?;
     mesh.exec_all(SCHEMA).await?;
     mesh.init_all().await?;
     mesh.start_nodes(|_| NodeSpec {
@@ -34,6 +35,12 @@ async fn metrics_show_lag_applied_events_conflicts_and_dead_letters() -> Result<
         ..NodeSpec::default()
     })
     .await?;
+    Ok(mesh)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_lag_applied_events_conflicts_and_dead_letters() -> Result<()> {
+    let mesh = start(&["m_a", "m_b"]).await?;
     let (a, b) = (mesh.connect_proxy(0).await?, mesh.connect_proxy(1).await?);
     a.batch_execute("INSERT INTO kv SELECT g, 'a' FROM generate_series(1, 5) g")
         .await?;
@@ -135,14 +142,7 @@ async fn metrics_show_lag_applied_events_conflicts_and_dead_letters() -> Result<
 /// served from memory, and table reads only for the links' first catch-up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_are_served_from_memory_not_the_table() -> Result<()> {
-    let mut mesh = Mesh::start(&["t_a", "t_b"]).await?;
-    mesh.exec_all(SCHEMA).await?;
-    mesh.init_all().await?;
-    mesh.start_nodes(|_| NodeSpec {
-        metrics: true,
-        ..NodeSpec::default()
-    })
-    .await?;
+    let mesh = start(&["t_a", "t_b"]).await?;
     let a = mesh.connect_proxy(0).await?;
     // Each commit reaches t_b before the next is made, so capture logs each in an
     // append of its own however loaded the machine is (it folds commits that queue
@@ -178,6 +178,70 @@ async fn peers_are_served_from_memory_not_the_table() -> Result<()> {
     assert!(
         table <= 10.0 && 4.0 * table <= memory,
         "{table} table reads next to {memory} from memory"
+    );
+    mesh.shutdown().await;
+    Ok(())
+}
+
+/// A link whose peer is down shows it. Before, `mesh.links` kept the peer's log head
+/// as last seen and reported a lag of 0 for the whole outage, and so did the metric
+/// that reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_whose_peer_is_down_shows_a_growing_lag() -> Result<()> {
+    let mut mesh = start(&["d_a", "d_b"]).await?;
+    let b = mesh.connect_proxy(1).await?;
+    b.batch_execute("INSERT INTO kv VALUES (1, 'b')").await?;
+    drop(b);
+    mesh.wait_converged(CONVERGE_TIMEOUT).await?;
+    let up = mesh.link(0, "d_b").await?.context("d_a links from d_b")?;
+    assert_eq!((up.status.as_str(), up.lag_ms), ("active", 0), "{up:?}");
+
+    // d_a's link fails to reconnect, marks itself degraded, and its lag is the
+    // time since it last heard from d_b.
+    mesh.stop_node(1).await?;
+    wait_until(CONVERGE_TIMEOUT, "d_a to show d_b down for 2 s", || async {
+        matches!(mesh.link(0, "d_b").await, Ok(Some(l))
+            if l.status == "degraded" && l.lag_ms >= 2_000)
+    })
+    .await?;
+    let addr = mesh.metrics_addr(0).context("d_a serves metrics")?;
+    let series = "pgmesh_replication_lag_seconds{source=\"d_b\",target=\"d_a\"}";
+    let (_, body) = http_get(addr, "/metrics").await?;
+    let lag = sample(&body, series)?;
+    assert!(lag >= 2.0, "lag metric {lag} s with d_b down");
+
+    mesh.restart_node(1).await?;
+    wait_until(CONVERGE_TIMEOUT, "d_a to see d_b back", || async {
+        matches!(mesh.link(0, "d_b").await, Ok(Some(l))
+            if l.status == "active" && l.lag_ms == 0)
+    })
+    .await?;
+
+    // With d_a's own node gone nobody updates its links: one that has not heard
+    // from its peer for 30 s shows as degraded, lagging at least that much. A
+    // minute of silence, without waiting for it:
+    mesh.stop_node(0).await?;
+    let admin = &mesh.region(0).admin;
+    admin
+        .execute(
+            "UPDATE mesh.link_state SET contact_at = now() - interval '1 minute'",
+            &[],
+        )
+        .await?;
+    let stale = mesh.link(0, "d_b").await?.context("link")?;
+    assert_eq!(stale.status, "degraded", "{stale:?}");
+    assert!(stale.lag_ms >= 60_000, "{stale:?}");
+    // A forgotten (decommissioned) region's link is neither.
+    let forgot: bool = admin
+        .query_one("SELECT mesh.forget_peer('d_b')", &[])
+        .await?
+        .get(0);
+    assert!(forgot);
+    let gone = mesh.link(0, "d_b").await?.context("link")?;
+    assert_eq!(
+        (gone.status.as_str(), gone.lag_ms),
+        ("decommissioned", 0),
+        "{gone:?}"
     );
     mesh.shutdown().await;
     Ok(())

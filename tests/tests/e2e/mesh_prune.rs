@@ -196,10 +196,18 @@ async fn a_node_upgrades_an_older_catalog_when_it_starts() -> Result<()> {
     mesh.exec_all(
         "DROP FUNCTION mesh.forget_peer(text);
          DROP TABLE mesh.peer_acks, mesh.log_prune;
-         ALTER TABLE mesh.link_state DROP COLUMN durable_checkpoint CASCADE;
+         ALTER TABLE mesh.link_state DROP COLUMN durable_checkpoint CASCADE,
+             DROP COLUMN contact_at CASCADE;
          CREATE VIEW mesh.checkpoints AS
              SELECT peer, checkpoint, applied_hlc, updated_at FROM mesh.link_state;
-         DELETE FROM mesh.schema_versions WHERE version = 7",
+         CREATE VIEW mesh.links AS
+             SELECT l.peer AS name, l.peer AS source,
+                    (SELECT name FROM mesh.regions WHERE is_local) AS target,
+                    l.address, l.status, l.checkpoint, l.peer_head,
+                    greatest(l.peer_head - l.checkpoint, 0) AS backlog_events,
+                    0::bigint AS lag_ms, l.last_applied_at, l.error
+             FROM mesh.link_state l;
+         DELETE FROM mesh.schema_versions WHERE version > 6",
     )
     .await?;
     mesh.start_nodes(|_| NodeSpec {
@@ -214,7 +222,12 @@ async fn a_node_upgrades_an_older_catalog_when_it_starts() -> Result<()> {
             "SELECT max(version)::int8 FROM mesh.schema_versions",
         )
         .await?;
-        assert_eq!(v, 7, "{} was not upgraded", mesh.region(i).name);
+        assert_eq!(
+            v,
+            i64::from(pgmesh_sql::migrations::latest()),
+            "{} was not upgraded",
+            mesh.region(i).name
+        );
     }
     insert(&mesh, 0, 0, 20).await?;
     mesh.wait_converged(CONVERGE_TIMEOUT).await?;
