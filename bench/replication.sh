@@ -66,6 +66,7 @@ Environment:
   BENCH_BACKLOG        events written while r2's link is paused    [100000; 2000 with BENCH_FAST=1]
   BENCH_PROBE_SECONDS  seconds of the max-throughput probe         [10; 5 with BENCH_FAST=1]
   BENCH_RATE           -R for the lag runs                         [half the probe's TPS]
+  BENCH_EXTRA_RATES    more pgmesh lag runs, at these rates (tps, separated by spaces) [none]
   BENCH_REPLICATED_MAX_RUN  1: a second pgmesh lag run at half the replicated max,
                        when the peers applied under 90% of the probe's rate  [1]
   BENCH_BACKLOG_WORKLOAD  tpcb: pgbench TPC-B transactions         [tpcb]
@@ -121,6 +122,7 @@ fi
 SCALE="${BENCH_SCALE:-10}"
 RATE="${BENCH_RATE:-}"
 REPLMAX_RUN="${BENCH_REPLICATED_MAX_RUN:-1}"
+read -r -a EXTRA_RATES <<<"${BENCH_EXTRA_RATES:-}"
 WORKLOAD="${BENCH_BACKLOG_WORKLOAD:-tpcb}"
 STALL="${BENCH_STALL_TIMEOUT:-60}"
 OUT="${BENCH_OUT:-bench-results}"
@@ -128,6 +130,9 @@ for v in SECS BACKLOG PROBE_SECS SCALE STALL; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
 done
 [[ -z "$RATE" || "$RATE" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RATE must be a positive integer, got '$RATE'"
+for x in "${EXTRA_RATES[@]}"; do
+    [[ "$x" =~ ^[1-9][0-9]*$ ]] || die "BENCH_EXTRA_RATES must be positive integers, got '$x'"
+done
 [[ "$REPLMAX_RUN" == 0 || "$REPLMAX_RUN" == 1 ]] ||
     die "BENCH_REPLICATED_MAX_RUN must be 0 or 1, got '$REPLMAX_RUN'"
 [[ "$WORKLOAD" == tpcb || "$WORKLOAD" == insert ]] ||
@@ -671,6 +676,16 @@ if [[ -n "$RATE2" ]]; then
     log "== 1b. replication lag at $RATE2 tps ($RATE2_DESC)"
     lag_run repl "$RATE2"
 fi
+# The lag runs by key, and each one's rate and how it was chosen.
+KEYS=(probe ${RATE2:+repl})
+declare -A RATE_OF=([probe]="$RATE" [repl]="$RATE2") DESC_OF=([probe]="$RATE_DESC" [repl]="${RATE2_DESC:-}")
+for x in "${EXTRA_RATES[@]}"; do
+    log "== 1c. replication lag at $x tps (BENCH_EXTRA_RATES)"
+    lag_run "x$x" "$x"
+    KEYS+=("x$x")
+    RATE_OF[x$x]="$x"
+    DESC_OF[x$x]="BENCH_EXTRA_RATES"
+done
 
 # ---------------------------------------------------------------------------
 # 2. Catch-up rate.
@@ -877,7 +892,7 @@ rows() {
 }
 rows probe "$RATE"
 ROWS+=("native|pub -> sub|$RATE|$(fmt1 "$NATIVE_TPS")|$NATIVE_N|$NATIVE_P50|$NATIVE_P99|$NATIVE_MAX")
-[[ -n "$RATE2" ]] && rows repl "$RATE2"
+for key in "${KEYS[@]:1}"; do rows "$key" "${RATE_OF[$key]}"; done
 
 # verdict KEY: the lag target's verdict for lag run KEY.
 verdict() { if [[ -n "${WORST[$1]:-}" ]]; then judge "${WORST[$1]} < $LAG_TARGET_MS"; else echo n/a; fi; }
@@ -888,16 +903,18 @@ CHEAD=("backlog events" "workload" "write rate ev/s" "catch-up rate ev/s" "ratio
 CROW="$PENDING|$WORKLOAD|$WRITE_RATE|$CATCHUP_RATE|${CATCHUP_RATIO}x|$DRAIN_SECS"
 
 RATE_LINE="rate: -R $RATE ($RATE_DESC), ${SECS}s, pgbench TPC-B -c $CLIENTS -j $JOBS through $ORIGIN's proxy (pgmesh) / directly (native)"
-[[ -n "$RATE2" ]] && RATE_LINE+=$'\n'"and pgmesh at -R $RATE2 ($RATE2_DESC)"
+for key in "${KEYS[@]:1}"; do RATE_LINE+=$'\n'"and pgmesh at -R ${RATE_OF[$key]} (${DESC_OF[$key]})"; done
 TARGET_LINES=(
     "$NATIVE_REF"
     "  this run: native p50 $NATIVE_P50 ms, p99 $NATIVE_P99 ms at $RATE tps"
     "target: pgmesh lag p99 < $LAG_TARGET_MS ms on loopback"
     "  this run, at $RATE tps ($RATE_DESC): worst peer p99 ${WORST[probe]:-n/a} ms -> $(verdict probe)"
 )
-[[ -n "$RATE2" ]] && TARGET_LINES+=(
-    "  this run, at $RATE2 tps ($RATE2_DESC): worst peer p99 ${WORST[repl]:-n/a} ms -> $(verdict repl)"
-)
+for key in "${KEYS[@]:1}"; do
+    TARGET_LINES+=(
+        "  this run, at ${RATE_OF[$key]} tps (${DESC_OF[$key]}): worst peer p99 ${WORST[$key]:-n/a} ms -> $(verdict "$key")"
+    )
+done
 TARGET_LINES+=(
     "target: catch-up rate >= ${CATCHUP_TARGET}x the rate the backlog was written"
     "  this run: $CATCHUP_RATE / $WRITE_RATE events/s = ${CATCHUP_RATIO}x -> $VERDICT_CATCHUP"
@@ -928,9 +945,8 @@ CFMT='%-14s  %-8s  %15s  %18s  %8s  %8s\n'
 
 {
     echo "measure,system,link,rate_tps,achieved_tps,events,apply_txns,lag_p50_ms,lag_p99_ms,lag_max_ms,write_rate_eps,catchup_rate_eps,catchup_ratio,drain_s,first_apply_s"
-    for key in probe ${RATE2:+repl}; do
-        rate="$RATE"
-        [[ "$key" == repl ]] && rate="$RATE2"
+    for key in "${KEYS[@]}"; do
+        rate="${RATE_OF[$key]}"
         for r in r2 r3; do
             IFS='|' read -r n p50 p99 mx <<<"${LAG[$key,$r]}"
             echo "lag,pgmesh,$ORIGIN->$r,$rate,${TPS[$key]},$n,${BATCHES[$key,$r]},$p50,$p99,$mx,,,,,"
@@ -941,6 +957,14 @@ CFMT='%-14s  %-8s  %15s  %18s  %8s  %8s\n'
     echo "lag,native,pub->sub,$RATE,$NATIVE_TPS,$NATIVE_N,,$NATIVE_P50,$NATIVE_P99,$NATIVE_MAX,,,,,"
     echo "catchup,pgmesh,$ORIGIN->$PAUSED,,$BACKLOG_PGBENCH_TPS,$PENDING,$CATCHUP_TXNS,,,,$WRITE_RATE,$CATCHUP_RATE,$CATCHUP_RATIO,$DRAIN_SECS,$FIRST_SECS"
 } >"$CSV"
+
+# Per lag run, for the summary below.
+MORE_RUNS="" RUN_BATCHES="" RUN_CPU=""
+for key in "${KEYS[@]}"; do
+    [[ "$key" == probe ]] || MORE_RUNS+=" -R ${RATE_OF[$key]} (${DESC_OF[$key]})"
+    RUN_BATCHES+="${RUN_BATCHES:+;} at ${RATE_OF[$key]} tps: r2 ${BATCHES[$key,r2]:-}, r3 ${BATCHES[$key,r3]:-}"
+    RUN_CPU+="${RUN_CPU:+;} pgmesh at ${RATE_OF[$key]} tps ${BUSY[$key]:-} / ${WAIT[$key]:-}"
+done
 
 GIT_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if [[ "$GIT_REV" != unknown ]] && [[ -n "$(git -C "$ROOT" status --porcelain 2>/dev/null)" ]]; then
@@ -953,14 +977,14 @@ fi
     echo "- $PG_VERSION; $FSYNC_DESC; shared_buffers=256MB; every cluster on this host"
     echo "- pgmesh: regions r1, r2, r3, full mesh, plain TCP on loopback; every write goes to r1 through its proxy"
     echo "- max-throughput probe: pgbench TPC-B -c $CLIENTS -j $JOBS -T $PROBE_SECS through r1's proxy: $(fmt1 "$MAX_TPS") tps; meanwhile the slowest peer applied $(fmt1 "$REPL_MAX") events/s of it (events logged in the peer before the probe ended, per second of the probe)"
-    echo "- lag runs: pgbench -n TPC-B (-M simple), scale $SCALE, -c $CLIENTS -j $JOBS, -R $RATE ($RATE_DESC)${RATE2:+ and, pgmesh only, -R $RATE2 ($RATE2_DESC)}, ${SECS}s each"
+    echo "- lag runs: pgbench -n TPC-B (-M simple), scale $SCALE, -c $CLIENTS -j $JOBS, -R $RATE ($RATE_DESC)${MORE_RUNS:+ and, pgmesh only,$MORE_RUNS}, ${SECS}s each"
     echo "- pgmesh lag: mesh.changelog.logged_at in the peer (clock_timestamp() when apply logs the batch, its last step before the checkpoint update and COMMIT) - commit_ts (origin commit time), every event of the run; the \"capture in $ORIGIN\" row is the origin's share (logged_at - commit_ts in $ORIGIN's change log)"
     echo "- native lag: publication/subscription (copy_data = false) between two fresh clusters, run after the pgmesh clusters were stopped; the TPC-B transaction plus INSERT INTO lagprobe; lag = lagprobe.applied (subscriber-side default clock_timestamp()) - lagprobe.t (clock_timestamp() at the origin)"
     echo "- catch-up: r2 paused its link from r1 (mesh.pause_link), r1 wrote $PENDING $WORKLOAD_DESC (pgbench -c $CLIENTS -j $JOBS -t $PER_CLIENT, $(fmt1 "$BACKLOG_PGBENCH_TPS") tps by pgbench) while r3 replicated live; write rate = events / (last - first origin commit, ${WRITE_SPAN}s); catch-up rate = events / (last logged_at in r2 - resume, ${DRAIN_SECS}s; the first batch was logged ${FIRST_SECS}s after the resume)"
-    echo "- apply transactions (batches) during the lag run at $RATE tps: r2 ${BATCHES[probe,r2]}, r3 ${BATCHES[probe,r3]}${RATE2:+; at $RATE2 tps: r2 ${BATCHES[repl,r2]:-}, r3 ${BATCHES[repl,r3]:-}}"
+    echo "- apply transactions (batches) during the lag run$RUN_BATCHES"
     echo "- dead letters in the mesh: $DEAD; conflicts: $CONFLICTS; warning/error lines in the node logs: $NODE_WARNINGS (the pause accounts for one)"
     echo "- host: $(nproc 2>/dev/null || echo '?') CPUs, $(uname -sr)"
-    echo "- CPU during the lag runs (whole machine, /proc/stat and /proc/pressure/cpu): pgmesh at $RATE tps busy ${BUSY[probe]}, some task waiting for a CPU ${WAIT[probe]} of the time${RATE2:+; pgmesh at $RATE2 tps busy ${BUSY[repl]:-}, waiting ${WAIT[repl]:-}}; native busy $NATIVE_BUSY, waiting $NATIVE_WAIT"
+    echo "- CPU during the lag runs (whole machine, /proc/stat and /proc/pressure/cpu, busy / some task waiting for a CPU):$RUN_CPU; native busy $NATIVE_BUSY, waiting $NATIVE_WAIT"
     echo
     echo "## Replication lag"
     echo
