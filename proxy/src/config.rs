@@ -100,6 +100,9 @@ pub struct Config {
     /// How often the region's leader prunes its change log below what every peer has
     /// durably applied, in seconds; 0 never prunes. Default: 60.
     pub prune_interval_secs: u64,
+    /// Tombstones (versions of deleted rows) are pruned with the log once below the
+    /// frontier and older than this many seconds. Default: 3600.
+    pub tombstone_retention_secs: u64,
 }
 
 /// TLS of peer links: this node's certificate, and the mesh CA that every peer
@@ -147,6 +150,7 @@ impl Default for Config {
             login_timeout_secs: 60,
             shutdown_grace_secs: 30,
             prune_interval_secs: 60,
+            tombstone_retention_secs: 3600,
             max_message_bytes: crate::net::frame::PG_LARGE_MESSAGE_LIMIT,
             tls: TlsConfig::default(),
             mesh: "pgmesh".into(),

@@ -431,6 +431,7 @@ async fn supervise_links(
                 v.config.region.clone(),
                 regions.clone(),
                 Duration::from_secs(v.config.prune_interval_secs),
+                Duration::from_secs(v.config.tombstone_retention_secs),
                 links_rx.clone(),
             )));
         }

@@ -54,6 +54,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "link_contact",
         sql: include_str!("../migrations/0008_link_contact.sql"),
     },
+    Migration {
+        version: 9,
+        name: "tombstone_index",
+        sql: include_str!("../migrations/0009_tombstone_index.sql"),
+    },
 ];
 
 /// The newest catalog version this binary knows.

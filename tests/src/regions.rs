@@ -65,7 +65,9 @@ pub struct NodeSpec {
     /// [`crate::faultnet::Forwarder`]), by region.
     pub peer_addrs: BTreeMap<String, SocketAddr>,
     /// `--prune-interval-secs`. Default: no pruning, because most tests read whole
-    /// change logs back (the mesh_prune and chaos tests turn it on).
+    /// change logs back (the mesh_prune and chaos tests turn it on). Where pruning
+    /// runs, tombstones are pruned too as soon as the frontier allows
+    /// (`--tombstone-retention-secs 0`).
     pub prune_secs: Option<u64>,
 }
 
@@ -292,6 +294,7 @@ impl Mesh {
             }
             let prune = spec.prune_secs.unwrap_or(0).to_string();
             args.extend(["--prune-interval-secs".into(), prune]);
+            args.extend(["--tombstone-retention-secs".into(), "0".into()]);
             if spec.metrics {
                 args.extend(["--metrics-listen".into(), format!("127.0.0.1:{metrics}")]);
             }
@@ -330,6 +333,7 @@ impl Mesh {
                 metrics_listen: spec.metrics.then(|| "127.0.0.1:0".to_string()),
                 shutdown_grace_secs: 1,
                 prune_interval_secs: spec.prune_secs.unwrap_or(0),
+                tombstone_retention_secs: 0,
                 ..Config::default()
             };
             let h = node::start(cfg.validate()?)

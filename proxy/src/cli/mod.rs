@@ -166,6 +166,11 @@ pub struct RunArgs {
     /// applied; 0 never prunes [default: 60].
     #[arg(long)]
     pub prune_interval_secs: Option<u64>,
+    /// Seconds a tombstone (the version of a deleted row) is kept at least; with the
+    /// log, tombstones that no change still to arrive can be older than are pruned
+    /// once older than this [default: 3600].
+    #[arg(long)]
+    pub tombstone_retention_secs: Option<u64>,
 }
 
 impl RunArgs {
@@ -234,6 +239,9 @@ impl RunArgs {
         }
         if let Some(v) = self.prune_interval_secs {
             c.prune_interval_secs = v;
+        }
+        if let Some(v) = self.tombstone_retention_secs {
+            c.tombstone_retention_secs = v;
         }
         Ok(c)
     }
@@ -331,6 +339,10 @@ pub fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     println!("  login_timeout_secs = {}", v.config.login_timeout_secs);
     println!("  shutdown_grace_secs= {}", v.config.shutdown_grace_secs);
     println!("  prune_interval_secs= {}", v.config.prune_interval_secs);
+    println!(
+        "  tombstone_retention_secs = {}",
+        v.config.tombstone_retention_secs
+    );
     println!(
         "  client tls         = {}",
         if v.config.tls.cert.is_some() {

@@ -11,6 +11,7 @@ pub mod notify;
 pub mod prune;
 pub mod table;
 pub mod tail;
+pub mod tombstones;
 pub mod versions;
 
 use thiserror::Error;

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 use tracing::{debug, info, warn};
 
-use super::LogError;
+use super::{tombstones, LogError};
 
 /// Log rows pruned per transaction.
 pub const CHUNK: i64 = 10_000;
@@ -134,12 +134,14 @@ async fn one_chunk(
     Ok(next < horizon)
 }
 
-/// Prunes every `every` until `stop`, on its own connection to `url`.
+/// Prunes the log, then the tombstones older than `tombstone_retention` (see
+/// [`super::tombstones`]), every `every` until `stop`, on its own connection to `url`.
 pub async fn run(
     url: String,
     region: String,
     peers: Vec<String>,
     every: Duration,
+    tombstone_retention: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -179,6 +181,17 @@ pub async fn run(
                 }
             }
             Err(e) => warn!(error = %e, "pruning the change log failed; retrying later"),
+        }
+        match tombstones::prune(c, &region, &peers, tombstone_retention).await {
+            Ok(t) if t.deleted > 0 => {
+                info!(
+                    deleted = t.deleted,
+                    frontier = t.frontier,
+                    "tombstones pruned"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "pruning tombstones failed; retrying later"),
         }
     }
 }

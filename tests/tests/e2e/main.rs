@@ -30,6 +30,7 @@ mod mesh_prune;
 mod mesh_races;
 mod mesh_replay;
 mod mesh_tls;
+mod mesh_tombstones;
 mod mesh_topology;
 mod proxy_auth;
 mod proxy_clients;

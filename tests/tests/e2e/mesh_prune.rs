@@ -14,7 +14,21 @@ use pgmesh_tests::{wait_for, wait_until};
 
 const SCHEMA: &str = "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL)";
 
-async fn scalar(mesh: &Mesh, i: usize, sql: &str) -> Result<i64> {
+/// A full mesh of `names` with table `t`, pruning every second.
+pub(crate) async fn start_pruning(names: &[&str]) -> Result<Mesh> {
+    let mut mesh = Mesh::start(names).await?;
+    mesh.exec_all(SCHEMA).await?;
+    mesh.init_all().await?;
+    let spec = NodeSpec {
+        prune_secs: Some(1),
+        ..NodeSpec::default()
+    };
+    mesh.start_nodes(|_| spec.clone()).await?;
+    Ok(mesh)
+}
+
+/// The first column of the first row `sql` returns in region `i`.
+pub(crate) async fn scalar(mesh: &Mesh, i: usize, sql: &str) -> Result<i64> {
     Ok(mesh.region(i).admin.query_one(sql, &[]).await?.get(0))
 }
 
@@ -40,14 +54,7 @@ async fn wait_pruned(mesh: &Mesh, i: usize, seq: i64) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_is_pruned_below_what_every_peer_applied_durably() -> Result<()> {
-    let mut mesh = Mesh::start(&["pr_a", "pr_b", "pr_c"]).await?;
-    mesh.exec_all(SCHEMA).await?;
-    mesh.init_all().await?;
-    let spec = NodeSpec {
-        prune_secs: Some(1),
-        ..NodeSpec::default()
-    };
-    mesh.start_nodes(|_| spec.clone()).await?;
+    let mut mesh = start_pruning(&["pr_a", "pr_b", "pr_c"]).await?;
     insert(&mesh, 0, 0, 200).await?;
     insert(&mesh, 1, 1000, 1050).await?;
     mesh.wait_converged(CONVERGE_TIMEOUT).await?;
@@ -86,7 +93,7 @@ async fn the_log_is_pruned_below_what_every_peer_applied_durably() -> Result<()>
     // duplicates detection all go on.
     mesh.stop_node(0).await?;
     insert(&mesh, 1, 1050, 1060).await?;
-    mesh.start_node(0, spec.clone()).await?;
+    mesh.restart_node(0).await?;
     insert(&mesh, 0, 200, 220).await?;
     let sums = mesh.wait_converged(CONVERGE_TIMEOUT).await?;
     assert!(sums["public.t"].starts_with("280:"), "{sums:?}");
@@ -112,7 +119,7 @@ async fn the_log_is_pruned_below_what_every_peer_applied_durably() -> Result<()>
             &[],
         )
         .await?;
-    mesh.start_node(1, spec.clone()).await?;
+    mesh.restart_node(1).await?;
     let error = wait_for(
         CONVERGE_TIMEOUT,
         "pr_b's link from pr_a to fail",

@@ -1,0 +1,122 @@
+//! Pruning tombstones (the versions deleted rows leave in `mesh.row_versions`)
+//! below this region's frontier.
+//!
+//! A tombstone is there so that a change older than the delete, arriving later,
+//! loses to it. Once no change older than the tombstone can still arrive here it
+//! decides nothing: an incoming change wins over a missing version exactly as it
+//! wins over an older tombstone, so the rows end the same. This region applies each
+//! origin's events in that origin's log order, which is HLC order, so every event of
+//! origin P not applied here yet, and every event P writes later, has an HLC above
+//! the highest of P's events in this region's change log (duplicates are still
+//! recognised: pruned log rows keep their ids). The frontier is the lowest of those
+//! over every remote origin (each configured peer and each origin in the log), and
+//! below the lowest pending dead letter, which a retry would apply late. A
+//! configured peer with no event here yet holds it at nothing. This region's own
+//! writes never arrive here as events, so they do not count.
+//!
+//! A region this one has never heard of (a spoke of the same hub that has not
+//! written yet) is not in the frontier; its first events carry HLCs near its own
+//! clock. Tombstones are therefore also kept for a retention period (an hour by
+//! default), which covers any such region whose clock is less than that behind.
+//! Live rows' versions are kept, and so are TRUNCATE watermarks.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use super::versions::WATERMARK;
+use super::LogError;
+
+/// Tombstones deleted per statement.
+pub const CHUNK: i64 = 10_000;
+
+/// The frontier (`$1` configured peers, `$2` this region): the lowest, over remote
+/// origins, of the highest HLC applied here, NULL with no remote origin and 0 when a
+/// configured peer has no event here; then the origins with none. Distinct origins
+/// come from the `(origin, hlc)` index one probe each.
+const FRONTIER: &str = "WITH RECURSIVE o(origin) AS (
+        SELECT min(origin) FROM mesh.changelog
+      UNION ALL
+        SELECT (SELECT min(c.origin) FROM mesh.changelog c WHERE c.origin > o.origin)
+        FROM o WHERE o.origin IS NOT NULL),
+     origins AS (SELECT origin FROM o WHERE origin IS NOT NULL
+                 UNION SELECT unnest($1::text[])),
+     applied AS (SELECT origin,
+                        (SELECT max(c.hlc) FROM mesh.changelog c WHERE c.origin = origins.origin) AS hlc
+                 FROM origins WHERE origin <> $2)
+SELECT least((SELECT CASE WHEN bool_or(hlc IS NULL) THEN 0 ELSE min(hlc) END FROM applied),
+             (SELECT min(hlc) - 1 FROM mesh.dead_letters WHERE status IN ('pending', 'retry')))::int8,
+       coalesce((SELECT array_agg(origin ORDER BY origin) FROM applied WHERE hlc IS NULL), '{}')";
+
+/// The HLC `$1` milliseconds before now (the retention bound).
+const RETAIN_BELOW: &str =
+    "SELECT ((extract(epoch FROM clock_timestamp()) * 1000)::int8 - $1::int8) << 16";
+
+/// Deletes up to `$2` tombstones with an HLC below `$1`; returns how many.
+static DELETE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH d AS (DELETE FROM mesh.row_versions
+                    WHERE ctid = ANY (ARRAY(SELECT ctid FROM mesh.row_versions
+                                            WHERE deleted AND hlc < $1 AND pk <> '{WATERMARK}'
+                                            LIMIT $2))
+                    RETURNING 1)
+         SELECT count(*) FROM d"
+    )
+});
+
+/// What one [`prune`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TombstonesPruned {
+    /// The frontier found (None: no remote origin, nothing to prune).
+    pub frontier: Option<i64>,
+    /// Tombstones deleted: those below both the frontier and the retention bound.
+    pub deleted: u64,
+    /// Configured peers with no event here yet, which hold the frontier at nothing.
+    pub waiting_for: Vec<String>,
+}
+
+/// The frontier of `region`, whose configured peers are `peers` (see the module
+/// docs), and the peers that hold it at nothing.
+pub async fn frontier(
+    client: &Client,
+    region: &str,
+    peers: &[String],
+) -> Result<(Option<i64>, Vec<String>), LogError> {
+    let row = client.query_one(FRONTIER, &[&peers, &region]).await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Deletes the tombstones below the frontier that are older than `retention`.
+pub async fn prune(
+    client: &Client,
+    region: &str,
+    peers: &[String],
+    retention: Duration,
+) -> Result<TombstonesPruned, LogError> {
+    let (frontier, waiting_for) = frontier(client, region, peers).await?;
+    let mut out = TombstonesPruned {
+        frontier,
+        deleted: 0,
+        waiting_for,
+    };
+    let Some(frontier) = frontier.filter(|f| *f > 0) else {
+        return Ok(out);
+    };
+    let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let retained: i64 = client.query_one(RETAIN_BELOW, &[&ms]).await?.get(0);
+    let below = frontier.min(retained);
+    loop {
+        let n: i64 = client
+            .query_one(DELETE.as_str(), &[&below, &CHUNK])
+            .await?
+            .get(0);
+        out.deleted += n as u64;
+        if n < CHUNK {
+            return Ok(out);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "tombstones_tests.rs"]
+mod tests;

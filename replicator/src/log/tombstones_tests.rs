@@ -1,0 +1,132 @@
+//! The frontier rules and what a tombstone prune leaves, on a real database.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::*;
+use crate::catalog;
+use crate::scratch;
+
+/// The HLC of `secs` seconds ago.
+fn ago(secs: i64) -> i64 {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    (now.as_millis() as i64 - secs * 1000) << 16
+}
+
+async fn logged(c: &Client, origin: &str, hlc: i64) {
+    c.execute(
+        "INSERT INTO mesh.changelog (origin, hlc, source_lsn, xid, commit_ts, stamped, changes)
+         VALUES ($1, $2::int8, (to_hex($2::int8 >> 32) || '/' || to_hex($2::int8 & 4294967295))::pg_lsn,
+                 1, now(), false, '[]')",
+        &[&origin, &hlc],
+    )
+    .await
+    .unwrap();
+}
+
+async fn version(c: &Client, pk: &str, hlc: i64, deleted: bool) {
+    c.execute(
+        "INSERT INTO mesh.row_versions (tbl, pk, hlc, origin, deleted) VALUES ('public.t', $1, $2, 2, $3)",
+        &[&pk, &hlc, &deleted],
+    )
+    .await
+    .unwrap();
+}
+
+/// The keys left in `mesh.row_versions`.
+async fn left(c: &Client) -> Vec<String> {
+    c.query("SELECT pk FROM mesh.row_versions ORDER BY pk", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn tombstones_go_below_the_frontier_of_every_remote_origin_and_the_retention() {
+    let Some(url) = scratch::database("pgmesh_tombstones").await else {
+        return;
+    };
+    let c = catalog::connect(&url).await.unwrap();
+    let peers = vec!["r2".to_string(), "r3".to_string()];
+    let none = Duration::ZERO;
+    // This region (r1) logged its own event long ago: its own writes never arrive
+    // here as events, so it does not hold the frontier back.
+    logged(&c, "r1", ago(500)).await;
+    logged(&c, "r2", ago(100)).await;
+    logged(&c, "r2", ago(50)).await;
+    version(&c, "a", ago(90), true).await;
+    version(&c, "b", ago(60), true).await;
+    version(&c, "c", ago(10), true).await;
+    version(&c, "live", ago(95), false).await;
+    version(&c, WATERMARK, ago(95), true).await;
+    let all = ["\"*\"", "a", "b", "c", "live"];
+
+    // r3 is configured and has no event here: nothing can be pruned, and it is named.
+    let p = prune(&c, "r1", &peers, none).await.unwrap();
+    assert_eq!((p.frontier, p.deleted), (Some(0), 0));
+    assert_eq!(p.waiting_for, ["r3"]);
+    assert_eq!(left(&c).await, all);
+
+    // The frontier is the lowest of r2's and r3's newest events here.
+    logged(&c, "r3", ago(70)).await;
+    let p = prune(&c, "r1", &peers, none).await.unwrap();
+    assert!(p.waiting_for.is_empty());
+    assert_eq!(p.deleted, 1, "only a is below r3's newest event");
+    assert_eq!(left(&c).await, ["\"*\"", "b", "c", "live"]);
+
+    // A pending dead letter from r2 at -75 s would be applied late by a retry: the
+    // frontier stays below it even though r3 moved on.
+    logged(&c, "r3", ago(5)).await;
+    c.execute(
+        "INSERT INTO mesh.dead_letters (peer, origin, hlc, event, error) VALUES ('r2', 'r2', $1, '{}', 'x')",
+        &[&ago(75)],
+    )
+    .await
+    .unwrap();
+    let p = prune(&c, "r1", &peers, none).await.unwrap();
+    assert_eq!(p.deleted, 0);
+    assert!(p.frontier.is_some_and(|f| f < ago(74)), "{p:?}");
+    c.execute("UPDATE mesh.dead_letters SET status = 'skipped'", &[])
+        .await
+        .unwrap();
+    let p = prune(&c, "r1", &peers, none).await.unwrap();
+    assert_eq!(p.deleted, 1, "b goes once the dead letter is skipped");
+    // A region that once sent events counts even when not configured.
+    logged(&c, "r4", ago(57)).await;
+    version(&c, "d", ago(58), true).await;
+    version(&c, "e", ago(56), true).await;
+    let p = prune(&c, "r1", &peers, none).await.unwrap();
+    assert_eq!(p.deleted, 1, "d is below r4's newest event, e is not");
+    assert_eq!(left(&c).await, ["\"*\"", "c", "e", "live"]);
+
+    // With every origin recent, the retention keeps what is younger than it.
+    for r in ["r2", "r3", "r4"] {
+        logged(&c, r, ago(1)).await;
+    }
+    let p = prune(&c, "r1", &peers, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(p.deleted, 0);
+    let p = prune(&c, "r1", &peers, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(p.deleted, 1, "e is older than 30 s, c is not");
+    // Live rows' versions and the TRUNCATE watermark stay.
+    assert_eq!(left(&c).await, ["\"*\"", "c", "live"]);
+    scratch::drop_database(&url).await;
+}
+
+#[tokio::test]
+async fn no_remote_origin_no_frontier() {
+    let Some(url) = scratch::database("pgmesh_tombstones_alone").await else {
+        return;
+    };
+    let c = catalog::connect(&url).await.unwrap();
+    logged(&c, "r1", ago(100)).await;
+    version(&c, "a", ago(90), true).await;
+    let p = prune(&c, "r1", &[], Duration::ZERO).await.unwrap();
+    assert_eq!((p.frontier, p.deleted), (None, 0));
+    assert_eq!(left(&c).await, ["a"]);
+    scratch::drop_database(&url).await;
+}
