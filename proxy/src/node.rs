@@ -274,6 +274,7 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
                 v.config.node_name(),
             );
             cfg.relay = v.config.relay;
+            cfg.peers = v.peers.iter().map(|p| p.name.clone()).collect();
             let (addr, task) = repl
                 .handle
                 .spawn(LinkServer::start(

@@ -30,6 +30,10 @@ use crate::link::LinkError;
 /// How often a paused link asks the peer for its log head.
 const PAUSED_HEAD_EVERY: Duration = Duration::from_secs(2);
 
+/// How often a link that receives only empty batches records that it heard from
+/// its peer (`contact_at`, which `mesh.links` reads) and its checkpoint.
+const CONTACT_EVERY: Duration = Duration::from_secs(5);
+
 /// Errors of one pull session; the loop reconnects after each.
 #[derive(Debug, Error)]
 pub enum PullError {
@@ -192,7 +196,8 @@ async fn session(
         .client()
         .execute(
             "UPDATE mesh.link_state SET address = $2,
-                    status = CASE WHEN status = 'degraded' THEN 'active' ELSE status END,
+                    status = CASE WHEN status IN ('degraded', 'decommissioned') THEN 'active'
+                                  ELSE status END,
                     error = CASE WHEN error = $3 THEN NULL ELSE error END
              WHERE peer = $1",
             &[&cfg.peer, &cfg.addr, &PAUSED],
@@ -209,6 +214,19 @@ async fn session(
     }
     info!(after, head = welcome.head, "link connected");
     set_head(&applier, &cfg.peer, welcome.head, None).await?;
+    // Every region the peer knows of counts for this region's tombstone frontier
+    // (a spoke hears of the other spokes only here); the peer itself is alive.
+    applier
+        .client()
+        .execute(
+            "INSERT INTO mesh.mesh_regions (name, learned_from)
+             SELECT r, $1 FROM unnest($2::text[]) r
+             ON CONFLICT (name) DO UPDATE
+                SET forgotten = mesh.mesh_regions.forgotten AND excluded.name <> $1,
+                    updated_at = now()",
+            &[&cfg.peer, &welcome.regions],
+        )
+        .await?;
     backoff.reset();
     // Batches with no events (the peer filtered everything out) only move the
     // checkpoint; it is saved with the next real batch or heartbeat, not in a
@@ -219,6 +237,7 @@ async fn session(
     let mut durable = tokio::time::interval(DURABLE_EVERY);
     durable.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut acked, mut reported) = (after, 0);
+    let mut last_saved = std::time::Instant::now();
     loop {
         tokio::select! {
             ev = client.next() => match ev? {
@@ -247,6 +266,12 @@ async fn session(
                     if events.is_empty() {
                         client.ack(upto).await?;
                         unsaved = Some(upto);
+                        // A hub that relays only this region's own events sends
+                        // empty batches and no heartbeats: they are contact too.
+                        if last_saved.elapsed() >= CONTACT_EVERY {
+                            set_head(&applier, &cfg.peer, head, unsaved.take()).await?;
+                            last_saved = std::time::Instant::now();
+                        }
                     } else {
                         let started = std::time::Instant::now();
                         let out = applier.apply_batch(&cfg.peer, &events, upto, head).await?;

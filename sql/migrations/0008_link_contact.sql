@@ -8,7 +8,12 @@
 -- check). While the link is down, what this region holds of the peer is at least
 -- that old, and lag_ms says so.
 
+-- A link not heard from since it was created counts from then; links that existed
+-- before this version count from their last apply or update.
 ALTER TABLE mesh.link_state ADD COLUMN IF NOT EXISTS contact_at timestamptz;
+UPDATE mesh.link_state SET contact_at = coalesce(last_applied_at, updated_at)
+ WHERE contact_at IS NULL;
+ALTER TABLE mesh.link_state ALTER COLUMN contact_at SET DEFAULT now();
 
 -- A link is stale when its node has not heard from the peer for 30 s: a connected
 -- link hears a heartbeat every second and gives up after 15 s of silence, and a
@@ -42,7 +47,8 @@ FROM mesh.link_state l,
                      AND l.contact_at < clock_timestamp() - interval '30 seconds' AS stale) s;
 
 -- Forgetting a region also marks the link from it decommissioned, so a link to a
--- region that is gone stops showing as degraded; mesh.resume_link reactivates it.
+-- region that is gone stops showing as degraded; the link's next connection, or
+-- mesh.resume_link, reactivates it. (Version 9 redefines it.)
 CREATE OR REPLACE FUNCTION mesh.forget_peer(name text) RETURNS boolean
 LANGUAGE sql AS $$
     WITH d AS (DELETE FROM mesh.peer_acks WHERE peer = name RETURNING 1),

@@ -72,6 +72,10 @@ pub struct Welcome {
     pub node: String,
     /// Highest log sequence number when the link opened.
     pub head: i64,
+    /// Every region the server knows of in the mesh (its own and its peers), so that
+    /// a spoke learns the regions it hears of only through its hub. Optional.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
 }
 
 /// Events after the previous batch, in log order.
@@ -318,6 +322,7 @@ mod tests {
             region: "eu".into(),
             node: "eu-1".into(),
             head: 7,
+            regions: vec!["eu".into(), "us".into()],
         }));
     }
 

@@ -339,6 +339,10 @@ pub struct ServeConfig {
     /// its slot, milliseconds. Default: 60000.
     #[serde(default = "default_peer_timeout_ms")]
     pub peer_timeout_ms: u64,
+    /// The regions this node peers with, told to pullers (with this region) in the
+    /// welcome. Default: none.
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 impl ServeConfig {
@@ -361,7 +365,18 @@ impl ServeConfig {
             max_window_cap: default_max_window_cap(),
             max_peers: default_max_peers(),
             peer_timeout_ms: default_peer_timeout_ms(),
+            peers: Vec::new(),
         }
+    }
+
+    /// This region and its peers, sorted: what a welcome tells a puller.
+    pub fn regions(&self) -> Vec<String> {
+        let mut r: Vec<String> = std::iter::once(self.region.clone())
+            .chain(self.peers.iter().cloned())
+            .collect();
+        r.sort();
+        r.dedup();
+        r
     }
 
     pub fn heartbeat(&self) -> Duration {

@@ -118,6 +118,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             region: cfg.region.clone(),
             node: cfg.node.clone(),
             head,
+            regions: cfg.regions(),
         }))
         .await?;
         info!(after = hello.after, head, "peer link open");

@@ -14,11 +14,14 @@
 //! configured peer with no event here yet holds it at nothing. This region's own
 //! writes never arrive here as events, so they do not count.
 //!
-//! A region this one has never heard of (a spoke of the same hub that has not
-//! written yet) is not in the frontier; its first events carry HLCs near its own
-//! clock. Tombstones are therefore also kept for a retention period (an hour by
-//! default), which covers any such region whose clock is less than that behind.
-//! Live rows' versions are kept, and so are TRUNCATE watermarks.
+//! Besides its configured peers and the origins in its log, a region knows every
+//! region its peers know (`mesh.mesh_regions`, told in each link's welcome: a spoke
+//! learns the other spokes from its hub); each counts, and holds the frontier at
+//! nothing until one of its events arrives here, unless `mesh.forget_peer` marks it
+//! gone for good. A region no node here has heard of yet (one added to the mesh a
+//! moment ago) is not counted: tombstones are also kept for a retention period (an
+//! hour by default), which covers its changes unless they take longer than that to
+//! arrive. Live rows' versions are kept, and so are TRUNCATE watermarks.
 
 use std::time::Duration;
 
@@ -30,37 +33,52 @@ use super::LogError;
 /// Tombstones deleted per statement.
 pub const CHUNK: i64 = 10_000;
 
-/// The frontier (`$1` configured peers, `$2` this region): the lowest, over remote
-/// origins, of the highest HLC applied here, NULL with no remote origin and 0 when a
-/// configured peer has no event here; then the origins with none. Distinct origins
-/// come from the `(origin, hlc)` index one probe each.
+/// The frontier (`$1` configured peers, `$2` this region), recorded in
+/// `mesh.log_prune`: the lowest, over remote regions (configured peers, origins in
+/// the log and `mesh.mesh_regions`, less the forgotten), of the highest HLC applied
+/// here, NULL with no remote region and 0 when one has no event here; then the
+/// regions with none. Distinct origins come from the `(origin, hlc)` index, one
+/// probe each.
 const FRONTIER: &str = "WITH RECURSIVE o(origin) AS (
         SELECT min(origin) FROM mesh.changelog
       UNION ALL
         SELECT (SELECT min(c.origin) FROM mesh.changelog c WHERE c.origin > o.origin)
         FROM o WHERE o.origin IS NOT NULL),
      origins AS (SELECT origin FROM o WHERE origin IS NOT NULL
-                 UNION SELECT unnest($1::text[])),
+                 UNION SELECT unnest($1::text[])
+                 UNION SELECT name FROM mesh.mesh_regions),
      applied AS (SELECT origin,
                         (SELECT max(c.hlc) FROM mesh.changelog c WHERE c.origin = origins.origin) AS hlc
-                 FROM origins WHERE origin <> $2)
-SELECT least((SELECT CASE WHEN bool_or(hlc IS NULL) THEN 0 ELSE min(hlc) END FROM applied),
-             (SELECT min(hlc) - 1 FROM mesh.dead_letters WHERE status IN ('pending', 'retry')))::int8,
-       coalesce((SELECT array_agg(origin ORDER BY origin) FROM applied WHERE hlc IS NULL), '{}')";
+                 FROM origins
+                 WHERE origin <> $2
+                   AND origin NOT IN (SELECT name FROM mesh.mesh_regions WHERE forgotten)),
+     f AS (SELECT least((SELECT CASE WHEN bool_or(hlc IS NULL) THEN 0 ELSE min(hlc) END FROM applied),
+                        (SELECT min(hlc) - 1 FROM mesh.dead_letters
+                          WHERE status IN ('pending', 'retry')))::int8 AS frontier,
+                  coalesce((SELECT array_agg(origin ORDER BY origin) FROM applied WHERE hlc IS NULL),
+                           '{}') AS waiting)
+UPDATE mesh.log_prune SET tombstone_frontier = f.frontier, tombstones_checked_at = now()
+FROM f RETURNING f.frontier, f.waiting";
 
 /// The HLC `$1` milliseconds before now (the retention bound).
 const RETAIN_BELOW: &str =
     "SELECT ((extract(epoch FROM clock_timestamp()) * 1000)::int8 - $1::int8) << 16";
 
-/// Deletes up to `$2` tombstones with an HLC below `$1`; returns how many.
+/// Deletes up to `$2` tombstones with an HLC below `$1`, counted in
+/// `mesh.log_prune`; returns how many. The condition is checked again on the row
+/// itself: one that apply or capture turned into a live version meanwhile stays.
 static DELETE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH d AS (DELETE FROM mesh.row_versions
                     WHERE ctid = ANY (ARRAY(SELECT ctid FROM mesh.row_versions
                                             WHERE deleted AND hlc < $1 AND pk <> '{WATERMARK}'
                                             LIMIT $2))
-                    RETURNING 1)
-         SELECT count(*) FROM d"
+                      AND deleted AND hlc < $1 AND pk <> '{WATERMARK}'
+                    RETURNING 1),
+              n AS (SELECT count(*) AS n FROM d),
+              s AS (UPDATE mesh.log_prune SET tombstones_pruned = tombstones_pruned + n.n
+                    FROM n RETURNING 1)
+         SELECT (SELECT n FROM n), (SELECT count(*) FROM s)"
     )
 });
 

@@ -130,3 +130,59 @@ async fn no_remote_origin_no_frontier() {
     assert_eq!(left(&c).await, ["a"]);
     scratch::drop_database(&url).await;
 }
+
+#[tokio::test]
+async fn regions_heard_of_count_until_forgotten() {
+    let Some(url) = scratch::database("pgmesh_tombstones_heard").await else {
+        return;
+    };
+    let c = catalog::connect(&url).await.unwrap();
+    // A spoke (s1) whose hub told it of another spoke (s2) that has not written.
+    let hub = vec!["hub".to_string()];
+    logged(&c, "hub", ago(10)).await;
+    version(&c, "a", ago(90), true).await;
+    c.execute(
+        "INSERT INTO mesh.mesh_regions (name, learned_from) VALUES ('hub', 'hub'), ('s1', 'hub'), ('s2', 'hub')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let p = prune(&c, "s1", &hub, Duration::ZERO).await.unwrap();
+    assert_eq!((p.frontier, p.deleted), (Some(0), 0));
+    assert_eq!(p.waiting_for, ["s2"]);
+    let (f, checked): (Option<i64>, bool) = {
+        let r = c
+            .query_one(
+                "SELECT tombstone_frontier, tombstones_checked_at IS NOT NULL FROM mesh.log_prune",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((f, checked), (Some(0), true), "the pass is recorded");
+
+    // Forgotten (gone for good), s2 no longer holds it back; the count is kept.
+    let known: bool = c
+        .query_one("SELECT mesh.forget_peer('s2')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(known);
+    let unknown: bool = c
+        .query_one("SELECT mesh.forget_peer('nobody')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!unknown);
+    let p = prune(&c, "s1", &hub, Duration::ZERO).await.unwrap();
+    assert_eq!(p.deleted, 1);
+    assert!(p.waiting_for.is_empty());
+    let total: i64 = c
+        .query_one("SELECT tombstones_pruned FROM mesh.log_prune", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 1);
+    scratch::drop_database(&url).await;
+}

@@ -7,8 +7,8 @@
 //! the chaos test prunes tombstones through its faults too.
 
 use anyhow::Result;
-use pgmesh_tests::regions::{Mesh, CONVERGE_TIMEOUT};
-use pgmesh_tests::wait_until;
+use pgmesh_tests::regions::{Mesh, NodeSpec, CONVERGE_TIMEOUT};
+use pgmesh_tests::{wait_for, wait_until};
 
 use crate::mesh_prune::{scalar, start_pruning};
 
@@ -44,23 +44,31 @@ async fn wait_no_tombstones(mesh: &Mesh) -> Result<()> {
     Ok(())
 }
 
-/// Waits until region `i`'s pruner has run twice more (its log pruning reached the
-/// head twice, with a write in between): a whole tombstone pass ran after the call.
-async fn wait_prune_pass(mesh: &Mesh, i: usize, id: i32) -> Result<()> {
-    for round in 0..2 {
-        if round == 1 {
-            write(mesh, i, &format!("INSERT INTO t VALUES ({id}, 'tick')")).await?;
-        }
-        let head = mesh.head(i).await?;
-        let what = format!("{} to prune its log up to {head}", mesh.region(i).name);
-        wait_until(CONVERGE_TIMEOUT, &what, || async {
-            scalar(mesh, i, "SELECT pruned_upto FROM mesh.log_prune")
-                .await
-                .is_ok_and(|p| p >= head)
+/// Waits until a whole tombstone pass of region `i` ran after the call: two passes
+/// started since (each records when it read the frontier, then deletes).
+async fn wait_tombstone_pass(mesh: &Mesh, i: usize) -> Result<()> {
+    let checked = "SELECT coalesce(extract(epoch FROM tombstones_checked_at) * 1e6, 0)::int8
+                   FROM mesh.log_prune";
+    let mut since = scalar(mesh, i, "SELECT (extract(epoch FROM now()) * 1e6)::int8").await?;
+    for _ in 0..2 {
+        let what = format!("a tombstone pass of {}", mesh.region(i).name);
+        since = wait_for(CONVERGE_TIMEOUT, &what, || async {
+            let at = scalar(mesh, i, checked).await?;
+            Ok((at > since).then_some(at))
         })
         .await?;
     }
     Ok(())
+}
+
+/// The frontier region `i` found in its last tombstone pass (-1: none).
+async fn frontier(mesh: &Mesh, i: usize) -> Result<i64> {
+    scalar(
+        mesh,
+        i,
+        "SELECT coalesce(tombstone_frontier, -1) FROM mesh.log_prune",
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,6 +98,29 @@ async fn tombstones_are_pruned_only_when_no_older_change_can_arrive() -> Result<
     mesh.pause_link(0, "ts_c").await?;
     mesh.pause_link(1, "ts_c").await?;
     write(&mesh, 2, "UPDATE t SET v = 'c, held back' WHERE id = 15").await?;
+    // The delete is later by HLC: ts_a has not seen the update, so make sure its
+    // clock has passed the update's millisecond.
+    let update_ms = wait_for(CONVERGE_TIMEOUT, "ts_c to log its update", || async {
+        let h = scalar(
+            &mesh,
+            2,
+            "SELECT coalesce(max(hlc), 0) FROM mesh.changelog WHERE origin = 'ts_c'",
+        )
+        .await?;
+        Ok((h >> 16 > 0).then_some(h >> 16))
+    })
+    .await?;
+    let now_ms = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::int8";
+    wait_until(
+        CONVERGE_TIMEOUT,
+        "ts_a's clock to pass the update",
+        || async {
+            scalar(&mesh, 0, now_ms)
+                .await
+                .is_ok_and(|ms| ms > update_ms)
+        },
+    )
+    .await?;
     write(&mesh, 0, "DELETE FROM t WHERE id = 15").await?;
     write(
         &mesh,
@@ -105,8 +136,15 @@ async fn tombstones_are_pruned_only_when_no_older_change_can_arrive() -> Result<
         })
         .await?;
     }
-    wait_prune_pass(&mesh, 0, 300).await?;
-    wait_prune_pass(&mesh, 1, 301).await?;
+    // ts_b's write after the delete is in ts_a too: only ts_c holds the frontier.
+    wait_until(CONVERGE_TIMEOUT, "row 200 to reach ts_a", || async {
+        scalar(&mesh, 0, "SELECT count(*) FROM t WHERE id = 200")
+            .await
+            .is_ok_and(|n| n == 1)
+    })
+    .await?;
+    wait_tombstone_pass(&mesh, 0).await?;
+    wait_tombstone_pass(&mesh, 1).await?;
     let tomb = "SELECT count(*) FROM mesh.row_versions WHERE deleted AND pk = '[[\"id\", \"15\"]]'";
     for i in 0..2 {
         assert_eq!(
@@ -124,6 +162,47 @@ async fn tombstones_are_pruned_only_when_no_older_change_can_arrive() -> Result<
     }
     // And once ts_c writes again, that tombstone goes too.
     write_everywhere(&mesh, 400).await?;
+    wait_no_tombstones(&mesh).await?;
+    mesh.shutdown().await;
+    Ok(())
+}
+
+/// A spoke hears of the other spokes only through its hub, and one that has not
+/// written yet must still hold the spoke's frontier back: its first change may be
+/// older than a delete made meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoke_counts_the_spokes_it_knows_only_through_its_hub() -> Result<()> {
+    let mut mesh = Mesh::start(&["th_hub", "th_s1", "th_s2"]).await?;
+    mesh.exec_all("CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL)")
+        .await?;
+    mesh.init_all().await?;
+    mesh.start_nodes(|i| NodeSpec {
+        relay: i == 0,
+        peers: (i > 0).then(|| vec!["th_hub".to_string()]),
+        prune_secs: Some(1),
+        ..NodeSpec::default()
+    })
+    .await?;
+    write(
+        &mesh,
+        1,
+        "INSERT INTO t SELECT g, 'x' FROM generate_series(1, 10) g",
+    )
+    .await?;
+    mesh.wait_converged(CONVERGE_TIMEOUT).await?;
+    write(&mesh, 1, "DELETE FROM t WHERE id <= 5").await?;
+    mesh.wait_converged(CONVERGE_TIMEOUT).await?;
+    write(&mesh, 0, "INSERT INTO t VALUES (100, 'hub')").await?;
+    write(&mesh, 1, "INSERT INTO t VALUES (101, 's1')").await?;
+    mesh.wait_converged(CONVERGE_TIMEOUT).await?;
+    let heard = "SELECT count(*) FROM mesh.mesh_regions WHERE name = 'th_s2' AND NOT forgotten";
+    assert_eq!(scalar(&mesh, 1, heard).await?, 1, "th_s1 heard of th_s2");
+    wait_tombstone_pass(&mesh, 1).await?;
+    assert_eq!(frontier(&mesh, 1).await?, 0, "th_s2 holds th_s1's frontier");
+    assert_eq!(scalar(&mesh, 1, TOMBSTONES).await?, 5);
+
+    write(&mesh, 2, "INSERT INTO t VALUES (102, 's2')").await?;
+    mesh.wait_converged(CONVERGE_TIMEOUT).await?;
     wait_no_tombstones(&mesh).await?;
     mesh.shutdown().await;
     Ok(())

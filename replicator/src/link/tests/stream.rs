@@ -22,7 +22,8 @@ async fn handshake_welcomes_with_the_log_head() {
             proto: PROTO_VERSION,
             region: "eu".into(),
             node: "eu-1".into(),
-            head: 3
+            head: 3,
+            regions: vec!["eu".into()],
         }
     );
     assert_eq!(c.received(), 0);
