@@ -196,8 +196,7 @@ async fn session(
         .client()
         .execute(
             "UPDATE mesh.link_state SET address = $2,
-                    status = CASE WHEN status IN ('degraded', 'decommissioned') THEN 'active'
-                                  ELSE status END,
+                    status = CASE WHEN status = 'degraded' THEN 'active' ELSE status END,
                     error = CASE WHEN error = $3 THEN NULL ELSE error END
              WHERE peer = $1",
             &[&cfg.peer, &cfg.addr, &PAUSED],
@@ -214,12 +213,15 @@ async fn session(
     }
     info!(after, head = welcome.head, "link connected");
     set_head(&applier, &cfg.peer, welcome.head, None).await?;
+    // The peer is alive: a link decommissioned by mesh.forget_peer is active again.
     // Every region the peer knows of counts for this region's tombstone frontier
-    // (a spoke hears of the other spokes only here); the peer itself is alive.
+    // (a spoke hears of the other spokes only here).
     applier
         .client()
         .execute(
-            "INSERT INTO mesh.mesh_regions (name, learned_from)
+            "WITH a AS (UPDATE mesh.link_state SET status = 'active'
+                        WHERE peer = $1 AND status = 'decommissioned' RETURNING 1)
+             INSERT INTO mesh.mesh_regions (name, learned_from)
              SELECT r, $1 FROM unnest($2::text[]) r
              ON CONFLICT (name) DO UPDATE
                 SET forgotten = mesh.mesh_regions.forgotten AND excluded.name <> $1,

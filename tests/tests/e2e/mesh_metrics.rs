@@ -243,6 +243,28 @@ async fn a_link_whose_peer_is_down_shows_a_growing_lag() -> Result<()> {
         ("decommissioned", 0),
         "{gone:?}"
     );
+
+    // It stays so while its peer stays away, however often the link retries, and
+    // is active again once the link connects.
+    mesh.stop_node(1).await?;
+    mesh.restart_node(0).await?;
+    let admin = &mesh.region(0).admin;
+    let attempt = "SELECT (extract(epoch FROM updated_at) * 1e6)::int8 FROM mesh.link_state WHERE peer = 'd_b'";
+    let before: i64 = admin.query_one(attempt, &[]).await?.get(0);
+    wait_until(CONVERGE_TIMEOUT, "d_a's link to retry d_b", || async {
+        let at = admin.query_one(attempt, &[]).await;
+        at.is_ok_and(|r| r.get::<_, i64>(0) > before)
+    })
+    .await?;
+    let away = mesh.link(0, "d_b").await?.context("link")?;
+    assert_eq!(away.status, "decommissioned", "{away:?}");
+    mesh.restart_node(1).await?;
+    wait_until(
+        CONVERGE_TIMEOUT,
+        "d_a's link from d_b to be active again",
+        || async { matches!(mesh.link(0, "d_b").await, Ok(Some(l)) if l.status == "active") },
+    )
+    .await?;
     mesh.shutdown().await;
     Ok(())
 }
