@@ -37,6 +37,9 @@ pub struct DbStats {
     pub log: Option<(i64, i64)>,
     /// (peer, seq) each region pulling from this one has durably applied.
     pub peer_durable: Vec<(String, i64)>,
+    /// Tombstones pruned so far, and the last pass's frontier as Unix seconds (0:
+    /// held back; None: no pass or no other region).
+    pub tombstones: Option<(i64, Option<f64>)>,
 }
 
 /// A counter series: name, help text, and how to read it from a link.
@@ -176,6 +179,22 @@ impl Metrics {
                 );
             }
         }
+        if let Some((pruned, frontier)) = db.tombstones {
+            let _ = writeln!(out, "# HELP pgmesh_tombstones_pruned_total Tombstones (versions of deleted rows) pruned below the frontier.");
+            let _ = writeln!(out, "# TYPE pgmesh_tombstones_pruned_total counter");
+            let _ = writeln!(
+                out,
+                "pgmesh_tombstones_pruned_total{{region=\"{target}\"}} {pruned}"
+            );
+            if let Some(secs) = frontier {
+                let _ = writeln!(out, "# HELP pgmesh_tombstone_frontier_seconds The tombstone frontier as Unix time: no change older can still arrive here; 0 while a region holds it back.");
+                let _ = writeln!(out, "# TYPE pgmesh_tombstone_frontier_seconds gauge");
+                let _ = writeln!(
+                    out,
+                    "pgmesh_tombstone_frontier_seconds{{region=\"{target}\"}} {secs}"
+                );
+            }
+        }
         let _ = writeln!(out, "# HELP pgmesh_proxy_sessions Open client sessions.");
         let _ = writeln!(out, "# TYPE pgmesh_proxy_sessions gauge");
         let _ = writeln!(
@@ -201,9 +220,12 @@ async fn read_db(url: &str) -> DbStats {
             .collect();
     }
     let log = "SELECT (SELECT coalesce(max(seq), 0) FROM mesh.changelog)::int8,
-                      (SELECT pruned_upto FROM mesh.log_prune)::int8";
+                      (SELECT pruned_upto FROM mesh.log_prune)::int8,
+                      (SELECT tombstones_pruned FROM mesh.log_prune)::int8,
+                      (SELECT (tombstone_frontier >> 16) / 1000.0 FROM mesh.log_prune)::float8";
     if let Ok(r) = c.query_one(log, &[]).await {
         out.log = Some((r.get(0), r.get::<_, Option<i64>>(1).unwrap_or(0)));
+        out.tombstones = Some((r.get::<_, Option<i64>>(2).unwrap_or(0), r.get(3)));
     }
     let acks = "SELECT peer, durable_seq FROM mesh.peer_acks ORDER BY peer";
     if let Ok(rows) = c.query(acks, &[]).await {
@@ -283,6 +305,7 @@ mod tests {
             lag: vec![("us".into(), 0.25)],
             log: Some((120, 100)),
             peer_durable: vec![("us".into(), 110)],
+            tombstones: Some((7, Some(1_795_000_000.5))),
         });
         assert!(text.contains("pgmesh_replication_lag_seconds{source=\"us\",target=\"eu\"} 0.25"));
         assert!(text.contains("pgmesh_applied_events_total{source=\"us\",target=\"eu\"} 3"));
@@ -292,5 +315,7 @@ mod tests {
         assert!(text.contains("pgmesh_changelog_head_seq{region=\"eu\"} 120"));
         assert!(text.contains("pgmesh_changelog_pruned_seq{region=\"eu\"} 100"));
         assert!(text.contains("pgmesh_peer_durable_seq{region=\"eu\",peer=\"us\"} 110"));
+        assert!(text.contains("pgmesh_tombstones_pruned_total{region=\"eu\"} 7"));
+        assert!(text.contains("pgmesh_tombstone_frontier_seconds{region=\"eu\"} 1795000000.5"));
     }
 }

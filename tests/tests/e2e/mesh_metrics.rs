@@ -16,7 +16,7 @@ use pgmesh_tests::{wait_for, wait_row, wait_until};
 const SCHEMA: &str = "CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL)";
 
 /// The value of the sample `series` (name and labels, exactly as exposed).
-fn sample(body: &str, series: &str) -> Result<f64> {
+pub(crate) fn sample(body: &str, series: &str) -> Result<f64> {
     body.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .with_context(|| format!("no sample {series} in:\n{body}"))?

@@ -14,13 +14,14 @@ use pgmesh_tests::{wait_for, wait_until};
 
 const SCHEMA: &str = "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL)";
 
-/// A full mesh of `names` with table `t`, pruning every second.
+/// A full mesh of `names` with table `t`, pruning every second, serving `/metrics`.
 pub(crate) async fn start_pruning(names: &[&str]) -> Result<Mesh> {
     let mut mesh = Mesh::start(names).await?;
     mesh.exec_all(SCHEMA).await?;
     mesh.init_all().await?;
     let spec = NodeSpec {
         prune_secs: Some(1),
+        metrics: true,
         ..NodeSpec::default()
     };
     mesh.start_nodes(|_| spec.clone()).await?;

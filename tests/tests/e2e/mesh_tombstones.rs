@@ -6,10 +6,11 @@
 //! write has arrived, which then loses everywhere. This module owns those checks;
 //! the chaos test prunes tombstones through its faults too.
 
-use anyhow::Result;
-use pgmesh_tests::regions::{Mesh, NodeSpec, CONVERGE_TIMEOUT};
+use anyhow::{Context, Result};
+use pgmesh_tests::regions::{http_get, Mesh, NodeSpec, CONVERGE_TIMEOUT};
 use pgmesh_tests::{wait_for, wait_until};
 
+use crate::mesh_metrics::sample;
 use crate::mesh_prune::{scalar, start_pruning};
 
 /// Tombstones of rows (not TRUNCATE watermarks) in region `i`.
@@ -91,6 +92,19 @@ async fn tombstones_are_pruned_only_when_no_older_change_can_arrive() -> Result<
     }
     write_everywhere(&mesh, 100).await?;
     wait_no_tombstones(&mesh).await?;
+    // The metrics say so: what was pruned, and a frontier of a moment ago.
+    let addr = mesh.metrics_addr(0).context("ts_a serves metrics")?;
+    let (_, body) = http_get(addr, "/metrics").await?;
+    let pruned = sample(&body, "pgmesh_tombstones_pruned_total{region=\"ts_a\"}")?;
+    assert!(pruned >= 10.0, "{pruned} tombstones pruned");
+    let frontier = sample(&body, "pgmesh_tombstone_frontier_seconds{region=\"ts_a\"}")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    assert!(
+        frontier > now - 600.0 && frontier <= now + 1.0,
+        "frontier {frontier}, now {now}"
+    );
 
     // ts_c updates row 15 while ts_a and ts_b do not hear from it; then ts_a deletes
     // the row, later by HLC. The update must lose when it arrives, so the delete's
