@@ -36,9 +36,9 @@ LANGUAGE sql AS $$
                        OR EXISTS (SELECT 1 FROM mesh.changelog WHERE origin = forget_peer.name) AS k),
          r AS (INSERT INTO mesh.mesh_regions (name, forgotten)
                SELECT forget_peer.name, true FROM known WHERE k
-               ON CONFLICT (name) DO UPDATE SET forgotten = true, updated_at = now()
-               RETURNING 1)
-    SELECT k FROM known WHERE (SELECT count(*) FROM r) >= 0
+               ON CONFLICT (name) DO UPDATE SET forgotten = true, updated_at = now())
+    -- Data-modifying CTEs run whether or not the query reads them.
+    SELECT k FROM known
 $$;
 
 INSERT INTO mesh.schema_versions (version, description)

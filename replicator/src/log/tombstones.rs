@@ -60,25 +60,23 @@ const FRONTIER: &str = "WITH RECURSIVE o(origin) AS (
 UPDATE mesh.log_prune SET tombstone_frontier = f.frontier, tombstones_checked_at = now()
 FROM f RETURNING f.frontier, f.waiting";
 
-/// The HLC `$1` milliseconds before now (the retention bound).
-const RETAIN_BELOW: &str =
-    "SELECT ((extract(epoch FROM clock_timestamp()) * 1000)::int8 - $1::int8) << 16";
-
-/// Deletes up to `$2` tombstones with an HLC below `$1`, counted in
-/// `mesh.log_prune`; returns how many. The condition is checked again on the row
-/// itself: one that apply or capture turned into a live version meanwhile stays.
+/// Deletes up to `$2` tombstones with an HLC below both the frontier `$1` and the
+/// HLC of `$3` milliseconds ago (the retention), counted in `mesh.log_prune`;
+/// returns how many. The condition is checked again on the row itself: one that
+/// apply or capture turned into a live version meanwhile stays.
 static DELETE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "WITH d AS (DELETE FROM mesh.row_versions
-                    WHERE ctid = ANY (ARRAY(SELECT ctid FROM mesh.row_versions
-                                            WHERE deleted AND hlc < $1 AND pk <> '{WATERMARK}'
-                                            LIMIT $2))
-                      AND deleted AND hlc < $1 AND pk <> '{WATERMARK}'
+        "WITH b AS (SELECT least($1::int8,
+                        greatest((extract(epoch FROM clock_timestamp()) * 1000)::int8 - $3::int8, 0) << 16) AS below),
+              d AS (DELETE FROM mesh.row_versions v USING b
+                    WHERE v.ctid = ANY (ARRAY(SELECT ctid FROM mesh.row_versions, b
+                                              WHERE deleted AND hlc < b.below AND pk <> '{WATERMARK}'
+                                              LIMIT $2))
+                      AND v.deleted AND v.hlc < b.below AND v.pk <> '{WATERMARK}'
                     RETURNING 1),
               n AS (SELECT count(*) AS n FROM d),
-              s AS (UPDATE mesh.log_prune SET tombstones_pruned = tombstones_pruned + n.n
-                    FROM n RETURNING 1)
-         SELECT (SELECT n FROM n), (SELECT count(*) FROM s)"
+              s AS (UPDATE mesh.log_prune SET tombstones_pruned = tombstones_pruned + n.n FROM n)
+         SELECT n FROM n"
     )
 });
 
@@ -89,13 +87,14 @@ pub struct TombstonesPruned {
     pub frontier: Option<i64>,
     /// Tombstones deleted: those below both the frontier and the retention bound.
     pub deleted: u64,
-    /// Configured peers with no event here yet, which hold the frontier at nothing.
+    /// Other regions (configured or heard of) with no event here yet, which hold the
+    /// frontier at nothing.
     pub waiting_for: Vec<String>,
 }
 
 /// The frontier of `region`, whose configured peers are `peers` (see the module
-/// docs), and the peers that hold it at nothing.
-pub async fn frontier(
+/// docs), and the regions that hold it at nothing.
+async fn frontier(
     client: &Client,
     region: &str,
     peers: &[String],
@@ -121,11 +120,9 @@ pub async fn prune(
         return Ok(out);
     };
     let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-    let retained: i64 = client.query_one(RETAIN_BELOW, &[&ms]).await?.get(0);
-    let below = frontier.min(retained);
     loop {
         let n: i64 = client
-            .query_one(DELETE.as_str(), &[&below, &CHUNK])
+            .query_one(DELETE.as_str(), &[&frontier, &CHUNK, &ms])
             .await?
             .get(0);
         out.deleted += n as u64;
