@@ -26,6 +26,8 @@ use crate::capture::Progress;
 use crate::link::backoff::Backoff;
 use crate::link::client::{ClientConfig, LinkClient, LinkEvent};
 use crate::link::LinkError;
+use crate::log::floors::{self, FloorMap};
+use crate::log::LogError;
 
 /// How often a paused link asks the peer for its log head.
 const PAUSED_HEAD_EVERY: Duration = Duration::from_secs(2);
@@ -43,6 +45,8 @@ pub enum PullError {
     Link(#[from] LinkError),
     #[error("database: {}", crate::catalog::pg_error(.0))]
     Db(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Log(#[from] LogError),
     /// Not a failure: the link was paused (`mesh.pause_link`) and disconnected.
     #[error("{PAUSED}")]
     Paused,
@@ -256,8 +260,8 @@ async fn session(
                                 head = h;
                                 folded += 1;
                             }
-                            Some(Ok(LinkEvent::Heartbeat { head })) => {
-                                beat = Some(head);
+                            Some(Ok(LinkEvent::Heartbeat { head, floors })) => {
+                                beat = Some((head, floors));
                                 break;
                             }
                             Some(Err(e)) => return Err(e.into()),
@@ -290,12 +294,14 @@ async fn session(
                         );
                         on_batch(&cfg.peer, &out);
                     }
-                    if let Some(head) = beat {
+                    if let Some((head, floors)) = beat {
                         set_head(&applier, &cfg.peer, head, unsaved.take()).await?;
+                        adopt_floors(&applier, cfg, floors).await?;
                     }
                 }
-                LinkEvent::Heartbeat { head } => {
+                LinkEvent::Heartbeat { head, floors } => {
                     set_head(&applier, &cfg.peer, head, unsaved.take()).await?;
+                    adopt_floors(&applier, cfg, floors).await?;
                 }
             },
             s = signals.recv() => match s.as_deref() {
@@ -358,6 +364,20 @@ async fn set_head(
             &[&peer, &head, &checkpoint],
         )
         .await?;
+    Ok(())
+}
+
+/// Adopts the region floors a heartbeat carried. Every batch sent before it is
+/// applied by now (batches apply in order, each before the next frame is handled),
+/// and in this session, so the floors commit after them.
+async fn adopt_floors(
+    a: &Applier,
+    cfg: &PullConfig,
+    floors: Option<FloorMap>,
+) -> Result<(), PullError> {
+    if let Some(floors) = floors {
+        floors::adopt(a.client(), &cfg.region, &floors).await?;
+    }
     Ok(())
 }
 

@@ -59,6 +59,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "tombstone_index",
         sql: include_str!("../migrations/0009_tombstone_index.sql"),
     },
+    Migration {
+        version: 10,
+        name: "region_floors",
+        sql: include_str!("../migrations/0010_region_floors.sql"),
+    },
 ];
 
 /// The newest catalog version this binary knows.

@@ -77,6 +77,14 @@ impl Assembler {
         self.previous
     }
 
+    /// Every transaction assembled from now on gets a final HLC of at least
+    /// `floor` (see [`crate::log::floors`]): `previous` rises to just below it.
+    pub fn raise_floor(&mut self, floor: Hlc) {
+        if let Some(below) = floor.as_u64().checked_sub(1) {
+            self.previous = self.previous.max(Hlc::from_u64(below));
+        }
+    }
+
     /// Whether a transaction is being assembled.
     pub fn in_transaction(&self) -> bool {
         self.open.is_some()

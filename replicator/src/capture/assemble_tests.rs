@@ -167,6 +167,38 @@ fn final_hlc_uses_stamp_and_stays_increasing() {
 }
 
 #[test]
+fn a_raised_floor_bounds_every_later_final_hlc() {
+    let mut a = Assembler::new("eu", Hlc::from_parts(1_000, 0));
+    a.push(rel()).unwrap();
+    let ins = || {
+        PgOutputMessage::Insert(Insert {
+            relation_oid: 16384,
+            new: TupleData(vec![t("1"), t("1"), t("x")]),
+        })
+    };
+    // A transaction that took its commit time and stamp before the floor was
+    // raised, and commits after it: it still gets the floor.
+    let floor = Hlc::from_parts(7_000, 0);
+    a.raise_floor(floor);
+    let stamped = Hlc::from_parts(6_000, 3);
+    let e = run(
+        &mut a,
+        vec![begin(1), stamp_msg(stamped), ins(), commit(300, 6_500)],
+    )
+    .event
+    .unwrap();
+    assert_eq!(e.hlc, floor);
+    // A floor below the previous final HLC changes nothing; the zero floor neither.
+    a.raise_floor(Hlc::from_parts(2_000, 0));
+    a.raise_floor(Hlc::ZERO);
+    assert_eq!(a.previous(), floor);
+    let e = run(&mut a, vec![begin(2), ins(), commit(400, 6_900)])
+        .event
+        .unwrap();
+    assert_eq!(e.hlc, floor.saturating_next());
+}
+
+#[test]
 fn applied_transactions_are_not_shipped_but_advance_previous() {
     let mut a = Assembler::new("eu", Hlc::ZERO);
     a.push(rel()).unwrap();

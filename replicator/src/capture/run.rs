@@ -21,6 +21,7 @@ use super::assemble::{AssembleError, Assembler};
 use crate::catalog::{self, CatalogError, PUBLICATION};
 use crate::event::ChangeEvent;
 use crate::hlc::Hlc;
+use crate::log::floors;
 use crate::log::tail::Tail;
 use crate::log::{ChangeLog, LogError, TableLog};
 use crate::pgoutput::{Lsn, PgTimestamp, ReplicationMessage, StandbyStatusUpdate};
@@ -207,6 +208,10 @@ async fn run_once(
     let resume = log.resume_point(&cfg.region).await?;
     let skip_upto = resume.map_or(Lsn(0), |r| r.lsn);
     let mut asm = Assembler::new(&cfg.region, resume.map_or(Hlc::ZERO, |r| r.hlc));
+    // A floor a previous leader published binds this one too.
+    if let Some(floor) = floors::stored(log.client(), &cfg.region).await? {
+        asm.raise_floor(floor);
+    }
     let params = ConnParams::from_url(&cfg.url)?
         .with_application_name(format!("pgmesh-capture-{}", cfg.region));
     let conn = ReplConnection::connect(&params).await?;
@@ -242,10 +247,15 @@ async fn run_once(
             }
             _ = tick.tick() => {
                 stream.send_status(status(pump.confirmed, false)).await?;
-                // The heartbeat also proves the lock connection is alive: a dead
-                // one means we lost leadership.
-                lock.execute("UPDATE mesh.node_state SET heartbeat = now() WHERE node = $1", &[&cfg.node])
-                    .await?;
+                // With nothing assembled still waiting for the log, every event of
+                // this region below the floor is logged; from here on none gets a
+                // lower HLC.
+                let floor = pump.batch.is_empty().then(|| {
+                    let f = floors::own_floor(asm.previous(), unix_ms());
+                    asm.raise_floor(f);
+                    f
+                });
+                beat(&lock, cfg, floor).await?;
                 continue;
             }
         };
@@ -280,6 +290,31 @@ async fn run_once(
             });
         }
     }
+}
+
+/// The leader's heartbeat, which also proves the lock connection is alive (a dead
+/// one means leadership is lost), and its region's new floor, if any.
+async fn beat(
+    lock: &tokio_postgres::Client,
+    cfg: &CaptureConfig,
+    floor: Option<Hlc>,
+) -> Result<(), CaptureError> {
+    const HEARTBEAT: &str = "UPDATE mesh.node_state SET heartbeat = now() WHERE node = $1";
+    match floor {
+        None => lock.execute(HEARTBEAT, &[&cfg.node]).await?,
+        Some(f) => {
+            let sql = format!("WITH h AS ({HEARTBEAT}) {}", floors::RAISE_ONE);
+            let f = f.as_u64() as i64;
+            lock.execute(&sql, &[&cfg.node, &cfg.region, &f]).await?
+        }
+    };
+    Ok(())
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Marks the tail as fed by this capture for as long as it lives.

@@ -23,6 +23,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use super::protocol::{self, ClientMsg, Hello, ProtocolError, ServerMsg, Welcome, PROTO_VERSION};
+use crate::log::floors::FloorMap;
 use crate::log::Logged;
 
 /// Errors of the pulling side. Every one of them means "reconnect from the checkpoint"
@@ -142,8 +143,9 @@ pub enum LinkEvent {
         upto: i64,
         head: i64,
     },
-    /// Nothing new; `head` is the peer's log head (for lag).
-    Heartbeat { head: i64 },
+    /// Nothing new; `head` is the peer's log head (for lag). `floors`, when given,
+    /// may be adopted once every batch before this heartbeat is applied.
+    Heartbeat { head: i64, floors: Option<FloorMap> },
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -269,7 +271,7 @@ impl LinkClient {
                     head: b.head,
                 })
             }
-            ServerMsg::Heartbeat { head, .. } => Ok(LinkEvent::Heartbeat { head }),
+            ServerMsg::Heartbeat { head, floors, .. } => Ok(LinkEvent::Heartbeat { head, floors }),
             ServerMsg::Refused { reason } => Err(LinkError::Refused { reason }),
             ServerMsg::Welcome(_) => Err(LinkError::Violation("a second welcome".into())),
         }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio_util::codec::LengthDelimitedCodec;
 
+use crate::log::floors::FloorMap;
 use crate::log::Logged;
 
 /// The protocol version this build speaks. A server refuses any other.
@@ -115,11 +116,16 @@ pub enum ServerMsg {
         reason: String,
     },
     Batch(Batch),
-    /// Sent when nothing else was sent for a heartbeat interval.
+    /// Sent when nothing else was sent for a heartbeat interval, and with floors.
     Heartbeat {
         head: i64,
         /// Server wall clock, Unix milliseconds (for lag estimates only).
         now_ms: u64,
+        /// Region floors the peer may adopt: every event of each region below its
+        /// floor that this server ships to the peer was sent before this heartbeat
+        /// (see [`crate::log::floors`]). Optional, so older peers ignore it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        floors: Option<FloorMap>,
     },
 }
 
@@ -373,7 +379,38 @@ mod tests {
         server_round_trip(ServerMsg::Heartbeat {
             head: 0,
             now_ms: u64::MAX,
+            floors: None,
         });
+        let floors = [("r1".to_string(), i64::MAX), ("r3".to_string(), 1)];
+        server_round_trip(ServerMsg::Heartbeat {
+            head: 7,
+            now_ms: 1,
+            floors: Some(floors.into_iter().collect()),
+        });
+    }
+
+    #[test]
+    fn heartbeats_with_and_without_floors_are_understood_both_ways() {
+        // A heartbeat from a server that predates floors has none.
+        let old = br#"{"type":"heartbeat","head":3,"now_ms":5}"#;
+        let ServerMsg::Heartbeat { head, floors, .. } = decode_server(old).unwrap() else {
+            panic!("not a heartbeat");
+        };
+        assert_eq!((head, floors), (3, None));
+        // A peer that predates floors reads only the fields it knows.
+        #[derive(Deserialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum OldServerMsg {
+            Heartbeat { head: i64, now_ms: u64 },
+        }
+        let new = encode_server(&ServerMsg::Heartbeat {
+            head: 4,
+            now_ms: 6,
+            floors: Some([("r2".to_string(), 9)].into_iter().collect()),
+        })
+        .unwrap();
+        let OldServerMsg::Heartbeat { head, now_ms } = serde_json::from_slice(&new).unwrap();
+        assert_eq!((head, now_ms), (4, 6));
     }
 
     #[test]

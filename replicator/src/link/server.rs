@@ -26,6 +26,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use super::backoff::Backoff;
 use super::protocol::ProtocolError;
 use super::session::Session;
+use crate::log::floors::{self, Floors};
 use crate::log::table::HEAD;
 use crate::log::tail::Tail;
 use crate::log::{LogError, Scan, ShipFilter, TableLog};
@@ -103,6 +104,15 @@ pub trait LogReader: Send + Sync {
     ) -> BoxFuture<'_, Result<Scan, LogError>>;
     /// The highest sequence number in the log (0 when it is empty).
     fn head(&self) -> BoxFuture<'_, Result<i64, LogError>>;
+    /// The region floors a peer with `filter` may adopt once it has everything up
+    /// to the head returned with them (see [`floors::advertised`]); `None` from a
+    /// log that keeps none (the default).
+    fn floors<'a>(
+        &'a self,
+        _filter: &'a ShipFilter,
+    ) -> BoxFuture<'a, Result<Option<Floors>, LogError>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
     /// A peer asks for events after `after`: returns how far the log was pruned
     /// (0: not at all), and unless `after` is below that, registers the peer for
     /// pruning atomically with the check: a peer seen for the first time, or one
@@ -209,6 +219,16 @@ impl LogReader for SharedTableLog {
         }))
     }
 
+    fn floors<'a>(
+        &'a self,
+        filter: &'a ShipFilter,
+    ) -> BoxFuture<'a, Result<Option<Floors>, LogError>> {
+        let filter = filter.clone();
+        Box::pin(self.with_log(move |log| {
+            Box::pin(async move { floors::advertised(log.client(), &filter).await.map(Some) })
+        }))
+    }
+
     fn open_for<'a>(&'a self, peer: &'a str, after: i64) -> BoxFuture<'a, Result<i64, LogError>> {
         let peer = peer.to_string();
         Box::pin(self.with_log(move |log| {
@@ -268,6 +288,13 @@ impl<R: LogReader> LogReader for TailedLog<R> {
 
     fn head(&self) -> BoxFuture<'_, Result<i64, LogError>> {
         self.inner.head()
+    }
+
+    fn floors<'a>(
+        &'a self,
+        filter: &'a ShipFilter,
+    ) -> BoxFuture<'a, Result<Option<Floors>, LogError>> {
+        self.inner.floors(filter)
     }
 
     fn open_for<'a>(&'a self, peer: &'a str, after: i64) -> BoxFuture<'a, Result<i64, LogError>> {

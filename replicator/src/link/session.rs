@@ -27,6 +27,7 @@ use super::protocol::{
     self, Batch, ClientMsg, Hello, ProtocolError, ServerMsg, Welcome, PROTO_VERSION,
 };
 use super::server::{LinkServer, ServeError};
+use crate::log::floors::Floors;
 use crate::log::{Logged, ShipFilter};
 
 pub(super) struct Session<'a, S> {
@@ -59,6 +60,10 @@ struct Flow {
     /// The wake watch still has a sender.
     wake_open: bool,
     next_beat: Instant,
+    /// When to read the floors to advertise next.
+    floors_due: Instant,
+    /// Floors read and not yet sent: they go out once `cursor` reaches their head.
+    floors: Option<Floors>,
 }
 
 impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
@@ -139,6 +144,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             caught_up: false,
             wake_open: true,
             next_beat: Instant::now() + cfg.heartbeat(),
+            floors_due: Instant::now(),
+            floors: None,
         };
         self.stream(&mut flow).await
     }
@@ -203,6 +210,17 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let heartbeat = self.server.cfg.heartbeat();
         let limit = self.server.cfg.peer_timeout();
         loop {
+            // Floors go out once everything below them has been sent.
+            if let Some(p) = f.floors.take_if(|p| p.head <= f.cursor) {
+                let head = f.head.max(p.head);
+                let beat = ServerMsg::Heartbeat {
+                    head,
+                    now_ms: now_ms(),
+                    floors: Some(p.floors),
+                };
+                self.send(&beat).await?;
+                f.next_beat = Instant::now() + heartbeat;
+            }
             if !f.caught_up && f.in_flight.len() < f.window {
                 self.send_next_batch(f).await?;
                 continue;
@@ -238,8 +256,18 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     if f.head > f.cursor {
                         f.caught_up = false;
                     }
-                    self.send(&ServerMsg::Heartbeat { head: f.head, now_ms: now_ms() }).await?;
+                    self.send(&ServerMsg::Heartbeat { head: f.head, now_ms: now_ms(), floors: None }).await?;
                     f.next_beat = Instant::now() + heartbeat;
+                }
+                _ = tokio::time::sleep_until(f.floors_due), if f.floors.is_none() => {
+                    f.floors_due = Instant::now() + heartbeat;
+                    if let Some(p) = self.server.log.floors(&f.filter).await? {
+                        f.head = f.head.max(p.head);
+                        if p.head > f.cursor {
+                            f.caught_up = false;
+                        }
+                        f.floors = (!p.floors.is_empty()).then_some(p);
+                    }
                 }
             }
         }

@@ -11,13 +11,18 @@
 //! recognised: pruned log rows keep their ids). The frontier is the lowest of those
 //! over every remote origin (each configured peer and each origin in the log), and
 //! below the lowest pending dead letter, which a retry would apply late. A
-//! configured peer with no event here yet holds it at nothing. This region's own
+//! configured peer with no event (and no floor) here yet holds it at nothing. This region's own
 //! writes never arrive here as events, so they do not count.
+//!
+//! A region that has not written for a while would hold the frontier at its last
+//! event, and one that never wrote at nothing. Its floor
+//! ([`super::floors`]), heard in its links' heartbeats, bounds its events still to
+//! arrive just the same, so the higher of the two counts.
 //!
 //! Besides its configured peers and the origins in its log, a region knows every
 //! region its peers know (`mesh.mesh_regions`, told in each link's welcome: a spoke
 //! learns the other spokes from its hub); each counts, and holds the frontier at
-//! nothing until one of its events arrives here, unless `mesh.forget_peer` marks it
+//! nothing until one of its events or its floor arrives here, unless `mesh.forget_peer` marks it
 //! gone for good. A region no node here has heard of yet (one added to the mesh a
 //! moment ago) is not counted: tombstones are also kept for a retention period (an
 //! hour by default), which covers its changes unless they take longer than that to
@@ -35,9 +40,9 @@ pub const CHUNK: i64 = 10_000;
 
 /// The frontier (`$1` configured peers, `$2` this region), recorded in
 /// `mesh.log_prune`: the lowest, over remote regions (configured peers, origins in
-/// the log and `mesh.mesh_regions`, less the forgotten), of the highest HLC applied
-/// here, NULL with no remote region and 0 when one has no event here; then the
-/// regions with none. Distinct origins come from the `(origin, hlc)` index, one
+/// the log, `mesh.mesh_regions` and `mesh.region_floors`, less the forgotten), of
+/// the highest HLC applied here or the region's floor, whichever is higher; NULL
+/// with no remote region and 0 when one has neither; then the regions with neither. Distinct origins come from the `(origin, hlc)` index, one
 /// probe each.
 const FRONTIER: &str = "WITH RECURSIVE o(origin) AS (
         SELECT min(origin) FROM mesh.changelog
@@ -46,9 +51,12 @@ const FRONTIER: &str = "WITH RECURSIVE o(origin) AS (
         FROM o WHERE o.origin IS NOT NULL),
      origins AS (SELECT origin FROM o WHERE origin IS NOT NULL
                  UNION SELECT unnest($1::text[])
-                 UNION SELECT name FROM mesh.mesh_regions),
+                 UNION SELECT name FROM mesh.mesh_regions
+                 UNION SELECT region FROM mesh.region_floors),
      applied AS (SELECT origin,
-                        (SELECT max(c.hlc) FROM mesh.changelog c WHERE c.origin = origins.origin) AS hlc
+                        greatest((SELECT max(c.hlc) FROM mesh.changelog c WHERE c.origin = origins.origin),
+                                 (SELECT f.floor_hlc FROM mesh.region_floors f
+                                  WHERE f.region = origins.origin)) AS hlc
                  FROM origins
                  WHERE origin <> $2
                    AND origin NOT IN (SELECT name FROM mesh.mesh_regions WHERE forgotten)),

@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{ClientConfig, LinkEvent, LinkServer, LogReader, ServeConfig};
+use crate::log::floors::{FloorMap, Floors};
 use crate::log::{LogError, Logged, Scan, ShipFilter};
 
 pub(super) const MESH: &str = "test-mesh";
@@ -28,6 +29,8 @@ pub(super) const MESH: &str = "test-mesh";
 pub(super) struct MemLog {
     rows: Mutex<Vec<Logged>>,
     reads: AtomicUsize,
+    /// Region floors to advertise with the head (none: the log keeps no floors).
+    floors: Mutex<Option<FloorMap>>,
 }
 
 impl MemLog {
@@ -40,6 +43,11 @@ impl MemLog {
             event: event(origin, seq as u64, local_only),
         });
         seq
+    }
+
+    /// Keeps `floors` as the region floors every peer may adopt.
+    pub(super) fn set_floors(&self, floors: FloorMap) {
+        *self.floors.lock().unwrap() = Some(floors);
     }
 
     pub(super) fn reads(&self) -> usize {
@@ -76,6 +84,17 @@ impl LogReader for MemLog {
     fn head(&self) -> BoxFuture<'_, Result<i64, LogError>> {
         let head = self.rows.lock().unwrap().last().map_or(0, |l| l.seq);
         Box::pin(async move { Ok(head) })
+    }
+
+    fn floors<'a>(
+        &'a self,
+        _filter: &'a ShipFilter,
+    ) -> BoxFuture<'a, Result<Option<Floors>, LogError>> {
+        let head = self.rows.lock().unwrap().last().map_or(0, |l| l.seq);
+        let floors = self.floors.lock().unwrap().clone();
+        Box::pin(std::future::ready(Ok(
+            floors.map(|floors| Floors { head, floors })
+        )))
     }
 }
 
@@ -144,7 +163,9 @@ pub(super) fn client(region: &str) -> ClientConfig {
 pub(super) fn seqs(ev: &LinkEvent) -> (Vec<i64>, i64) {
     match ev {
         LinkEvent::Batch { events, upto, .. } => (events.iter().map(|l| l.seq).collect(), *upto),
-        LinkEvent::Heartbeat { head } => panic!("expected a batch, got a heartbeat at head {head}"),
+        LinkEvent::Heartbeat { head, .. } => {
+            panic!("expected a batch, got a heartbeat at head {head}")
+        }
     }
 }
 

@@ -313,7 +313,13 @@ async fn idle_links_heartbeat_and_heartbeats_catch_missed_notifications() {
     assert_eq!(seqs(&next_batch(&mut c).await), (vec![1, 2], 2));
     c.ack(2).await.unwrap();
     let t0 = Instant::now();
-    assert_eq!(c.next().await.unwrap(), LinkEvent::Heartbeat { head: 2 });
+    assert_eq!(
+        c.next().await.unwrap(),
+        LinkEvent::Heartbeat {
+            head: 2,
+            floors: None
+        }
+    );
     let waited = t0.elapsed();
     assert!(
         waited >= Duration::from_millis(900) && waited <= Duration::from_millis(1100),
@@ -322,8 +328,67 @@ async fn idle_links_heartbeat_and_heartbeats_catch_missed_notifications() {
     // A notification lost (e.g. while the notifier reconnected): the next heartbeat
     // sees the head moved, says so, and the batch follows.
     h.log.push("eu", false);
-    assert_eq!(c.next().await.unwrap(), LinkEvent::Heartbeat { head: 3 });
+    assert_eq!(
+        c.next().await.unwrap(),
+        LinkEvent::Heartbeat {
+            head: 3,
+            floors: None
+        }
+    );
     assert_eq!(seqs(&c.next().await.unwrap()), (vec![3], 3));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn floors_follow_every_batch_below_them() {
+    let h = Harness::start(|_| {}, None).await;
+    for _ in 0..3 {
+        h.log.push("eu", false);
+    }
+    let floors: crate::log::floors::FloorMap = [("eu".to_string(), 77)].into_iter().collect();
+    h.log.set_floors(floors.clone());
+    // One event per batch and one batch in flight: the floors, read with the log at
+    // seq 3, may only follow the batch that reaches 3.
+    let mut cfg = client("us");
+    cfg.max_batch = 1;
+    cfg.window = 1;
+    let (mut c, _) = LinkClient::connect(h.addr, cfg).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        match c.next().await.unwrap() {
+            LinkEvent::Batch { upto, .. } => {
+                seen.push(upto);
+                c.ack(upto).await.unwrap();
+            }
+            LinkEvent::Heartbeat { head, floors: got } => {
+                if let Some(got) = got {
+                    assert_eq!(got, floors);
+                    assert_eq!(head, 3);
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        [1, 2, 3],
+        "floors arrived before the batches below them"
+    );
+    // And again about every heartbeat interval while the link is idle.
+    let t0 = Instant::now();
+    loop {
+        if let LinkEvent::Heartbeat {
+            floors: Some(_), ..
+        } = c.next().await.unwrap()
+        {
+            break;
+        }
+    }
+    assert!(
+        t0.elapsed() <= Duration::from_millis(2100),
+        "{:?}",
+        t0.elapsed()
+    );
     h.stop().await;
 }
 
