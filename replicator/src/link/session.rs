@@ -210,7 +210,18 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let heartbeat = self.server.cfg.heartbeat();
         let limit = self.server.cfg.peer_timeout();
         loop {
-            // Floors go out once everything below them has been sent.
+            // Floors are read now and then, busy or not, and go out once everything
+            // below them has been sent.
+            if f.floors.is_none() && Instant::now() >= f.floors_due {
+                f.floors_due = Instant::now() + heartbeat;
+                if let Some(p) = self.server.log.floors(&f.filter).await? {
+                    f.head = f.head.max(p.head);
+                    if p.head > f.cursor {
+                        f.caught_up = false;
+                    }
+                    f.floors = (!p.floors.is_empty()).then_some(p);
+                }
+            }
             if let Some(p) = f.floors.take_if(|p| p.head <= f.cursor) {
                 let head = f.head.max(p.head);
                 let beat = ServerMsg::Heartbeat {
@@ -259,16 +270,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     self.send(&ServerMsg::Heartbeat { head: f.head, now_ms: now_ms(), floors: None }).await?;
                     f.next_beat = Instant::now() + heartbeat;
                 }
-                _ = tokio::time::sleep_until(f.floors_due), if f.floors.is_none() => {
-                    f.floors_due = Instant::now() + heartbeat;
-                    if let Some(p) = self.server.log.floors(&f.filter).await? {
-                        f.head = f.head.max(p.head);
-                        if p.head > f.cursor {
-                            f.caught_up = false;
-                        }
-                        f.floors = (!p.floors.is_empty()).then_some(p);
-                    }
-                }
+                // Time to read the floors (at the top of the loop).
+                _ = tokio::time::sleep_until(f.floors_due), if f.floors.is_none() => {}
             }
         }
     }
