@@ -138,6 +138,12 @@ pub enum Role {
     Leader,
 }
 
+/// How far a region's floor trails the database clock of the keepalive it is taken
+/// from: more than a commit takes from its timestamp to its WAL flush (an
+/// asynchronous commit waits for the WAL writer), so that the transactions decoded
+/// after that keepalive keep their own commit times as HLCs.
+const FLOOR_TRAILS_MS: i64 = 2_000;
+
 /// Advisory-lock key of a region's capture leadership.
 pub fn leader_key(region: &str) -> i64 {
     0x7067_6d00_0000_0000 | (catalog::origin_id_for(region) as i64)
@@ -178,6 +184,9 @@ async fn run_once(
 ) -> Result<(), CaptureError> {
     // This connection holds the leader lock for as long as it lives.
     let lock = catalog::connect_as(&cfg.url, "pgmesh-capture-lock").await?;
+    // The floor it writes must be as durable as the appends below it, whatever the
+    // database's default.
+    lock.batch_execute("SET synchronous_commit = on").await?;
     let installed: bool = lock
         .query_one("SELECT to_regclass('mesh.changelog') IS NOT NULL", &[])
         .await?
@@ -236,6 +245,9 @@ async fn run_once(
         tail: cfg.tail.clone(),
     };
     let mut tick = tokio::time::interval(cfg.status_interval);
+    // The server clock of the last keepalive that found every transaction before
+    // it logged (the floor's clock; see the tick).
+    let mut caught_up_at: Option<PgTimestamp> = None;
     loop {
         let msg = tokio::select! {
             biased;
@@ -246,12 +258,16 @@ async fn run_once(
                 continue;
             }
             _ = tick.tick() => {
-                stream.send_status(status(pump.confirmed, false)).await?;
+                // The answer (a keepalive) tells whether capture has caught up.
+                stream.send_status(status(pump.confirmed, true)).await?;
                 // With nothing assembled still waiting for the log, every event of
                 // this region below the floor is logged; from here on none gets a
-                // lower HLC.
-                let floor = pump.batch.is_empty().then(|| {
-                    let f = floors::own_floor(asm.previous(), unix_ms());
+                // lower HLC. The floor trails the database clock of a moment when
+                // capture had caught up, so the HLC of a transaction committed after
+                // that moment is its own commit time, never raised to the floor.
+                let floor = caught_up_at.take().filter(|_| pump.batch.is_empty()).map(|at| {
+                    let ms = at.to_unix_millis().saturating_sub(FLOOR_TRAILS_MS);
+                    let f = floors::own_floor(asm.previous(), u64::try_from(ms).unwrap_or(0));
                     asm.raise_floor(f);
                     f
                 });
@@ -273,6 +289,8 @@ async fn run_once(
                 {
                     // Nothing of ours is pending below wal_end: let the slot move on.
                     pump.pending_end = pump.pending_end.max(k.wal_end);
+                    // Every transaction that committed before it is logged.
+                    caught_up_at = Some(k.server_clock);
                 }
                 if k.reply_requested {
                     pump.flush(&mut log, stream).await?;
@@ -309,12 +327,6 @@ async fn beat(
         }
     };
     Ok(())
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Marks the tail as fed by this capture for as long as it lives.

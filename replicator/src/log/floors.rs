@@ -7,12 +7,16 @@
 //! everywhere. A floor is a second such bound, kept in `mesh.region_floors`:
 //!
 //! - **Own region.** The capture leader raises its region's floor every status
-//!   interval while nothing it assembled is waiting for the log: to the wall clock,
-//!   and at least one above the last final HLC. It first raises the HLC below which
-//!   it never assigns a final HLC again to just under the floor (final HLCs are
-//!   `max(stamp, commit_ts, previous + 1)`, and `previous` becomes at least
-//!   `floor - 1`), and a new leader starts from the stored floor. So every event of
-//!   the region below its floor is in its log already, and no clock has to be right.
+//!   interval while nothing it assembled is waiting for the log: to the database
+//!   clock of the last keepalive that found every earlier commit logged, less two
+//!   seconds, and at least one above the last final HLC. It first raises the HLC
+//!   below which it never assigns a final HLC again to just under the floor (final
+//!   HLCs are `max(stamp, commit_ts, previous + 1)`, and `previous` becomes at least
+//!   `floor - 1`), writes it with a synchronous commit, and a new leader starts
+//!   from the stored floor. So every event of the region below its floor is in its
+//!   log already, and no clock has to be right for that. The transactions decoded
+//!   later committed after that keepalive, so their commit times are above the
+//!   floor and stay their HLCs: the floor changes no conflict's winner.
 //! - **Other regions.** A link server advertises, in a heartbeat, the floors of the
 //!   regions whose events it ships to that peer (its own, and in hub mode the others
 //!   but the peer's), capped below its pending dead letters of each region. It reads
@@ -33,7 +37,8 @@ use crate::hlc::Hlc;
 
 /// What a link server advertises (`$1` server region, `$2` relay, `$3` peer region):
 /// the log head, then the regions and floors the peer may adopt once it has
-/// everything up to that head, read in one snapshot.
+/// everything up to that head, read in one snapshot. Regions forgotten here
+/// (`mesh.forget_peer`) are not passed on.
 pub const ADVERTISED: &str = "WITH f AS (
         SELECT r.region,
                least(r.floor_hlc,
@@ -41,26 +46,26 @@ pub const ADVERTISED: &str = "WITH f AS (
                                WHERE d.origin = r.region AND d.status IN ('pending', 'retry')),
                               r.floor_hlc)) AS floor_hlc
         FROM mesh.region_floors r
-        WHERE r.region <> $3 AND (r.region = $1 OR $2))
+        WHERE r.region <> $3 AND (r.region = $1 OR $2)
+          AND r.region NOT IN (SELECT name FROM mesh.mesh_regions WHERE forgotten))
 SELECT (SELECT coalesce(max(seq), 0) FROM mesh.changelog)::int8,
        coalesce((SELECT array_agg(region ORDER BY region) FROM f), '{}'),
        coalesce((SELECT array_agg(floor_hlc ORDER BY region) FROM f), '{}')";
 
-/// Raises floors (`$1` regions, `$2` floors), never lowering one, skipping region
-/// `$3` (this region, when the floors came from a peer; `''` otherwise).
+/// Raises floors (`$1` regions, `$2` floors), never lowering one (nor writing one
+/// that stays), skipping region `$3` (this region, when the floors came from a peer;
+/// `''` otherwise).
 pub const RAISE: &str = "INSERT INTO mesh.region_floors (region, floor_hlc)
      SELECT r, f FROM unnest($1::text[], $2::int8[]) AS u(r, f) WHERE r <> $3
-     ON CONFLICT (region) DO UPDATE
-        SET floor_hlc = greatest(mesh.region_floors.floor_hlc, EXCLUDED.floor_hlc),
-            updated_at = now()";
+     ON CONFLICT (region) DO UPDATE SET floor_hlc = EXCLUDED.floor_hlc, updated_at = now()
+        WHERE EXCLUDED.floor_hlc > mesh.region_floors.floor_hlc";
 
 /// [`RAISE`] for one region, `$2`, to `$3`, for a statement whose CTE uses `$1`
 /// (capture's heartbeat).
 pub const RAISE_ONE: &str =
     "INSERT INTO mesh.region_floors (region, floor_hlc) VALUES ($2, $3::int8)
-     ON CONFLICT (region) DO UPDATE
-        SET floor_hlc = greatest(mesh.region_floors.floor_hlc, EXCLUDED.floor_hlc),
-            updated_at = now()";
+     ON CONFLICT (region) DO UPDATE SET floor_hlc = EXCLUDED.floor_hlc, updated_at = now()
+        WHERE EXCLUDED.floor_hlc > mesh.region_floors.floor_hlc";
 
 /// Floors as a peer receives them: region to floor HLC.
 pub type FloorMap = BTreeMap<String, i64>;

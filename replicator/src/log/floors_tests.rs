@@ -85,6 +85,17 @@ async fn advertised_floors_follow_the_ship_filter_and_stay_below_dead_letters() 
     .unwrap();
     let settled = advertised(&c, &filter(true, "r2")).await.unwrap();
     assert_eq!(settled.floors, map(&[("r1", 100), ("r3", 300)]));
+    // A region known here only by its floor can be forgotten, and is no longer
+    // passed on.
+    adopt(&c, "", &map(&[("r9", 900)])).await.unwrap();
+    let known: bool = c
+        .query_one("SELECT mesh.forget_peer('r9')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(known);
+    let hub = advertised(&c, &filter(true, "r2")).await.unwrap();
+    assert_eq!(hub.floors, map(&[("r1", 100), ("r3", 300)]));
     scratch::drop_database(&url).await;
 }
 
@@ -151,5 +162,10 @@ async fn a_floor_moves_the_frontier_of_a_region_with_old_or_no_events() {
         .await
         .unwrap();
     assert_eq!(prune().await.unwrap().frontier, Some(1_500 << 16));
+    // Until it is forgotten.
+    c.execute("SELECT mesh.forget_peer('r4')", &[])
+        .await
+        .unwrap();
+    assert_eq!(prune().await.unwrap().frontier, Some(2_000 << 16));
     scratch::drop_database(&url).await;
 }

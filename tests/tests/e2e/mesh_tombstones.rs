@@ -265,3 +265,63 @@ async fn a_spoke_hears_the_other_spokes_and_their_floors_through_its_hub() -> Re
     mesh.shutdown().await;
     Ok(())
 }
+
+/// A region's floor trails its database clock, so a write after it keeps its
+/// commit time as its HLC (the floor decides no conflict), and a capture leader
+/// that starts later never goes below a stored floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_floor_trails_the_clock_and_binds_the_next_capture_leader() -> Result<()> {
+    let mut mesh = start_pruning(&["tf_a", "tf_b"]).await?;
+    let own = "SELECT coalesce(max(floor_hlc), 0) FROM mesh.region_floors WHERE region = 'tf_a'";
+    let floor = wait_for(CONVERGE_TIMEOUT, "tf_a's floor", || async {
+        let f = scalar(&mesh, 0, own).await?;
+        Ok((f > 0).then_some(f))
+    })
+    .await?;
+    let now_ms = "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::int8";
+    let now = scalar(&mesh, 0, now_ms).await?;
+    assert!(
+        floor >> 16 <= now - 2000,
+        "floor {} ms, database clock {now} ms",
+        floor >> 16
+    );
+
+    // Written directly (no stamp): its HLC is its commit time, not the floor.
+    mesh.region(0)
+        .admin
+        .batch_execute("INSERT INTO t VALUES (1, 'direct')")
+        .await?;
+    let (hlc, commit_ms) = nth_logged(&mesh, 1).await?;
+    assert_eq!(hlc >> 16, commit_ms, "the floor raised a later write's HLC");
+
+    // A floor far ahead, stored while no leader runs, binds the next one.
+    mesh.stop_node(0).await?;
+    let ahead = (now + 3_600_000) << 16;
+    mesh.region(0)
+        .admin
+        .execute(
+            "UPDATE mesh.region_floors SET floor_hlc = $1 WHERE region = 'tf_a'",
+            &[&ahead],
+        )
+        .await?;
+    mesh.restart_node(0).await?;
+    mesh.region(0)
+        .admin
+        .batch_execute("INSERT INTO t VALUES (2, 'after the restart')")
+        .await?;
+    let (hlc, _) = nth_logged(&mesh, 2).await?;
+    assert!(hlc >= ahead, "HLC {hlc} below the stored floor {ahead}");
+    mesh.shutdown().await;
+    Ok(())
+}
+
+/// Once region 0 has logged `n` events of its own: the HLC and the commit time
+/// (Unix ms) of the last.
+async fn nth_logged(mesh: &Mesh, n: i64) -> Result<(i64, i64)> {
+    let own = "SELECT count(*) FROM mesh.changelog WHERE origin = 'tf_a'";
+    wait_count(mesh, 0, own, n).await?;
+    let last = "SELECT hlc, floor(extract(epoch FROM commit_ts) * 1000)::int8
+                FROM mesh.changelog WHERE origin = 'tf_a' ORDER BY seq DESC LIMIT 1";
+    let r = mesh.region(0).admin.query_one(last, &[]).await?;
+    Ok((r.get(0), r.get(1)))
+}
