@@ -214,13 +214,6 @@ async fn run_once(
     let log_client = catalog::connect_as(&cfg.url, "pgmesh-capture-log").await?;
     TableLog::skip_ahead(&log_client).await?;
     let mut log = TableLog::new(log_client).await?;
-    let resume = log.resume_point(&cfg.region).await?;
-    let skip_upto = resume.map_or(Lsn(0), |r| r.lsn);
-    let mut asm = Assembler::new(&cfg.region, resume.map_or(Hlc::ZERO, |r| r.hlc));
-    // A floor a previous leader published binds this one too.
-    if let Some(floor) = floors::stored(log.client(), &cfg.region).await? {
-        asm.raise_floor(floor);
-    }
     let params = ConnParams::from_url(&cfg.url)?
         .with_application_name(format!("pgmesh-capture-{}", cfg.region));
     let conn = ReplConnection::connect(&params).await?;
@@ -234,6 +227,15 @@ async fn run_once(
     let Some(stream) = stream.as_mut() else {
         return Ok(());
     };
+    // Where to resume is read only now that the slot is ours: a previous leader
+    // that lost its lock but not yet its stream may have logged more until then.
+    let resume = log.resume_point(&cfg.region).await?;
+    let skip_upto = resume.map_or(Lsn(0), |r| r.lsn);
+    let mut asm = Assembler::new(&cfg.region, resume.map_or(Hlc::ZERO, |r| r.hlc));
+    // A floor a previous leader published binds this one too.
+    if let Some(floor) = floors::stored(log.client(), &cfg.region).await? {
+        asm.raise_floor(floor);
+    }
     let _ = role.send(Role::Leader);
     let _publishing = cfg.tail.as_ref().map(|t| Publishing::start(t.clone()));
     let mut pump = Pump {
