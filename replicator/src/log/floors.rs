@@ -114,12 +114,13 @@ pub async fn stored(c: &Client, region: &str) -> Result<Option<Hlc>, LogError> {
     .map(|r| Hlc::from_u64(r.get::<_, i64>(0) as u64)))
 }
 
-/// The floor capture raises its region's to: the wall clock `now_ms`, and at least
-/// one above `previous`, the last final HLC.
-pub fn own_floor(previous: Hlc, now_ms: u64) -> Hlc {
+/// The floor capture raises its region's to: `clock_ms` (capture passes the
+/// database clock of a keepalive that found it caught up, less a trail), and at
+/// least one above `previous`, the last final HLC.
+pub fn own_floor(previous: Hlc, clock_ms: u64) -> Hlc {
     previous
         .saturating_next()
-        .max(Hlc::from_parts(now_ms.min(Hlc::MAX_PHYSICAL_MS), 0))
+        .max(Hlc::from_parts(clock_ms.min(Hlc::MAX_PHYSICAL_MS), 0))
 }
 
 #[cfg(test)]
