@@ -251,10 +251,12 @@ async fn run_once(
     // it logged (the floor's clock; see the tick).
     let mut caught_up_at: Option<PgTimestamp> = None;
     loop {
+        // Timers and pokes before the stream: they are ready now and then, while a
+        // stream working through a backlog is ready every time, which would starve
+        // the status updates, the leader heartbeat (`mesh.nodes.alive`) and the floor.
         let msg = tokio::select! {
             biased;
             _ = shutdown.changed() => return Ok(()),
-            m = stream.next() => m?,
             _ = progress.poke.notified() => {
                 stream.send_status(status(pump.confirmed, true)).await?;
                 continue;
@@ -276,6 +278,7 @@ async fn run_once(
                 beat(&lock, cfg, floor).await?;
                 continue;
             }
+            m = stream.next() => m?,
         };
         match msg {
             None => return Err(CaptureError::StreamEnded),
