@@ -64,6 +64,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "region_floors",
         sql: include_str!("../migrations/0010_region_floors.sql"),
     },
+    Migration {
+        version: 11,
+        name: "capture_epochs",
+        sql: include_str!("../migrations/0011_capture_epochs.sql"),
+    },
 ];
 
 /// The newest catalog version this binary knows.

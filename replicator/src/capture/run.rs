@@ -21,8 +21,8 @@ use super::assemble::{AssembleError, Assembler};
 use crate::catalog::{self, CatalogError, PUBLICATION};
 use crate::event::ChangeEvent;
 use crate::hlc::Hlc;
-use crate::log::floors;
 use crate::log::tail::Tail;
+use crate::log::{fence, floors};
 use crate::log::{ChangeLog, LogError, TableLog};
 use crate::pgoutput::{Lsn, PgTimestamp, ReplicationMessage, StandbyStatusUpdate};
 use crate::replconn::{ConnParams, ReplConnection, ReplError, ReplStream};
@@ -227,8 +227,11 @@ async fn run_once(
     let Some(stream) = stream.as_mut() else {
         return Ok(());
     };
-    // Where to resume is read only now that the slot is ours: a previous leader
-    // that lost its lock but not yet its stream may have logged more until then.
+    // Where to resume is read only now that the slot is ours, and once this node's
+    // epoch fences off any append a previous leader still has on its way.
+    let fence = fence::take(log.client(), &cfg.region, &cfg.node).await?;
+    info!(region = %cfg.region, epoch = fence.epoch, "capture epoch taken");
+    log.set_fence(fence);
     let resume = log.resume_point(&cfg.region).await?;
     let skip_upto = resume.map_or(Lsn(0), |r| r.lsn);
     let mut asm = Assembler::new(&cfg.region, resume.map_or(Hlc::ZERO, |r| r.hlc));

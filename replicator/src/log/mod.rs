@@ -7,6 +7,7 @@
 //! Kafka comes later behind the same trait. Implementations must never reorder the
 //! events of one append.
 
+pub mod fence;
 pub mod floors;
 pub mod notify;
 pub mod prune;
@@ -32,6 +33,12 @@ pub enum LogError {
     Unavailable(String),
     #[error("change log row {seq} is corrupt: {reason}")]
     Corruption { seq: i64, reason: String },
+    #[error("another node leads capture of region {region} now (epoch {current}, this one {ours}); this append did not happen")]
+    Fenced {
+        region: String,
+        ours: i64,
+        current: i64,
+    },
 }
 
 /// Where capture of one origin resumes: the last logged commit LSN and final HLC.

@@ -8,10 +8,11 @@
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-use futures::future::{try_join, try_join3};
+use futures::future::{try_join, try_join4};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
+use super::fence::{self, Fence};
 use super::{versions, ChangeLog, LogError, Logged, ResumePoint, Scan, ShipFilter};
 use crate::apply::exec::StatementCache;
 use crate::apply::sql::shift_params;
@@ -151,6 +152,8 @@ const READ_FOR: &str = read_sql!("(NOT local_only AND origin <> $3 AND (origin =
 pub struct TableLog {
     client: Client,
     cache: StatementCache,
+    /// The capture leader epoch appends of captured events check (none: no check).
+    fence: Option<Fence>,
 }
 
 impl TableLog {
@@ -160,7 +163,14 @@ impl TableLog {
         Ok(Self {
             client,
             cache: StatementCache::default(),
+            fence: None,
         })
+    }
+
+    /// Appends of captured events ([`TableLog::append_local`]) land only while
+    /// `fence` is its region's current capture epoch.
+    pub fn set_fence(&mut self, fence: Fence) {
+        self.fence = Some(fence);
     }
 
     /// The underlying connection.
@@ -187,23 +197,37 @@ impl TableLog {
         let lock = self.cache.get(&self.client, LOCK).await?;
         let load = self.cache.get(&self.client, versions::LOAD).await?;
         let append = self.cache.get(&self.client, &APPEND_STORE).await?;
-        // Two round trips: BEGIN + lock + read versions; log and write versions +
-        // COMMIT. The transaction is managed by hand so BEGIN and COMMIT pipeline.
+        let epoch = self.cache.get(&self.client, fence::CURRENT).await?;
+        // Two round trips: BEGIN + lock + read versions (+ the leader epoch); log and
+        // write versions + COMMIT. The transaction is managed by hand so BEGIN and
+        // COMMIT pipeline.
         let c = &self.client;
         let keys = versions::keys_of(events);
-        let first = try_join3(
+        let fence = self.fence.as_ref();
+        let check = async {
+            match fence {
+                Some(f) => c.query_one(&epoch, &[&f.region]).await.map(|r| r.get(0)),
+                None => Ok(0),
+            }
+        };
+        let first = try_join4(
             c.batch_execute("BEGIN"),
             c.execute(&lock, &[&APPEND_LOCK]),
             versions::load(c, &load, &keys),
+            check,
         )
         .await;
-        let current = match first {
-            Ok((_, _, current)) => current,
+        let (current, now) = match first {
+            Ok((_, _, current, now)) => (current, now),
             Err(e) => {
                 let _ = c.batch_execute("ROLLBACK").await;
                 return Err(e.into());
             }
         };
+        if let Some(f) = fence.filter(|f| f.epoch != now) {
+            let _ = c.batch_execute("ROLLBACK").await;
+            return Err(f.lost(now));
+        }
         let touched = versions::advance_local(events, current);
         let params = append_params(events);
         let store = versions::StoreParams::new(&touched);
