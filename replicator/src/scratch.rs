@@ -1,7 +1,9 @@
 //! Test support: events to log, and a fresh database with the mesh catalog on the
 //! server of `PGMESH_TEST_DATABASE_URL` for unit tests that need a real one.
 
-use tokio_postgres::NoTls;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
 
 use crate::catalog;
 use crate::event::ChangeEvent;
@@ -57,4 +59,27 @@ pub(crate) async fn drop_database(url: &str) {
         .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
         .await
         .unwrap();
+}
+
+/// Waits (with a deadline) until session `pid` waits on a lock.
+pub(crate) async fn until_waiting_on_lock(c: &Client, pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: bool = c
+            .query_one(
+                "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "session {pid} never waited on a lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -1,8 +1,6 @@
 //! Capture leader epochs on a real database: a fenced leader's append does not land,
 //! and taking an epoch waits for an append already under way.
 
-use std::time::{Duration, Instant};
-
 use super::*;
 use crate::catalog;
 use crate::log::{LogError, TableLog};
@@ -88,25 +86,7 @@ async fn taking_an_epoch_waits_for_an_append_under_way() {
         let f = take(&new, "r1", "new").await.unwrap();
         (f, count(&new).await)
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: bool = admin
-            .query_one(
-                "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1",
-                &[&pid],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "take never waited for the append"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    scratch::until_waiting_on_lock(&admin, pid).await;
     assert!(!taking.is_finished());
     old.batch_execute("COMMIT").await.unwrap();
     // Once the epoch is taken, what the new leader reads includes that append.

@@ -456,34 +456,9 @@ impl ChangeLog for TableLog {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
-
     use super::*;
     use crate::catalog;
     use crate::scratch;
-
-    /// Waits (with a deadline) until session `pid` waits on a lock.
-    async fn until_waiting_on_lock(c: &Client, pid: i32) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let waiting: bool = c
-                .query_one(
-                    "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1",
-                    &[&pid],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if waiting {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "session {pid} never waited on the append lock"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
 
     /// [`APPEND_LOCKED_INSERT`] takes the append lock before it draws a sequence
     /// number: while another appender holds the lock it waits, and its rows come after
@@ -516,7 +491,7 @@ mod tests {
             logged_rows(late.clone(), &row)
         };
         let first = async {
-            until_waiting_on_lock(&watcher, pid).await;
+            scratch::until_waiting_on_lock(&watcher, pid).await;
             let early = vec![scratch::event("r1", 1, false)];
             let row = holder
                 .query_one(APPEND, &append_params(&early).refs())
