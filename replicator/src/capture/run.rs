@@ -138,11 +138,11 @@ pub enum Role {
     Leader,
 }
 
-/// How far a region's floor trails the database clock of the keepalive it is taken
-/// from: more than a commit takes from its timestamp to its WAL flush (an
-/// asynchronous commit waits for the WAL writer), so that the transactions decoded
-/// after that keepalive keep their own commit times as HLCs.
-const FLOOR_TRAILS_MS: i64 = 2_000;
+/// How far a region's floor trails the database clock of its [`FloorMark`]: more
+/// than a commit takes from its timestamp to its commit record, so that the
+/// transactions whose commit records come after the mark keep their own commit
+/// times as HLCs.
+const FLOOR_TRAILS_MS: u64 = 2_000;
 
 /// Advisory-lock key of a region's capture leadership.
 pub fn leader_key(region: &str) -> i64 {
@@ -250,9 +250,11 @@ async fn run_once(
         tail: cfg.tail.clone(),
     };
     let mut tick = tokio::time::interval(cfg.status_interval);
-    // The server clock of the last keepalive that found every transaction before
-    // it logged (the floor's clock; see the tick).
-    let mut caught_up_at: Option<PgTimestamp> = None;
+    // After a stall, one tick, not a burst of them.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The next floor, once every commit below its WAL position is logged (see the
+    // tick).
+    let mut next_floor: Option<FloorMark> = None;
     loop {
         // Timers and pokes before the stream: they are ready now and then, while a
         // stream working through a backlog is ready every time, which would starve
@@ -265,20 +267,22 @@ async fn run_once(
                 continue;
             }
             _ = tick.tick() => {
-                // The answer (a keepalive) tells whether capture has caught up.
+                // The answer (a keepalive) moves `confirmed` on while idle.
                 stream.send_status(status(pump.confirmed, true)).await?;
-                // With nothing assembled still waiting for the log, every event of
+                // A floor mark is taken when every commit below its WAL position is
+                // logged, nothing assembled waits for the log, so every event of
                 // this region below the floor is logged; from here on none gets a
-                // lower HLC. The floor trails the database clock of a moment when
-                // capture had caught up, so the HLC of a transaction committed after
-                // that moment is its own commit time, never raised to the floor.
-                let floor = caught_up_at.take().filter(|_| pump.batch.is_empty()).map(|at| {
-                    let ms = at.to_unix_millis().saturating_sub(FLOOR_TRAILS_MS);
-                    let f = floors::own_floor(asm.previous(), u64::try_from(ms).unwrap_or(0));
+                // lower HLC. Transactions that commit after the mark's clock keep
+                // their commit times as HLCs, never raised to the floor: the floor
+                // trails that clock.
+                let reached = next_floor.take_if(|m| pump.batch.is_empty() && pump.confirmed >= m.lsn);
+                let floor = reached.map(|m| {
+                    let f = floors::own_floor(asm.previous(), m.clock_ms.saturating_sub(FLOOR_TRAILS_MS));
                     asm.raise_floor(f);
                     f
                 });
-                beat(&lock, cfg, floor).await?;
+                let mark = beat(&lock, cfg, floor).await?;
+                next_floor = next_floor.or(Some(mark));
                 continue;
             }
             m = stream.next() => m?,
@@ -297,8 +301,6 @@ async fn run_once(
                 {
                     // Nothing of ours is pending below wal_end: let the slot move on.
                     pump.pending_end = pump.pending_end.max(k.wal_end);
-                    // Every transaction that committed before it is logged.
-                    caught_up_at = Some(k.server_clock);
                 }
                 if k.reply_requested {
                     pump.flush(&mut log, stream).await?;
@@ -318,14 +320,25 @@ async fn run_once(
     }
 }
 
+/// A candidate for the region's floor: the database clock when the WAL was at `lsn`.
+/// Every transaction that committed before then has its commit record below `lsn`.
+#[derive(Debug, Clone, Copy)]
+struct FloorMark {
+    lsn: Lsn,
+    clock_ms: u64,
+}
+
 /// The leader's heartbeat, which also proves the lock connection is alive (a dead
-/// one means leadership is lost), and its region's new floor, if any.
+/// one means leadership is lost), and its region's new floor, if any. Returns the
+/// next [`FloorMark`].
 async fn beat(
     lock: &tokio_postgres::Client,
     cfg: &CaptureConfig,
     floor: Option<Hlc>,
-) -> Result<(), CaptureError> {
+) -> Result<FloorMark, CaptureError> {
     const HEARTBEAT: &str = "UPDATE mesh.node_state SET heartbeat = now() WHERE node = $1";
+    const MARK: &str = "SELECT pg_current_wal_insert_lsn()::text,
+                               floor(extract(epoch FROM clock_timestamp()) * 1000)::int8";
     match floor {
         None => lock.execute(HEARTBEAT, &[&cfg.node]).await?,
         Some(f) => {
@@ -334,7 +347,12 @@ async fn beat(
             lock.execute(&sql, &[&cfg.node, &cfg.region, &f]).await?
         }
     };
-    Ok(())
+    let row = lock.query_one(MARK, &[]).await?;
+    let lsn: String = row.get(0);
+    Ok(FloorMark {
+        lsn: lsn.parse().unwrap_or(Lsn(u64::MAX)),
+        clock_ms: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+    })
 }
 
 /// Marks the tail as fed by this capture for as long as it lives.

@@ -94,3 +94,70 @@ async fn taking_an_epoch_waits_for_an_append_under_way() {
     assert_eq!((f.epoch, logged), (1, 1));
     scratch::drop_database(&url).await;
 }
+
+#[tokio::test]
+async fn an_append_queued_behind_a_new_epoch_is_refused() {
+    let Some(url) = scratch::database("pgmesh_fence_queue").await else {
+        return;
+    };
+    let mut old = TableLog::new(catalog::connect(&url).await.unwrap())
+        .await
+        .unwrap();
+    let fence = take(old.client(), "r1", "old").await.unwrap();
+    old.set_fence(fence);
+    let new = catalog::connect(&url).await.unwrap();
+    let holder = catalog::connect(&url).await.unwrap();
+    let admin = catalog::connect(&url).await.unwrap();
+    // Another append holds the lock; the new leader's take queues on it, then the
+    // old leader's append queues behind the take.
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK})"
+        ))
+        .await
+        .unwrap();
+    let new_pid = backend(&new).await;
+    let old_pid = backend(old.client()).await;
+    let taking = tokio::spawn(async move { take(&new, "r1", "new").await.unwrap() });
+    scratch::until_waiting_on_lock(&admin, new_pid).await;
+    let appending = tokio::spawn(async move {
+        let r = old.append_local(&mut vec![event("r1", 1, false)]).await;
+        (old, r)
+    });
+    scratch::until_waiting_on_lock(&admin, old_pid).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(taking.await.unwrap().epoch, 2);
+    let (old, r) = tokio::time::timeout(std::time::Duration::from_secs(10), appending)
+        .await
+        .expect("the refused append ends")
+        .unwrap();
+    assert!(
+        matches!(
+            r,
+            Err(LogError::Fenced {
+                ours: 1,
+                current: 2,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(count(&admin).await, 0);
+    // The refused append let go of the lock: the log takes appends again.
+    let again = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        take(old.client(), "r1", "old"),
+    )
+    .await
+    .expect("the append lock is free")
+    .unwrap();
+    assert_eq!(again.epoch, 3);
+    scratch::drop_database(&url).await;
+}
+
+async fn backend(c: &Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}

@@ -159,7 +159,13 @@ pub struct TableLog {
 impl TableLog {
     /// Wraps a connection to the regional database (with the catalog installed).
     pub async fn new(client: Client) -> Result<Self, LogError> {
-        client.batch_execute("SET synchronous_commit = on").await?;
+        // Appends rely on read committed: a statement after the append lock sees
+        // what the lock's previous holder committed (the fence, the versions).
+        client
+            .batch_execute(
+                "SET synchronous_commit = on; SET default_transaction_isolation = 'read committed'",
+            )
+            .await?;
         Ok(Self {
             client,
             cache: StatementCache::default(),
