@@ -10,7 +10,7 @@
 //!   skipped, so a crash never duplicates either.
 //! - Appends batch whatever is already received; nothing waits on a timer.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -18,6 +18,7 @@ use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 use super::assemble::{AssembleError, Assembler};
+use crate::apply::sql::shift_params;
 use crate::catalog::{self, CatalogError, PUBLICATION};
 use crate::event::ChangeEvent;
 use crate::hlc::Hlc;
@@ -249,6 +250,7 @@ async fn run_once(
         max_batch: cfg.max_batch,
         tail: cfg.tail.clone(),
     };
+    let beat_stmt = lock.prepare(&BEAT).await?;
     let mut tick = tokio::time::interval(cfg.status_interval);
     // After a stall, one tick, not a burst of them.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -281,7 +283,7 @@ async fn run_once(
                     asm.raise_floor(f);
                     f
                 });
-                let mark = beat(&lock, cfg, floor).await?;
+                let mark = beat(&lock, &beat_stmt, cfg, floor).await?;
                 next_floor = next_floor.or(Some(mark));
                 continue;
             }
@@ -328,26 +330,33 @@ struct FloorMark {
     clock_ms: u64,
 }
 
-/// The leader's heartbeat, which also proves the lock connection is alive (a dead
-/// one means leadership is lost), and its region's new floor, if any. Returns the
-/// next [`FloorMark`].
+/// The leader's heartbeat (`$1` node), which also proves the lock connection is
+/// alive (a dead one means leadership is lost), with its region's new floor
+/// ([`floors::RAISE`], `$2`..`$4`; empty arrays raise nothing), and the next
+/// [`FloorMark`], in one statement.
+static BEAT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH h AS (UPDATE mesh.node_state SET heartbeat = now() WHERE node = $1),
+              f AS ({})
+         SELECT pg_current_wal_insert_lsn()::text,
+                floor(extract(epoch FROM clock_timestamp()) * 1000)::int8",
+        shift_params(floors::RAISE, 1)
+    )
+});
+
+/// Runs [`BEAT`] (prepared as `stmt`): the heartbeat, `floor` if any, and the next
+/// [`FloorMark`].
 async fn beat(
     lock: &tokio_postgres::Client,
+    stmt: &tokio_postgres::Statement,
     cfg: &CaptureConfig,
     floor: Option<Hlc>,
 ) -> Result<FloorMark, CaptureError> {
-    const HEARTBEAT: &str = "UPDATE mesh.node_state SET heartbeat = now() WHERE node = $1";
-    const MARK: &str = "SELECT pg_current_wal_insert_lsn()::text,
-                               floor(extract(epoch FROM clock_timestamp()) * 1000)::int8";
-    match floor {
-        None => lock.execute(HEARTBEAT, &[&cfg.node]).await?,
-        Some(f) => {
-            let sql = format!("WITH h AS ({HEARTBEAT}) {}", floors::RAISE_ONE);
-            let f = f.as_u64() as i64;
-            lock.execute(&sql, &[&cfg.node, &cfg.region, &f]).await?
-        }
-    };
-    let row = lock.query_one(MARK, &[]).await?;
+    let floors: Vec<i64> = floor.map(|f| f.as_u64() as i64).into_iter().collect();
+    let regions: Vec<&str> = floors.iter().map(|_| cfg.region.as_str()).collect();
+    let row = lock
+        .query_one(stmt, &[&cfg.node, &regions, &floors, &""])
+        .await?;
     let lsn: String = row.get(0);
     Ok(FloorMark {
         lsn: lsn.parse().unwrap_or(Lsn(u64::MAX)),

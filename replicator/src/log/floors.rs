@@ -60,13 +60,6 @@ pub const RAISE: &str = "INSERT INTO mesh.region_floors (region, floor_hlc)
      ON CONFLICT (region) DO UPDATE SET floor_hlc = EXCLUDED.floor_hlc, updated_at = now()
         WHERE EXCLUDED.floor_hlc > mesh.region_floors.floor_hlc";
 
-/// [`RAISE`] for one region, `$2`, to `$3`, for a statement whose CTE uses `$1`
-/// (capture's heartbeat).
-pub const RAISE_ONE: &str =
-    "INSERT INTO mesh.region_floors (region, floor_hlc) VALUES ($2, $3::int8)
-     ON CONFLICT (region) DO UPDATE SET floor_hlc = EXCLUDED.floor_hlc, updated_at = now()
-        WHERE EXCLUDED.floor_hlc > mesh.region_floors.floor_hlc";
-
 /// Floors as a peer receives them: region to floor HLC.
 pub type FloorMap = BTreeMap<String, i64>;
 
