@@ -295,13 +295,11 @@ async fn session(
                         on_batch(&cfg.peer, &out);
                     }
                     if let Some((head, floors)) = beat {
-                        set_head(&applier, &cfg.peer, head, unsaved.take()).await?;
-                        adopt_floors(&applier, cfg, floors).await?;
+                        heartbeat(&applier, cfg, head, unsaved.take(), floors).await?;
                     }
                 }
                 LinkEvent::Heartbeat { head, floors } => {
-                    set_head(&applier, &cfg.peer, head, unsaved.take()).await?;
-                    adopt_floors(&applier, cfg, floors).await?;
+                    heartbeat(&applier, cfg, head, unsaved.take(), floors).await?;
                 }
             },
             s = signals.recv() => match s.as_deref() {
@@ -367,17 +365,22 @@ async fn set_head(
     Ok(())
 }
 
-/// Adopts the region floors a heartbeat carried. Every batch sent before it is
-/// applied by now (batches apply in order, each before the next frame is handled),
-/// and in this session, so the floors commit after them.
-async fn adopt_floors(
+/// A heartbeat: [`set_head`], pipelined with adopting the region floors it carried.
+/// Every batch sent before it is applied by now (batches apply in order, each
+/// before the next frame is handled), and in this session, so the floors commit
+/// after them.
+async fn heartbeat(
     a: &Applier,
     cfg: &PullConfig,
+    head: i64,
+    checkpoint: Option<i64>,
     floors: Option<FloorMap>,
 ) -> Result<(), PullError> {
-    if let Some(floors) = floors {
-        floors::adopt(a.client(), &cfg.region, &floors).await?;
-    }
+    let floors = floors.unwrap_or_default();
+    futures::future::try_join(set_head(a, &cfg.peer, head, checkpoint), async {
+        Ok(floors::adopt(a.client(), &cfg.region, &floors).await?)
+    })
+    .await?;
     Ok(())
 }
 

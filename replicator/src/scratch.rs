@@ -83,3 +83,16 @@ pub(crate) async fn until_waiting_on_lock(c: &Client, pid: i32) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Logs an event of `origin` with HLC `hlc` (and a source LSN made of it) in
+/// `mesh.changelog`, as apply or capture would.
+pub(crate) async fn logged(c: &Client, origin: &str, hlc: i64) {
+    c.execute(
+        "INSERT INTO mesh.changelog (origin, hlc, source_lsn, xid, commit_ts, stamped, changes)
+         VALUES ($1, $2::int8, (to_hex($2::int8 >> 32) || '/' || to_hex($2::int8 & 4294967295))::pg_lsn,
+                 1, now(), false, '[]')",
+        &[&origin, &hlc],
+    )
+    .await
+    .unwrap();
+}

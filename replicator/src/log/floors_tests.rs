@@ -20,16 +20,6 @@ fn map(pairs: &[(&str, i64)]) -> FloorMap {
     pairs.iter().map(|(r, f)| (r.to_string(), *f)).collect()
 }
 
-async fn logged(c: &Client, origin: &str, hlc: i64) {
-    c.execute(
-        "INSERT INTO mesh.changelog (origin, hlc, source_lsn, xid, commit_ts, stamped, changes)
-         VALUES ($1, $2, '0/1', 1, now(), false, '[]')",
-        &[&origin, &hlc],
-    )
-    .await
-    .unwrap();
-}
-
 #[test]
 fn the_own_floor_is_the_clock_and_above_the_last_final_hlc() {
     let previous = Hlc::from_parts(5_000, 7);
@@ -48,8 +38,8 @@ async fn advertised_floors_follow_the_ship_filter_and_stay_below_dead_letters() 
     let none = advertised(&c, &filter(true, "r2")).await.unwrap();
     assert_eq!(none, Floors::default());
 
-    logged(&c, "r1", 10).await;
-    logged(&c, "r3", 20).await;
+    scratch::logged(&c, "r1", 10).await;
+    scratch::logged(&c, "r3", 20).await;
     let head: i64 = c
         .query_one("SELECT max(seq) FROM mesh.changelog", &[])
         .await
@@ -141,7 +131,7 @@ async fn a_floor_moves_the_frontier_of_a_region_with_old_or_no_events() {
     let c = catalog::connect(&url).await.unwrap();
     let peers = vec!["r2".to_string(), "r3".to_string()];
     let prune = || tombstones::prune(&c, "r1", &peers, Duration::ZERO);
-    logged(&c, "r2", 1_000 << 16).await;
+    scratch::logged(&c, "r2", 1_000 << 16).await;
     // r3 never wrote: it holds the frontier at nothing.
     let p = prune().await.unwrap();
     assert_eq!(

@@ -12,17 +12,6 @@ fn ago(secs: i64) -> i64 {
     (now.as_millis() as i64 - secs * 1000) << 16
 }
 
-async fn logged(c: &Client, origin: &str, hlc: i64) {
-    c.execute(
-        "INSERT INTO mesh.changelog (origin, hlc, source_lsn, xid, commit_ts, stamped, changes)
-         VALUES ($1, $2::int8, (to_hex($2::int8 >> 32) || '/' || to_hex($2::int8 & 4294967295))::pg_lsn,
-                 1, now(), false, '[]')",
-        &[&origin, &hlc],
-    )
-    .await
-    .unwrap();
-}
-
 async fn version(c: &Client, pk: &str, hlc: i64, deleted: bool) {
     c.execute(
         "INSERT INTO mesh.row_versions (tbl, pk, hlc, origin, deleted) VALUES ('public.t', $1, $2, 2, $3)",
@@ -52,9 +41,9 @@ async fn tombstones_go_below_the_frontier_of_every_remote_origin_and_the_retenti
     let none = Duration::ZERO;
     // This region (r1) logged its own event long ago: its own writes never arrive
     // here as events, so it does not hold the frontier back.
-    logged(&c, "r1", ago(500)).await;
-    logged(&c, "r2", ago(100)).await;
-    logged(&c, "r2", ago(50)).await;
+    scratch::logged(&c, "r1", ago(500)).await;
+    scratch::logged(&c, "r2", ago(100)).await;
+    scratch::logged(&c, "r2", ago(50)).await;
     version(&c, "a", ago(90), true).await;
     version(&c, "b", ago(60), true).await;
     version(&c, "c", ago(10), true).await;
@@ -69,7 +58,7 @@ async fn tombstones_go_below_the_frontier_of_every_remote_origin_and_the_retenti
     assert_eq!(left(&c).await, all);
 
     // The frontier is the lowest of r2's and r3's newest events here.
-    logged(&c, "r3", ago(70)).await;
+    scratch::logged(&c, "r3", ago(70)).await;
     let p = prune(&c, "r1", &peers, none).await.unwrap();
     assert!(p.waiting_for.is_empty());
     assert_eq!(p.deleted, 1, "only a is below r3's newest event");
@@ -77,7 +66,7 @@ async fn tombstones_go_below_the_frontier_of_every_remote_origin_and_the_retenti
 
     // A pending dead letter from r2 at -75 s would be applied late by a retry: the
     // frontier stays below it even though r3 moved on.
-    logged(&c, "r3", ago(5)).await;
+    scratch::logged(&c, "r3", ago(5)).await;
     c.execute(
         "INSERT INTO mesh.dead_letters (peer, origin, hlc, event, error) VALUES ('r2', 'r2', $1, '{}', 'x')",
         &[&ago(75)],
@@ -93,7 +82,7 @@ async fn tombstones_go_below_the_frontier_of_every_remote_origin_and_the_retenti
     let p = prune(&c, "r1", &peers, none).await.unwrap();
     assert_eq!(p.deleted, 1, "b goes once the dead letter is skipped");
     // A region that once sent events counts even when not configured.
-    logged(&c, "r4", ago(57)).await;
+    scratch::logged(&c, "r4", ago(57)).await;
     version(&c, "d", ago(58), true).await;
     version(&c, "e", ago(56), true).await;
     let p = prune(&c, "r1", &peers, none).await.unwrap();
@@ -102,7 +91,7 @@ async fn tombstones_go_below_the_frontier_of_every_remote_origin_and_the_retenti
 
     // With every origin recent, the retention keeps what is younger than it.
     for r in ["r2", "r3", "r4"] {
-        logged(&c, r, ago(1)).await;
+        scratch::logged(&c, r, ago(1)).await;
     }
     let p = prune(&c, "r1", &peers, Duration::from_secs(3600))
         .await
@@ -123,7 +112,7 @@ async fn no_remote_origin_no_frontier() {
         return;
     };
     let c = catalog::connect(&url).await.unwrap();
-    logged(&c, "r1", ago(100)).await;
+    scratch::logged(&c, "r1", ago(100)).await;
     version(&c, "a", ago(90), true).await;
     let p = prune(&c, "r1", &[], Duration::ZERO).await.unwrap();
     assert_eq!((p.frontier, p.deleted), (None, 0));
@@ -139,7 +128,7 @@ async fn regions_heard_of_count_until_forgotten() {
     let c = catalog::connect(&url).await.unwrap();
     // A spoke (s1) whose hub told it of another spoke (s2) that has not written.
     let hub = vec!["hub".to_string()];
-    logged(&c, "hub", ago(10)).await;
+    scratch::logged(&c, "hub", ago(10)).await;
     version(&c, "a", ago(90), true).await;
     c.execute(
         "INSERT INTO mesh.mesh_regions (name, learned_from) VALUES ('hub', 'hub'), ('s1', 'hub'), ('s2', 'hub')",
