@@ -143,6 +143,11 @@ pub async fn connect_as(url: &str, role: &str) -> Result<Client, CatalogError> {
             tracing::debug!(error = %e, "catalog connection closed");
         }
     });
+    // The server must notice when this node vanishes, too (see `keepalive`).
+    client
+        .execute(crate::keepalive::SERVER, &[])
+        .await
+        .map_err(bad)?;
     Ok(client)
 }
 

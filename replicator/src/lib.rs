@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod certs;
 pub mod event;
 pub mod hlc;
+pub mod keepalive;
 pub mod link;
 pub mod log;
 pub mod pgoutput;

@@ -276,7 +276,8 @@ impl PgTls {
 }
 
 /// A tokio-postgres configuration for `url`, honouring its `sslmode` and
-/// `sslrootcert`, with the connector to pass to `Config::connect`.
+/// `sslrootcert`, with pgmesh's keepalives and timeouts where the URL sets none (see
+/// [`crate::keepalive`]), and the connector to pass to `Config::connect`.
 pub fn pg_config(url: &str) -> Result<(tokio_postgres::Config, MakeRustls), PgTlsError> {
     let (tls, rest) = PgTls::from_url(url)?;
     let mut config: tokio_postgres::Config = rest
@@ -284,6 +285,7 @@ pub fn pg_config(url: &str) -> Result<(tokio_postgres::Config, MakeRustls), PgTl
         .map_err(|e: tokio_postgres::Error| PgTlsError::Url(e.to_string()))?;
     let (mode, connector) = tls.tokio_postgres();
     config.ssl_mode(mode);
+    crate::keepalive::client_config(&mut config);
     Ok((config, connector))
 }
 

@@ -29,6 +29,7 @@ pub mod client;
 pub mod cluster;
 pub mod faultnet;
 pub mod mesh;
+pub mod netns;
 pub mod node;
 pub mod regions;
 pub mod wait;

@@ -113,8 +113,20 @@ impl Region {
     /// Wait until `mesh.node_state` says `node` took `role` (`leader`,
     /// `standby`) at or after the server time `since` (from [`Region::db_clock`]).
     pub async fn wait_node_role(&self, node: &str, role: &str, since: &str) -> Result<()> {
+        self.wait_node_role_within(node, role, since, CAPTURE_TIMEOUT)
+            .await
+    }
+
+    /// [`Region::wait_node_role`] with its own deadline.
+    pub async fn wait_node_role_within(
+        &self,
+        node: &str,
+        role: &str,
+        since: &str,
+        timeout: Duration,
+    ) -> Result<()> {
         let what = format!("node {node} to become {role}");
-        wait_for(CAPTURE_TIMEOUT, &what, || async {
+        wait_for(timeout, &what, || async {
             let row = self
                 .admin
                 .query_opt(

@@ -124,8 +124,25 @@ pub struct PgmeshProcess {
 impl PgmeshProcess {
     /// Run `pgmesh <args>` with its log on a pipe. It is not waited for.
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<PgmeshProcess> {
+        Self::spawn_wrapped(&[], args)
+    }
+
+    /// [`PgmeshProcess::spawn`] through a command prefix such as `ip netns exec NS`,
+    /// which must exec pgmesh in its place (so [`PgmeshProcess::signal`] reaches it).
+    pub fn spawn_wrapped<S: AsRef<std::ffi::OsStr>>(
+        wrapper: &[String],
+        args: &[S],
+    ) -> Result<PgmeshProcess> {
         let exe = pgmesh_bin()?;
-        let mut child = Command::new(&exe)
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let mut child = cmd
             .args(args)
             // Plain log lines: no colour codes between a field's name and value.
             .env("NO_COLOR", "1")

@@ -22,6 +22,7 @@ use crate::apply::sql::shift_params;
 use crate::catalog::{self, CatalogError, PUBLICATION};
 use crate::event::ChangeEvent;
 use crate::hlc::Hlc;
+use crate::keepalive;
 use crate::log::tail::Tail;
 use crate::log::{fence, floors};
 use crate::log::{ChangeLog, LogError, TableLog};
@@ -217,7 +218,7 @@ async fn run_once(
     let mut log = TableLog::new(log_client).await?;
     let params = ConnParams::from_url(&cfg.url)?
         .with_application_name(format!("pgmesh-capture-{}", cfg.region));
-    let conn = ReplConnection::connect(&params).await?;
+    let conn = connect_replication(&params).await?;
     let slot = catalog::slot_name(&cfg.region);
     let options = [
         ("proto_version", "1"),
@@ -437,6 +438,19 @@ fn status(lsn: Lsn, reply: bool) -> StandbyStatusUpdate {
     s
 }
 
+/// The replication connection, with the server told to drop it soon after this
+/// node vanishes: its walsender holds the slot (see [`keepalive`]).
+async fn connect_replication(params: &ConnParams) -> Result<ReplConnection, CaptureError> {
+    let mut conn = ReplConnection::connect(params).await?;
+    conn.simple_query(keepalive::SERVER).await?;
+    Ok(conn)
+}
+
+/// How long a new leader waits for a previous leader's walsender to let go of the
+/// slot: longer than the server takes to find a vanished client dead (about
+/// [`keepalive::USER_TIMEOUT`]), or `wal_sender_timeout`'s default of a minute.
+const SLOT_WAIT: Duration = Duration::from_secs(90);
+
 /// Starts streaming; retries while the slot is still held by a previous leader's
 /// walsender that has not noticed its client is gone.
 async fn start_with_retry(
@@ -446,22 +460,22 @@ async fn start_with_retry(
     options: &[(&str, &str)],
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Option<ReplStream>, CaptureError> {
-    for attempt in 0..100u32 {
+    let deadline = tokio::time::Instant::now() + SLOT_WAIT;
+    loop {
         match conn.start_logical(slot, Lsn(0), options).await {
             Ok(s) => return Ok(Some(s)),
-            Err(e) if e.sqlstate() == Some("55006") && attempt < 99 => {
+            Err(e) if e.sqlstate() == Some("55006") && tokio::time::Instant::now() < deadline => {
                 debug!(slot, "slot still active for a previous leader; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                     _ = shutdown.changed() => return Ok(None),
                 }
-                conn = ReplConnection::connect(params).await?;
+                conn = connect_replication(params).await?;
             }
             Err(e) if e.sqlstate() == Some("42704") => return Err(CaptureError::NotInitialized),
             Err(e) => return Err(e.into()),
         }
     }
-    Err(CaptureError::StreamEnded)
 }
 
 async fn set_node_role(

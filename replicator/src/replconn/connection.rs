@@ -34,9 +34,20 @@ impl ReplConnection {
     /// packet with `replication=database`, authenticates, and waits for the server
     /// to be ready.
     pub async fn connect(params: &ConnParams) -> Result<Self, ReplError> {
-        let stream = TcpStream::connect((params.host.as_str(), params.port)).await?;
+        let addr = (params.host.as_str(), params.port);
+        let stream =
+            tokio::time::timeout(params.keepalive.connect_timeout, TcpStream::connect(addr))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connecting to the server timed out",
+                    )
+                })??;
         // Status updates are tiny and latency matters for the server's view of lag.
         stream.set_nodelay(true)?;
+        // A partition must not leave the slot held by a connection nobody answers on.
+        params.keepalive.apply(&stream)?;
         let stream = params.tls.negotiate(stream, &params.host).await?;
         let tls = stream.is_tls();
         let mut transport = Transport::new(stream);

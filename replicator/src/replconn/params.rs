@@ -39,6 +39,8 @@ pub struct ConnParams {
     pub application_name: String,
     /// TLS (`sslmode`, `sslrootcert`). Default: plain TCP.
     pub tls: PgTls,
+    /// Keepalives, user timeout and connect timeout of the socket.
+    pub keepalive: crate::keepalive::Settings,
 }
 
 impl ConnParams {
@@ -57,6 +59,7 @@ impl ConnParams {
             dbname: dbname.into(),
             application_name: DEFAULT_APPLICATION_NAME.to_owned(),
             tls: PgTls::disabled(),
+            keepalive: crate::keepalive::Settings::default(),
         }
     }
 
@@ -74,8 +77,10 @@ impl ConnParams {
 
     /// Parses a `postgres://` (or `postgresql://`) URL.
     ///
-    /// Query parameters: `application_name`, and libpq's `sslmode` and `sslrootcert`
-    /// (see [`crate::pgtls`]). Unknown parameters are an error rather than silently
+    /// Query parameters: `application_name`, libpq's `sslmode` and `sslrootcert`
+    /// (see [`crate::pgtls`]), and its `keepalives_idle`, `keepalives_interval`,
+    /// `keepalives_retries`, `tcp_user_timeout` and `connect_timeout` (see
+    /// [`crate::keepalive::Settings`]). Unknown parameters are an error rather than silently
     /// ignored.
     pub fn from_url(s: &str) -> Result<Self, ReplError> {
         // Never echo the input: it may hold a password.
@@ -111,9 +116,15 @@ impl ConnParams {
             match &*key {
                 "application_name" => params.application_name = value.into_owned(),
                 other => {
-                    return Err(ReplError::Config(format!(
-                        "unknown URL parameter {other:?}"
-                    )))
+                    if !params
+                        .keepalive
+                        .set(other, &value)
+                        .map_err(ReplError::Config)?
+                    {
+                        return Err(ReplError::Config(format!(
+                            "unknown URL parameter {other:?}"
+                        )));
+                    }
                 }
             }
         }

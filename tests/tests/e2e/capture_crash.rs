@@ -25,17 +25,17 @@ use tokio::task::JoinHandle;
 
 use crate::capture_exactly_once::assert_log_order;
 
-const TABLE: &str =
+pub(crate) const TABLE: &str =
     "CREATE TABLE load (id bigint PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())";
 
 /// Writers inserting unique ids, one transaction each, until stopped.
-struct Load {
+pub(crate) struct Load {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Result<Vec<i64>>>>,
 }
 
 impl Load {
-    fn start(conn_strings: &[String]) -> Load {
+    pub(crate) fn start(conn_strings: &[String]) -> Load {
         let (stop, rx) = watch::channel(false);
         let next = Arc::new(AtomicI64::new(1));
         let tasks = conn_strings
@@ -60,7 +60,7 @@ impl Load {
     }
 
     /// Stop the writers; every id whose commit returned.
-    async fn stop(self) -> Result<BTreeSet<i64>> {
+    pub(crate) async fn stop(self) -> Result<BTreeSet<i64>> {
         let _ = self.stop.send(true);
         let mut all = BTreeSet::new();
         for t in self.tasks {
@@ -71,7 +71,7 @@ impl Load {
 }
 
 /// The highest `seq` in the change log (0 when empty).
-async fn max_seq(region: &Region) -> Result<i64> {
+pub(crate) async fn max_seq(region: &Region) -> Result<i64> {
     Ok(region
         .admin
         .query_one("SELECT coalesce(max(seq), 0) FROM mesh.changelog", &[])
@@ -80,7 +80,7 @@ async fn max_seq(region: &Region) -> Result<i64> {
 }
 
 /// Wait until the log holds more than `after` rows' worth of `seq`.
-async fn wait_log_growth(region: &Region, after: i64, by: i64) -> Result<()> {
+pub(crate) async fn wait_log_growth(region: &Region, after: i64, by: i64) -> Result<()> {
     let what = format!("the change log to grow past seq {}", after + by);
     wait_until(CAPTURE_TIMEOUT, &what, || async {
         max_seq(region).await.is_ok_and(|s| s >= after + by)
@@ -89,7 +89,7 @@ async fn wait_log_growth(region: &Region, after: i64, by: i64) -> Result<()> {
 }
 
 /// The log must equal `committed`: each id once, nothing else, in order.
-async fn assert_log_equals(region: &Region, committed: &BTreeSet<i64>) -> Result<()> {
+pub(crate) async fn assert_log_equals(region: &Region, committed: &BTreeSet<i64>) -> Result<()> {
     region.wait_caught_up().await?;
     let events = region.changelog().await?;
     assert_log_order(&events)?;

@@ -14,6 +14,7 @@ mod capture_crash;
 mod capture_exactly_once;
 mod capture_fidelity;
 mod capture_nopk;
+mod capture_partition;
 mod capture_stamps;
 mod capture_values;
 mod harness;

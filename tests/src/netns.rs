@@ -1,0 +1,131 @@
+//! A network namespace joined to this one by a veth pair: a second "host" whose
+//! link can be cut the way a real network partition cuts it.
+//!
+//! Pulling the cable ([`NetNs::cut`]) drops every packet silently: no RST, no FIN,
+//! so each end only learns of the partition through its own timeouts and TCP
+//! keepalives. The loopback fault forwarder (`faultnet`) cannot show that, because
+//! it keeps its own sockets to the server alive. Creating a namespace needs root
+//! (CAP_NET_ADMIN and CAP_SYS_ADMIN) and `ip` from iproute2; [`NetNs::create`] says
+//! when it cannot, and tests decide whether that skips them ([`required`]). The
+//! namespace and its veth pair are removed on drop.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{bail, Context, Result};
+
+/// Environment variable that makes a test fail, not skip, when no namespace can be
+/// created (the test script sets it when run as root).
+pub const REQUIRE_ENV: &str = "PGMESH_REQUIRE_NETNS";
+
+/// Whether tests must have network namespaces ([`REQUIRE_ENV`] is `1`).
+pub fn required() -> bool {
+    std::env::var(REQUIRE_ENV).as_deref() == Ok("1")
+}
+
+/// A network namespace with one veth link to the test's own namespace.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+    host_if: String,
+    ns_if: String,
+    /// This side's address on the link.
+    pub host_ip: String,
+    /// The namespace's address on the link.
+    pub ns_ip: String,
+    /// The link's network, for a `pg_hba.conf` line.
+    pub subnet: String,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl NetNs {
+    /// Creates a namespace and its link, both up, on a /30 of 10.77.0.0/16 that no
+    /// other namespace of this process uses.
+    pub fn create() -> Result<NetNs> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = (std::process::id() % 10_000) * 16 + n % 16;
+        let net = (std::process::id() * 7 + n) % 16_000;
+        let (a, b) = (net / 64, (net % 64) * 4);
+        let ns = NetNs {
+            name: format!("pgmesh{id}"),
+            host_if: format!("pgmh{id}"),
+            ns_if: format!("pgmn{id}"),
+            host_ip: format!("10.77.{a}.{}", b + 1),
+            ns_ip: format!("10.77.{a}.{}", b + 2),
+            subnet: format!("10.77.{a}.{b}/30"),
+        };
+        ip(&["netns", "add", &ns.name])?;
+        // From here on, drop removes whatever was made.
+        ip(&[
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns.ns_if,
+            "netns",
+            &ns.name,
+        ])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", ns.host_ip),
+            "dev",
+            &ns.host_if,
+        ])?;
+        ip(&["link", "set", &ns.host_if, "up"])?;
+        ns.exec_ip(&["addr", "add", &format!("{}/30", ns.ns_ip), "dev", &ns.ns_if])?;
+        ns.exec_ip(&["link", "set", &ns.ns_if, "up"])?;
+        ns.exec_ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip` inside the namespace.
+    fn exec_ip(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["netns", "exec", &self.name, "ip"];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// The command prefix that runs a program inside the namespace.
+    pub fn wrapper(&self) -> Vec<String> {
+        ["ip", "netns", "exec", &self.name]
+            .map(str::to_string)
+            .to_vec()
+    }
+
+    /// Cuts the link: packets are dropped silently from now on.
+    pub fn cut(&self) -> Result<()> {
+        self.exec_ip(&["link", "set", &self.ns_if, "down"])
+    }
+
+    /// Mends the link.
+    pub fn mend(&self) -> Result<()> {
+        self.exec_ip(&["link", "set", &self.ns_if, "up"])
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the pair, and with it ours.
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
