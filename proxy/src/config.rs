@@ -44,7 +44,7 @@ pub enum ConfigError {
     },
     #[error("`{0}` must be greater than zero")]
     Zero(&'static str),
-    #[error("invalid peer {0:?}: expected NAME=HOST:PORT with NAME a region name")]
+    #[error("invalid peer {0:?}: expected NAME=HOST:PORT[,HOST:PORT...] with NAME a region name, each region once")]
     Peer(String),
     #[error("peer_tls: `cert`, `key` and `ca` must be set together")]
     PeerTlsHalf,
@@ -87,8 +87,9 @@ pub struct Config {
     /// Address this node serves its change log to peers on, `HOST:PORT`. Default: none
     /// (peers cannot pull from this node).
     pub peer_listen: Option<String>,
-    /// Peers to pull from, each `NAME=HOST:PORT` where NAME is the peer's region.
-    /// Default: none.
+    /// Peers to pull from, each `NAME=HOST:PORT[,HOST:PORT...]` where NAME is the
+    /// peer's region and the addresses are nodes of it that serve its log (the link
+    /// moves on to the next when it loses one). Default: none.
     pub peers: Vec<String>,
     /// Also serve events this node applied from other regions (origin preserved):
     /// the hub of a hub-and-spoke topology. Default: false.
@@ -123,8 +124,8 @@ pub struct PeerTlsConfig {
 pub struct Peer {
     /// The peer's region.
     pub name: String,
-    /// `HOST:PORT` of its peer listener.
-    pub addr: String,
+    /// `HOST:PORT` of each node's peer listener, in the order they are tried.
+    pub addrs: Vec<String>,
 }
 
 /// Client-facing TLS. Both files are PEM.
@@ -242,15 +243,19 @@ impl Config {
         }
         let mut peers = Vec::new();
         for p in &self.peers {
-            let (name, addr) = p
+            let (name, addrs) = p
                 .split_once('=')
                 .ok_or_else(|| ConfigError::Peer(p.clone()))?;
-            if pgmesh_replicator::catalog::validate_region(name).is_err() || !addr.contains(':') {
+            let addrs: Vec<String> = addrs.split(',').map(|a| a.trim().to_string()).collect();
+            if pgmesh_replicator::catalog::validate_region(name).is_err()
+                || addrs.iter().any(|a| !a.contains(':'))
+                || peers.iter().any(|q: &Peer| q.name == name)
+            {
                 return Err(ConfigError::Peer(p.clone()));
             }
             peers.push(Peer {
                 name: name.to_string(),
-                addr: addr.to_string(),
+                addrs,
             });
         }
         let t = &self.peer_tls;
@@ -321,5 +326,43 @@ mod tests {
             ..Config::default()
         };
         assert!(matches!(c.validate(), Err(ConfigError::TlsHalf)));
+    }
+
+    #[test]
+    fn peers_with_one_or_more_nodes() {
+        let with = |peers: &[&str]| Config {
+            listen: Some("127.0.0.1:1".into()),
+            upstream: Some("postgres://h/db".into()),
+            peers: peers.iter().map(|p| p.to_string()).collect(),
+            ..Config::default()
+        };
+        let v = with(&["us=a:7432", "ap=b:7432, c:7433"])
+            .validate()
+            .unwrap();
+        assert_eq!(
+            v.peers,
+            [
+                Peer {
+                    name: "us".into(),
+                    addrs: vec!["a:7432".into()]
+                },
+                Peer {
+                    name: "ap".into(),
+                    addrs: vec!["b:7432".into(), "c:7433".into()]
+                }
+            ]
+        );
+        for bad in [
+            &["us"][..],
+            &["us=a"],
+            &["us=a:1,"],
+            &["no way=a:1"],
+            &["us=a:1", "us=b:1"],
+        ] {
+            assert!(
+                matches!(with(bad).validate(), Err(ConfigError::Peer(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -23,7 +23,7 @@ use pgmesh_replicator::log::notify::LogNotifier;
 use pgmesh_replicator::log::prune;
 use pgmesh_replicator::log::tail::{self, Tail};
 use pgmesh_replicator::pgtls::SslMode;
-use pgmesh_replicator::pull::{self, OnBatch, PullConfig};
+use pgmesh_replicator::pull::{self, LinkTarget, OnBatch, PullConfig, TargetTls};
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -343,12 +343,7 @@ fn peer_server_tls(v: &Validated) -> anyhow::Result<Option<Arc<rustls::ServerCon
     }
 }
 
-type PeerClientTls = (
-    Arc<rustls::ClientConfig>,
-    rustls::pki_types::ServerName<'static>,
-);
-
-fn peer_client_tls(v: &Validated, peer_host: &str) -> anyhow::Result<Option<PeerClientTls>> {
+fn peer_client_tls(v: &Validated, peer_host: &str) -> anyhow::Result<Option<TargetTls>> {
     let t = &v.config.peer_tls;
     match (&t.cert, &t.key, &t.ca) {
         (Some(c), Some(k), Some(ca)) => Ok(Some((
@@ -394,12 +389,19 @@ async fn supervise_links(
         let mut links = Vec::new();
         let signals = pull::LinkSignals::start(&url);
         for p in &v.peers {
-            let host = p
-                .addr
-                .rsplit_once(':')
-                .map_or(p.addr.as_str(), |(h, _)| h)
-                .to_string();
-            let tls = match peer_client_tls(&v, &host) {
+            let targets = p
+                .addrs
+                .iter()
+                .map(|addr| {
+                    let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                    let tls = peer_client_tls(&v, host)?;
+                    anyhow::Ok(LinkTarget {
+                        addr: addr.clone(),
+                        tls,
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>();
+            let targets = match targets {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(peer = %p.name, error = %e, "peer TLS setup failed; link not started");
@@ -412,11 +414,10 @@ async fn supervise_links(
                 region: v.config.region.clone(),
                 node: v.config.node_name(),
                 peer: p.name.clone(),
-                addr: p.addr.clone(),
+                targets,
                 regions: regions.clone(),
                 max_batch: 500,
                 relay: v.config.relay,
-                tls,
             };
             links.push(tokio::spawn(pull::run(
                 cfg,

@@ -67,27 +67,43 @@ pub struct PullConfig {
     /// Local region and node.
     pub region: String,
     pub node: String,
-    /// The peer's region and `HOST:PORT`.
+    /// The peer's region.
     pub peer: String,
-    pub addr: String,
+    /// Nodes of the peer region that serve its log, at least one. Every node of a
+    /// region serves the same log (the regional database's), with the same sequence
+    /// numbers, so the link pulls from one at a time and moves on to the next when
+    /// it cannot reach it or loses it.
+    pub targets: Vec<LinkTarget>,
     /// Every region name known to this node (for naming conflict origins).
     pub regions: Vec<String>,
     pub max_batch: u32,
     /// Whether this node relays other origins' events (`--relay`): only then do the
     /// appends of applied events notify the log's readers.
     pub relay: bool,
-    pub tls: Option<(
-        Arc<rustls::ClientConfig>,
-        rustls::pki_types::ServerName<'static>,
-    )>,
+}
+
+/// TLS to a peer node: the client configuration and the name its certificate must
+/// show.
+pub type TargetTls = (
+    Arc<rustls::ClientConfig>,
+    rustls::pki_types::ServerName<'static>,
+);
+
+/// One node of a peer region.
+#[derive(Debug, Clone)]
+pub struct LinkTarget {
+    /// `HOST:PORT` of its peer listener.
+    pub addr: String,
+    pub tls: Option<TargetTls>,
 }
 
 /// Called after every applied batch (metrics).
 pub type OnBatch = Arc<dyn Fn(&str, &BatchOutcome) + Send + Sync>;
 
 impl PullConfig {
-    /// The link client's settings for a session asking for events after `after`.
-    fn client(&self, after: i64, max_batch: u32, window: u32) -> ClientConfig {
+    /// The link client's settings for a session with `target` asking for events
+    /// after `after`.
+    fn client(&self, target: &LinkTarget, after: i64, max_batch: u32, window: u32) -> ClientConfig {
         ClientConfig {
             mesh: self.mesh.clone(),
             region: self.region.clone(),
@@ -95,7 +111,7 @@ impl PullConfig {
             after,
             max_batch,
             window,
-            tls: self.tls.clone(),
+            tls: target.tls.clone(),
         }
     }
 }
@@ -112,12 +128,18 @@ pub async fn run(
     let span = tracing::info_span!("link", source = %cfg.peer, target = %cfg.region);
     async move {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut at = 0;
         loop {
             if *shutdown.borrow() {
                 break;
             }
+            let Some(target) = cfg.targets.get(at % cfg.targets.len().max(1)) else {
+                warn!("no address to pull from");
+                break;
+            };
             match session(
                 &cfg,
+                target,
                 progress.clone(),
                 &on_batch,
                 &mut signals,
@@ -129,8 +151,14 @@ pub async fn run(
                 Ok(()) => break,
                 Err(PullError::Paused) => info!("link paused; disconnected"),
                 Err(e) => {
-                    warn!(error = %e, "link session ended; reconnecting");
+                    // A node that cannot be reached or was lost: try the region's
+                    // next one. A local failure (apply, database) keeps the node.
+                    let next = matches!(e, PullError::Link(_)) && cfg.targets.len() > 1;
+                    warn!(error = %e, addr = %target.addr, next, "link session ended; reconnecting");
                     record_error(&cfg, &e.to_string()).await;
+                    if next {
+                        at = (at + 1) % cfg.targets.len();
+                    }
                 }
             }
             let delay = backoff.next_delay();
@@ -160,6 +188,7 @@ async fn record_error(cfg: &PullConfig, error: &str) {
 /// One connected session. Returns Ok on shutdown.
 async fn session(
     cfg: &PullConfig,
+    target: &LinkTarget,
     progress: Option<Progress>,
     on_batch: &OnBatch,
     signals: &mut broadcast::Receiver<String>,
@@ -190,7 +219,7 @@ async fn session(
         tokio::select! {
             s = signals.recv() => if s == Err(RecvError::Closed) { return Ok(()) },
             _ = shutdown.changed() => return Ok(()),
-            _ = heads.tick() => match peer_head(cfg, applier.checkpoint(&cfg.peer).await?).await {
+            _ = heads.tick() => match peer_head(cfg, target, applier.checkpoint(&cfg.peer).await?).await {
                 Ok(head) => set_head(&applier, &cfg.peer, head, None).await?,
                 Err(e) => debug!(error = %e, "paused link: cannot read the peer's head"),
             },
@@ -203,7 +232,7 @@ async fn session(
                     status = CASE WHEN status = 'degraded' THEN 'active' ELSE status END,
                     error = CASE WHEN error = $3 THEN NULL ELSE error END
              WHERE peer = $1",
-            &[&cfg.peer, &cfg.addr, &PAUSED],
+            &[&cfg.peer, &target.addr, &PAUSED],
         )
         .await?;
     applier.retry_dead_letters().await?;
@@ -211,7 +240,7 @@ async fn session(
     // Batches that queue up are folded into one apply, so a deeper window costs no
     // latency and lets the peer keep sending while we apply.
     let (mut client, welcome) =
-        LinkClient::connect(&cfg.addr, cfg.client(after, cfg.max_batch, 16)).await?;
+        LinkClient::connect(&target.addr, cfg.client(target, after, cfg.max_batch, 16)).await?;
     if welcome.region != cfg.peer {
         warn!(expected = %cfg.peer, got = %welcome.region, "peer reports a different region");
     }
@@ -341,8 +370,9 @@ async fn link_status(a: &Applier, peer: &str) -> Result<String, PullError> {
 
 /// The peer's log head, from a handshake asking for at most one event after `after`;
 /// the link is closed right after it.
-async fn peer_head(cfg: &PullConfig, after: i64) -> Result<i64, LinkError> {
-    let (_client, welcome) = LinkClient::connect(&cfg.addr, cfg.client(after, 1, 1)).await?;
+async fn peer_head(cfg: &PullConfig, target: &LinkTarget, after: i64) -> Result<i64, LinkError> {
+    let (_client, welcome) =
+        LinkClient::connect(&target.addr, cfg.client(target, after, 1, 1)).await?;
     Ok(welcome.head)
 }
 

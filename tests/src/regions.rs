@@ -64,6 +64,9 @@ pub struct NodeSpec {
     /// Where to reach a peer instead of its own peer port (a
     /// [`crate::faultnet::Forwarder`]), by region.
     pub peer_addrs: BTreeMap<String, SocketAddr>,
+    /// More nodes of a peer region to pull from, after its own node, by region
+    /// (`--peer NAME=A,B`).
+    pub more_peer_addrs: BTreeMap<String, Vec<SocketAddr>>,
     /// `--prune-interval-secs`. Default: no pruning, because most tests read whole
     /// change logs back (the mesh_prune and chaos tests turn it on). Where pruning
     /// runs, tombstones are pruned too as soon as the frontier allows
@@ -93,6 +96,8 @@ pub struct MeshRegion {
     process_ports: (u16, u16),
     spec: Option<NodeSpec>,
     peers: Vec<String>,
+    /// The `--peer` arguments the node got.
+    peer_args: Vec<String>,
     proxy_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
 }
@@ -174,6 +179,7 @@ impl Mesh {
                 process_ports: (free_port()?, free_port()?),
                 spec: None,
                 peers: Vec::new(),
+                peer_args: Vec::new(),
                 proxy_addr: None,
                 metrics_addr: None,
             });
@@ -258,9 +264,15 @@ impl Mesh {
             .unwrap_or_else(|| names.iter().filter(|n| **n != r.name).cloned().collect());
         let peer_args: Vec<String> = peers
             .iter()
-            .map(|p| match spec.peer_addrs.get(p) {
-                Some(a) => format!("{p}={a}"),
-                None => format!("{p}=127.0.0.1:{}", ports[p]),
+            .map(|p| {
+                let mut arg = match spec.peer_addrs.get(p) {
+                    Some(a) => format!("{p}={a}"),
+                    None => format!("{p}=127.0.0.1:{}", ports[p]),
+                };
+                for a in spec.more_peer_addrs.get(p).into_iter().flatten() {
+                    arg.push_str(&format!(",{a}"));
+                }
+                arg
             })
             .collect();
         let node_name = format!("{}-node", r.name);
@@ -315,26 +327,11 @@ impl Mesh {
             r.node = Some(Node::Process(p));
         } else {
             let cfg = Config {
-                listen: Some("127.0.0.1:0".into()),
                 upstream: Some(upstream),
-                region: r.name.clone(),
                 node: Some(node_name),
                 peer_listen: Some(peer_listen),
-                peers: peer_args,
-                relay: spec.relay,
-                peer_tls: match &spec.tls {
-                    Some(t) => PeerTlsConfig {
-                        cert: Some(t.cert.clone()),
-                        key: Some(t.key.clone()),
-                        ca: Some(t.ca.clone()),
-                    },
-                    None => PeerTlsConfig::default(),
-                },
-                metrics_listen: spec.metrics.then(|| "127.0.0.1:0".to_string()),
-                shutdown_grace_secs: 1,
-                prune_interval_secs: spec.prune_secs.unwrap_or(0),
-                tombstone_retention_secs: 0,
-                ..Config::default()
+                peers: peer_args.clone(),
+                ..in_process_config(&r.name, &spec)
             };
             let h = node::start(cfg.validate()?)
                 .await
@@ -345,7 +342,34 @@ impl Mesh {
         }
         r.peers = peers;
         r.spec = Some(spec);
+        r.peer_args = peer_args;
         Ok(())
+    }
+
+    /// Another in-process node of region `i`, named `node`, pulling from the same
+    /// peers as the region's own node, and serving the log on `peer_port`. While the
+    /// region's node leads, it waits as standby.
+    pub async fn start_second_node(
+        &self,
+        i: usize,
+        node: &str,
+        peer_port: u16,
+    ) -> Result<NodeHandle> {
+        let r = &self.regions[i];
+        let spec = r
+            .spec
+            .clone()
+            .context("start the region's own node first")?;
+        let cfg = Config {
+            upstream: Some(spec.upstream.clone().unwrap_or_else(|| r.url())),
+            node: Some(node.to_string()),
+            peer_listen: Some(format!("127.0.0.1:{peer_port}")),
+            peers: r.peer_args.clone(),
+            ..in_process_config(&r.name, &spec)
+        };
+        node::start(cfg.validate()?)
+            .await
+            .with_context(|| format!("starting node {node} of {}", r.name))
     }
 
     /// Wait until region `i`'s node leads capture and its replication stream runs.
@@ -545,4 +569,27 @@ pub fn free_port() -> Result<u16> {
         }
     }
     bail!("no fresh free port")
+}
+
+/// The in-process configuration of a node of `region` run as `spec` says, but for
+/// its upstream, name, peer listener and peers.
+fn in_process_config(region: &str, spec: &NodeSpec) -> Config {
+    Config {
+        listen: Some("127.0.0.1:0".into()),
+        region: region.to_string(),
+        relay: spec.relay,
+        peer_tls: match &spec.tls {
+            Some(t) => PeerTlsConfig {
+                cert: Some(t.cert.clone()),
+                key: Some(t.key.clone()),
+                ca: Some(t.ca.clone()),
+            },
+            None => PeerTlsConfig::default(),
+        },
+        metrics_listen: spec.metrics.then(|| "127.0.0.1:0".to_string()),
+        shutdown_grace_secs: 1,
+        prune_interval_secs: spec.prune_secs.unwrap_or(0),
+        tombstone_retention_secs: 0,
+        ..Config::default()
+    }
 }

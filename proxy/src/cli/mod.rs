@@ -126,7 +126,8 @@ pub struct RunArgs {
     /// Serve this node's change log to peers on HOST:PORT.
     #[arg(long)]
     pub peer_listen: Option<String>,
-    /// Pull from a peer region, NAME=HOST:PORT (repeatable).
+    /// Pull from a peer region, NAME=HOST:PORT[,HOST:PORT...] (repeatable): the
+    /// addresses of its nodes that serve its log, tried in turn.
     #[arg(long = "peer")]
     pub peers: Vec<String>,
     /// Relay events applied from other regions to peers (hub of hub-and-spoke).
