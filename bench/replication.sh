@@ -78,6 +78,8 @@ Environment:
                        show up as lag that is not the replication's.
   BENCH_STALL_TIMEOUT  seconds without replication progress before giving up [60]
   BENCH_OUT            directory for the result files              [bench-results]
+  BENCH_STAGES         1: also split each lag run's lag into stages (see bench/stages.sh;
+                       adds a timestamp column to every region's change log)  [0]
   BENCH_PG_CONF        extra postgresql.conf lines for every cluster, separated by ";"
                        (profiling: "shared_preload_libraries = 'pg_stat_statements'")
   PGMESH_BIN           pgmesh binary to use; skips `cargo build --release -p pgmesh-proxy`
@@ -108,6 +110,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 # shellcheck source=bench/lib.sh
 . "$HERE/lib.sh"
+# shellcheck source=bench/stages.sh
+. "$HERE/stages.sh"
 
 FAST="${BENCH_FAST:-0}"
 if [[ "$FAST" == 1 ]]; then
@@ -125,6 +129,7 @@ REPLMAX_RUN="${BENCH_REPLICATED_MAX_RUN:-1}"
 read -r -a EXTRA_RATES <<<"${BENCH_EXTRA_RATES:-}"
 WORKLOAD="${BENCH_BACKLOG_WORKLOAD:-tpcb}"
 STALL="${BENCH_STALL_TIMEOUT:-60}"
+STAGES="${BENCH_STAGES:-0}"
 OUT="${BENCH_OUT:-bench-results}"
 for v in SECS BACKLOG PROBE_SECS SCALE STALL; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
@@ -279,6 +284,7 @@ for r in "${REGIONS[@]}"; do
         cat "$TMPD/init-$r.log" >&2
         die "pgmesh init in $r failed"
     }
+    if [[ "$STAGES" == 1 ]]; then stages_prepare "$r"; fi
 done
 
 # show_node_logs: the tails of every node's log and each region's links, on stderr.
@@ -565,7 +571,7 @@ fi
 # Not pg_xact_commit_timestamp() of the applied rows: with a replication origin set
 # up in the session and no per-transaction origin timestamp, PostgreSQL records the
 # session's first commit time for every later commit of that session.
-declare -A LAG=() BATCHES=() CAPTURE=() TPS=() PROCESSED=() BUSY=() WAIT=() PARTS=()
+declare -A LAG=() BATCHES=() CAPTURE=() TPS=() PROCESSED=() BUSY=() WAIT=() PARTS=() STAGES_OF=()
 # cpu_by_part OUT DELAY SPAN: after DELAY seconds, the CPU each part of the mesh uses
 # over SPAN seconds (each node; each region's PostgreSQL sessions by
 # application_name: apply, capture's log append and walsender, pgbench's sessions,
@@ -669,6 +675,10 @@ lag_run() {
     CAPTURE[$key]="$(lag_stats "$ORIGIN" "$T0" "$T1")"
     IFS='|' read -r n p50 p99 mx <<<"${CAPTURE[$key]}"
     log "      of which capture in $ORIGIN: p50 $p50 ms, p99 $p99 ms, max $mx ms over $n events"
+    if [[ "$STAGES" == 1 ]]; then
+        STAGES_OF[$key]="$(stages_report "$T0" "$T1")"
+        log "      stages, p50 / p99 ms: ${STAGES_OF[$key]}"
+    fi
 }
 
 lag_run probe "$RATE"
@@ -996,6 +1006,16 @@ fi
         echo "| ${row//|/ | } |"
     done
     echo
+    if [[ "$STAGES" == 1 ]]; then
+        echo "## Where the lag goes (BENCH_STAGES=1)"
+        echo
+        echo "Per stage, p50 / p99 in ms (see bench/stages.sh): wait = commit at the origin to capture's append transaction beginning; append = that transaction to logged_at; ship = logged in $ORIGIN to the peer's apply transaction beginning (the append's commit, the link, the batch before); apply = that transaction to logged_at."
+        echo
+        for key in "${KEYS[@]}"; do
+            echo "- at ${RATE_OF[$key]} tps: ${STAGES_OF[$key]:-n/a}"
+        done
+        echo
+    fi
     if [[ -n "${PARTS[probe]:-}" ]]; then
         echo "## CPU by part during the lag run at $RATE tps"
         echo
