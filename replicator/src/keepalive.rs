@@ -88,17 +88,30 @@ impl Settings {
     /// `keepalives_interval` and `connect_timeout` in seconds, `keepalives_retries`
     /// a count, `tcp_user_timeout` in milliseconds. `Ok(false)`: not one of them.
     pub fn set(&mut self, key: &str, value: &str) -> Result<bool, String> {
+        const KEYS: [&str; 5] = [
+            "keepalives_idle",
+            "keepalives_interval",
+            "keepalives_retries",
+            "tcp_user_timeout",
+            "connect_timeout",
+        ];
+        if !KEYS.contains(&key) {
+            return Ok(false);
+        }
         let n: u64 = value
             .trim()
             .parse()
-            .map_err(|_| format!("URL parameter {key} must be a whole number, not {value:?}"))?;
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                format!("URL parameter {key} must be a positive whole number, not {value:?}")
+            })?;
         match key {
             "keepalives_idle" => self.idle = Duration::from_secs(n),
             "keepalives_interval" => self.interval = Duration::from_secs(n),
             "keepalives_retries" => self.retries = u32::try_from(n).unwrap_or(u32::MAX),
             "tcp_user_timeout" => self.user_timeout = Duration::from_millis(n),
-            "connect_timeout" => self.connect_timeout = Duration::from_secs(n),
-            _ => return Ok(false),
+            _ => self.connect_timeout = Duration::from_secs(n),
         }
         Ok(true)
     }
@@ -118,12 +131,13 @@ impl Settings {
 
 /// The server side, for the current session: each of PostgreSQL's settings is
 /// lowered to pgmesh's value unless it is stricter already (0 means the operating
-/// system's default). Over a Unix socket the settings do nothing. It works in a
+/// system's default), and left alone on a server that lacks it (`tcp_user_timeout`
+/// is PostgreSQL 12's). Over a Unix socket the settings do nothing. It works in a
 /// `replication=database` session too.
 pub const SERVER: &str = "SELECT count(set_config(name, v::text, false))
      FROM (VALUES ('tcp_keepalives_idle', 10), ('tcp_keepalives_interval', 5),
                   ('tcp_keepalives_count', 3), ('tcp_user_timeout', 30000)) AS d(name, v)
-     WHERE current_setting(name)::int NOT BETWEEN 1 AND v";
+     WHERE current_setting(name, true)::int NOT BETWEEN 1 AND v";
 
 #[cfg(test)]
 mod tests {
@@ -166,7 +180,9 @@ mod tests {
         assert_eq!(s.set("keepalives_idle", "4"), Ok(true));
         assert_eq!(s.set("tcp_user_timeout", "2500"), Ok(true));
         assert_eq!(s.set("sslmode", "1"), Ok(false));
+        assert_eq!(s.set("other", "not a number"), Ok(false));
         assert!(s.set("keepalives_retries", "x").is_err());
+        assert!(s.set("keepalives_interval", "0").is_err());
         assert_eq!(s.idle, Duration::from_secs(4));
         assert_eq!(s.user_timeout, Duration::from_millis(2500));
         assert_eq!(s.interval, INTERVAL);
