@@ -75,10 +75,12 @@ impl Demo {
     }
 }
 
-/// Ctrl-C or SIGTERM: either way the demo removes what it created.
+/// Ctrl-C, SIGTERM or SIGHUP (its terminal closed): either way the demo removes
+/// what it created.
 async fn interrupted() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let on = |kind: SignalKind| async move {
+        match signal(kind) {
             Ok(mut s) => {
                 s.recv().await;
             }
@@ -87,11 +89,12 @@ async fn interrupted() {
     };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+        _ = on(SignalKind::terminate()) => {}
+        _ = on(SignalKind::hangup()) => {}
     }
 }
 
-/// Runs the demo until Ctrl-C or SIGTERM (or until `stop` resolves, for tests).
+/// Runs the demo until Ctrl-C, SIGTERM or SIGHUP (or until `stop` resolves, for tests).
 pub async fn run(
     regions: usize,
     base_port: u16,
