@@ -67,7 +67,8 @@ impl CaptureHandle {
 }
 
 /// The URL the replication side uses: the upstream URL, with user `postgres` when none
-/// is given, and the same TLS settings (`sslmode`, `sslrootcert`).
+/// is given, and the same TLS settings (`sslmode`, `sslrootcert`) and keepalive
+/// parameters.
 pub fn capture_url(v: &Validated) -> String {
     let u = &v.upstream;
     let user = u.user.clone().unwrap_or_else(|| "postgres".into());
@@ -76,11 +77,20 @@ pub fn capture_url(v: &Validated) -> String {
         None => user,
     };
     let db = u.database.clone().unwrap_or_else(|| "postgres".into());
-    let tls = match u.sslmode() {
-        SslMode::Disable => String::new(),
-        _ => format!("?{}", u.tls.url_query()),
+    let mut query: Vec<String> = u
+        .keepalive_params
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if u.sslmode() != SslMode::Disable {
+        query.push(u.tls.url_query());
+    }
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", query.join("&"))
     };
-    format!("postgres://{auth}@{}/{db}{tls}", u.addr())
+    format!("postgres://{auth}@{}/{db}{query}", u.addr())
 }
 
 /// A connection to the regional database when the mesh catalog is installed there;
@@ -453,5 +463,40 @@ async fn supervise_links(
         if stopping {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn the_replication_url_keeps_tls_and_keepalive_parameters() {
+        let v = |upstream: &str| {
+            Config {
+                listen: Some("127.0.0.1:1".into()),
+                upstream: Some(upstream.into()),
+                ..Config::default()
+            }
+            .validate()
+            .unwrap()
+        };
+        let url = capture_url(&v(
+            "postgres://h:5/app?keepalives_idle=4&tcp_user_timeout=9000",
+        ));
+        assert_eq!(
+            url,
+            "postgres://postgres@h:5/app?keepalives_idle=4&tcp_user_timeout=9000"
+        );
+        let params = pgmesh_replicator::replconn::ConnParams::from_url(&url).unwrap();
+        assert_eq!(params.keepalive.idle, Duration::from_secs(4));
+        assert_eq!(params.keepalive.user_timeout, Duration::from_millis(9000));
+        let (config, _) = pgmesh_replicator::pgtls::pg_config(&url).unwrap();
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(4));
+        assert_eq!(
+            capture_url(&v("postgres://u@h/db")),
+            "postgres://u@h:5432/db"
+        );
     }
 }

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 
+use pgmesh_replicator::keepalive::Settings;
 use pgmesh_replicator::pgtls::{PgStream, PgTls, PgTlsError};
 use thiserror::Error;
 use tokio::net::TcpStream;
@@ -39,6 +40,12 @@ pub struct UpstreamTarget {
     pub database: Option<String>,
     /// `sslmode` and `sslrootcert` (see [`pgmesh_replicator::pgtls`]).
     pub tls: PgTls,
+    /// libpq's `keepalives_idle`, `keepalives_interval`, `keepalives_retries`,
+    /// `tcp_user_timeout` and `connect_timeout`, as given: pgmesh's own sessions
+    /// get them in their URL (see [`pgmesh_replicator::keepalive`]).
+    pub keepalive_params: Vec<(String, String)>,
+    /// The same, parsed, for the proxied sessions' sockets.
+    pub keepalive: Settings,
 }
 
 impl UpstreamTarget {
@@ -63,8 +70,13 @@ impl UpstreamTarget {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        if let Some((k, _)) = u.query_pairs().next() {
-            return Err(err(&format!("unknown parameter {k:?}")));
+        let mut keepalive = Settings::default();
+        let mut keepalive_params = Vec::new();
+        for (k, v) in u.query_pairs() {
+            if !keepalive.set(&k, &v).map_err(|e| err(&e))? {
+                return Err(err(&format!("unknown parameter {k:?}")));
+            }
+            keepalive_params.push((k.into_owned(), v.into_owned()));
         }
         let nonempty = |x: &str| (!x.is_empty()).then(|| x.to_string());
         Ok(Self {
@@ -74,6 +86,8 @@ impl UpstreamTarget {
             password: u.password().map(str::to_string),
             database: nonempty(u.path().trim_start_matches('/')),
             tls,
+            keepalive_params,
+            keepalive,
         })
     }
 
@@ -91,15 +105,21 @@ impl UpstreamTarget {
         }
     }
 
-    /// Opens a TCP connection and negotiates TLS according to `sslmode`.
+    /// Opens a TCP connection and negotiates TLS according to `sslmode`. The socket
+    /// gets pgmesh's keepalives (client side only: the session is the client's), so
+    /// a proxied session whose server vanished behind a partition ends.
     pub async fn connect(&self) -> Result<Stream, UpstreamError> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+        let connect = TcpStream::connect((self.host.as_str(), self.port));
+        let failed = |source| UpstreamError::Connect {
+            addr: self.addr(),
+            source,
+        };
+        let tcp = tokio::time::timeout(self.keepalive.connect_timeout, connect)
             .await
-            .map_err(|source| UpstreamError::Connect {
-                addr: self.addr(),
-                source,
-            })?;
+            .map_err(|_| failed(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(failed)?;
         let _ = tcp.set_nodelay(true);
+        let _ = self.keepalive.apply(&tcp);
         Ok(match self.tls.negotiate(tcp, &self.host).await? {
             PgStream::Plain(tcp) => Stream::Plain(tcp),
             PgStream::Tls(tls) => Stream::ClientTls(tls),
@@ -137,6 +157,12 @@ mod tests {
         );
         let t = UpstreamTarget::parse("postgres://[::1]:7/x").unwrap();
         assert_eq!(t.addr(), "[::1]:7");
+        let t = UpstreamTarget::parse("postgres://h/x?keepalives_idle=4&sslmode=disable").unwrap();
+        assert_eq!(
+            t.keepalive_params,
+            [("keepalives_idle".to_string(), "4".to_string())]
+        );
+        assert_eq!(t.keepalive.idle, std::time::Duration::from_secs(4));
     }
 
     #[test]
@@ -146,6 +172,7 @@ mod tests {
             "postgres://h/db?sslmode=bogus",
             "postgres://h/db?sslmode=verify-full",
             "postgres://h/db?foo=1",
+            "postgres://h/db?keepalives_idle=soon",
             "not a url",
         ] {
             assert!(UpstreamTarget::parse(bad).is_err(), "{bad}");
