@@ -312,6 +312,8 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
                 )));
             }
         }
+    } else if v.config.peer_listen.is_some() || !v.peers.is_empty() {
+        warn!("this node does not capture, so it neither serves its change log to peers nor pulls from them: --peer-listen and --peer are ignored");
     }
     let metrics_addr = match &v.config.metrics_listen {
         Some(addr) => Some(
