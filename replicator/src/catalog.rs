@@ -36,6 +36,8 @@ pub enum CatalogError {
     TooNew { found: i32, supported: i32 },
     #[error("invalid region name {0:?}: use letters, digits and underscores")]
     RegionName(String),
+    #[error("{0} is in schema mesh, pgmesh's own catalog, which never replicates (capture logs into it): leave it out of --schemas and --tables")]
+    MeshSelected(String),
     #[error("{}", pg_error(.0))]
     Sql(#[from] tokio_postgres::Error),
 }
@@ -47,6 +49,24 @@ pub enum TableSelection {
     Schemas(Vec<String>),
     /// Exactly these tables (`schema.table` or `table` in public).
     Tables(Vec<String>),
+}
+
+impl TableSelection {
+    /// Refuses a selection that reaches into schema `mesh`: publishing the change log
+    /// would make every append a change to capture, and so another append.
+    pub fn check(&self) -> Result<(), CatalogError> {
+        let unquote = |s: &str| s.trim().trim_matches('"').to_string();
+        let bad = match self {
+            TableSelection::Schemas(s) => s.iter().find(|s| unquote(s) == "mesh"),
+            TableSelection::Tables(t) => t
+                .iter()
+                .find(|t| t.split_once('.').is_some_and(|(s, _)| unquote(s) == "mesh")),
+        };
+        match bad {
+            Some(b) => Err(CatalogError::MeshSelected(b.clone())),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Default for TableSelection {
@@ -355,6 +375,7 @@ pub async fn init(
 ) -> Result<InitReport, CatalogError> {
     validate_region(region)?;
     let mut c = connect(url).await?;
+    sel.check()?;
     check_prerequisites(&c, region).await?;
     let applied = migrate(&mut c).await?;
     register_region(&c, region).await?;
@@ -384,6 +405,23 @@ fn qualify(t: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schema_mesh_is_never_selected() {
+        let schemas =
+            |s: &[&str]| TableSelection::Schemas(s.iter().map(|x| x.to_string()).collect());
+        let tables = |t: &[&str]| TableSelection::Tables(t.iter().map(|x| x.to_string()).collect());
+        assert!(schemas(&["public", "app"]).check().is_ok());
+        assert!(tables(&["public.t", "mesh_data.t", "mesh"]).check().is_ok());
+        for bad in [
+            schemas(&["public", "mesh"]),
+            tables(&["t", "mesh.changelog"]),
+            tables(&["\"mesh\".links"]),
+        ] {
+            let e = bad.check().unwrap_err();
+            assert!(matches!(e, CatalogError::MeshSelected(_)), "{e}");
+        }
+    }
 
     #[test]
     fn origin_ids_are_stable_and_small() {

@@ -100,6 +100,33 @@ async fn init_without_replication_privilege_names_it() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn init_refuses_to_publish_schema_mesh() -> Result<()> {
+    let region = Region::start("meshsel").await?;
+    let url = region.url();
+    for sel in [["--schemas", "public,mesh"], ["--tables", "mesh.changelog"]] {
+        let args = [
+            "init",
+            "--upstream",
+            &url,
+            "--region",
+            "meshsel",
+            sel[0],
+            sel[1],
+        ];
+        let out = pgmesh_output(&args).await?;
+        assert!(!out.success(), "init {sel:?} must fail: {}", out.stdout);
+        assert!(out.stderr.contains("schema mesh"), "{}", out.stderr);
+    }
+    let published: i64 = region
+        .admin
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await?
+        .get(0);
+    assert_eq!(published, 0, "a refused init publishes nothing");
+    Ok(())
+}
+
 /// The line `log tail` prints must name this change's hlc, origin, table, op, key.
 fn expect_line(line: &str, e: &LogEvent, i: usize) -> Result<()> {
     let c = &e.changes[i];
