@@ -45,10 +45,11 @@ fi
 # it must run rather than skip.
 if [ -z "${PGMESH_REQUIRE_NETNS:-}" ] && is_root && command -v ip >/dev/null 2>&1; then
   probe="pgmesh-probe-$$"
-  if ip netns add "$probe" 2>/dev/null; then
+  if ip netns add "$probe" 2>/dev/null && ip netns exec "$probe" true 2>/dev/null; then
     ip netns del "$probe"
     export PGMESH_REQUIRE_NETNS=1
   else
+    ip netns del "$probe" 2>/dev/null || true
     log "no network namespaces on this machine: the partition test will skip"
   fi
 fi

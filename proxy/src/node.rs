@@ -493,9 +493,16 @@ mod tests {
         );
         let params = pgmesh_replicator::replconn::ConnParams::from_url(&url).unwrap();
         assert_eq!(params.keepalive.idle, Duration::from_secs(4));
-        assert_eq!(params.keepalive.user_timeout, Duration::from_millis(9000));
+        assert_eq!(
+            params.keepalive.user_timeout,
+            Some(Duration::from_millis(9000))
+        );
         let (config, _) = pgmesh_replicator::pgtls::pg_config(&url).unwrap();
         assert_eq!(config.get_keepalives_idle(), Duration::from_secs(4));
+        assert_eq!(
+            config.get_tcp_user_timeout(),
+            Some(&Duration::from_millis(9000))
+        );
         assert_eq!(
             capture_url(&v("postgres://u@h/db")),
             "postgres://u@h:5432/db"

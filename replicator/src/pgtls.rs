@@ -280,12 +280,14 @@ impl PgTls {
 /// [`crate::keepalive`]), and the connector to pass to `Config::connect`.
 pub fn pg_config(url: &str) -> Result<(tokio_postgres::Config, MakeRustls), PgTlsError> {
     let (tls, rest) = PgTls::from_url(url)?;
+    let (rest, user_timeout) =
+        crate::keepalive::take_user_timeout(&rest).map_err(PgTlsError::Url)?;
     let mut config: tokio_postgres::Config = rest
         .parse()
         .map_err(|e: tokio_postgres::Error| PgTlsError::Url(e.to_string()))?;
     let (mode, connector) = tls.tokio_postgres();
     config.ssl_mode(mode);
-    crate::keepalive::client_config(&mut config);
+    crate::keepalive::client_config(&mut config, user_timeout);
     Ok((config, connector))
 }
 

@@ -221,6 +221,8 @@ async fn session(
             _ = shutdown.changed() => return Ok(()),
             _ = heads.tick() => match peer_head(cfg, target, applier.checkpoint(&cfg.peer).await?).await {
                 Ok(head) => set_head(&applier, &cfg.peer, head, None).await?,
+                // With another node to ask, move on to it (the caller rotates).
+                Err(e) if cfg.targets.len() > 1 => return Err(e.into()),
                 Err(e) => debug!(error = %e, "paused link: cannot read the peer's head"),
             },
         }

@@ -58,19 +58,22 @@ impl NetNs {
     pub fn create() -> Result<NetNs> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let id = (std::process::id() % 10_000) * 16 + n % 16;
-        let net = (std::process::id() * 7 + n) % 16_000;
+        let pid = std::process::id();
+        // Names carry the whole pid, so two test runs never share one (an interface
+        // name has at most 15 characters: "pm" + 7 digits + a letter + 3 digits).
+        let net = (pid.wrapping_mul(7).wrapping_add(n)) % 16_000;
         let (a, b) = (net / 64, (net % 64) * 4);
+        let name = format!("pgmesh{pid}-{n}");
+        ip(&["netns", "add", &name])?;
+        // Only now is the namespace ours: from here on, drop removes what was made.
         let ns = NetNs {
-            name: format!("pgmesh{id}"),
-            host_if: format!("pgmh{id}"),
-            ns_if: format!("pgmn{id}"),
+            name,
+            host_if: format!("pm{pid}h{}", n % 1000),
+            ns_if: format!("pm{pid}n{}", n % 1000),
             host_ip: format!("10.77.{a}.{}", b + 1),
             ns_ip: format!("10.77.{a}.{}", b + 2),
             subnet: format!("10.77.{a}.{b}/30"),
         };
-        ip(&["netns", "add", &ns.name])?;
-        // From here on, drop removes whatever was made.
         ip(&[
             "link",
             "add",

@@ -447,8 +447,9 @@ async fn connect_replication(params: &ConnParams) -> Result<ReplConnection, Capt
 }
 
 /// How long a new leader waits for a previous leader's walsender to let go of the
-/// slot: longer than the server takes to find a vanished client dead (about
-/// [`keepalive::USER_TIMEOUT`]), or `wal_sender_timeout`'s default of a minute.
+/// slot: longer than the server takes to find a vanished client dead (at most
+/// [`keepalive::SERVER_USER_TIMEOUT`], or `wal_sender_timeout`'s default of a
+/// minute).
 const SLOT_WAIT: Duration = Duration::from_secs(90);
 
 /// Starts streaming; retries while the slot is still held by a previous leader's
