@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use crate::pgtls::{take_params, PgTlsError};
+
 /// Idle time before the first keepalive probe.
 pub const IDLE: Duration = Duration::from_secs(10);
 /// Time between keepalive probes.
@@ -74,46 +76,13 @@ pub fn client_config(c: &mut tokio_postgres::Config, user_timeout: Option<Durati
 
 /// `tcp_user_timeout` (milliseconds, as in libpq) taken out of a connection string,
 /// URL or `key=value` form: the string without it, and its value.
-pub fn take_user_timeout(conn: &str) -> Result<(String, Option<Duration>), String> {
-    let mut found = None;
-    let mut keep = |pair: &str| -> Result<bool, String> {
-        match pair.split_once('=') {
-            Some(("tcp_user_timeout", v)) => {
-                let mut s = Settings::default();
-                s.set("tcp_user_timeout", v)?;
-                found = s.user_timeout;
-                Ok(false)
-            }
-            _ => Ok(true),
-        }
-    };
-    let rest = if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
-        match conn.split_once('?') {
-            None => conn.to_string(),
-            Some((base, query)) => {
-                let mut kept = Vec::new();
-                for pair in query.split('&') {
-                    if keep(pair)? {
-                        kept.push(pair);
-                    }
-                }
-                if kept.is_empty() {
-                    base.to_string()
-                } else {
-                    format!("{base}?{}", kept.join("&"))
-                }
-            }
-        }
-    } else {
-        let mut kept = Vec::new();
-        for pair in conn.split_whitespace() {
-            if keep(pair)? {
-                kept.push(pair);
-            }
-        }
-        kept.join(" ")
-    };
-    Ok((rest, found))
+pub fn take_user_timeout(conn: &str) -> Result<(String, Option<Duration>), PgTlsError> {
+    let mut s = Settings::default();
+    let rest = take_params(conn, |k, v| match k {
+        "tcp_user_timeout" => s.set(k, &v).map_err(PgTlsError::Url),
+        _ => Ok(false),
+    })?;
+    Ok((rest, s.user_timeout))
 }
 
 /// The client side of a connection pgmesh makes itself (the replication

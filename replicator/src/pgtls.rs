@@ -175,35 +175,7 @@ impl PgTls {
             }
             Ok(true)
         };
-        let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            match url.split_once('?') {
-                None => url.to_string(),
-                Some((base, query)) => {
-                    let mut kept = Vec::new();
-                    for pair in query.split('&').filter(|p| !p.is_empty()) {
-                        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                        if !take(&decode(k)?, decode(v)?)? {
-                            kept.push(pair);
-                        }
-                    }
-                    if kept.is_empty() {
-                        base.to_string()
-                    } else {
-                        format!("{base}?{}", kept.join("&"))
-                    }
-                }
-            }
-        } else {
-            // `key=value` pairs separated by spaces (values without spaces).
-            let mut kept = Vec::new();
-            for tok in url.split_whitespace() {
-                let (k, v) = tok.split_once('=').unwrap_or((tok, ""));
-                if !take(k, v.trim_matches('\'').to_string())? {
-                    kept.push(tok);
-                }
-            }
-            kept.join(" ")
-        };
+        let rest = take_params(url, |k, v| take(k, v))?;
         Ok((Self::new(mode, root)?, rest))
     }
 
@@ -280,8 +252,7 @@ impl PgTls {
 /// [`crate::keepalive`]), and the connector to pass to `Config::connect`.
 pub fn pg_config(url: &str) -> Result<(tokio_postgres::Config, MakeRustls), PgTlsError> {
     let (tls, rest) = PgTls::from_url(url)?;
-    let (rest, user_timeout) =
-        crate::keepalive::take_user_timeout(&rest).map_err(PgTlsError::Url)?;
+    let (rest, user_timeout) = crate::keepalive::take_user_timeout(&rest)?;
     let mut config: tokio_postgres::Config = rest
         .parse()
         .map_err(|e: tokio_postgres::Error| PgTlsError::Url(e.to_string()))?;
@@ -289,6 +260,43 @@ pub fn pg_config(url: &str) -> Result<(tokio_postgres::Config, MakeRustls), PgTl
     config.ssl_mode(mode);
     crate::keepalive::client_config(&mut config, user_timeout);
     Ok((config, connector))
+}
+
+/// Takes parameters out of a `postgres://` URL's query (or a libpq `key=value`
+/// string): `take` gets each one's key and value, decoded, and returns whether it
+/// took it. Returns the text without the taken ones, the rest unchanged byte for
+/// byte.
+pub fn take_params<E: From<PgTlsError>>(
+    conn: &str,
+    mut take: impl FnMut(&str, String) -> Result<bool, E>,
+) -> Result<String, E> {
+    if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
+        let Some((base, query)) = conn.split_once('?') else {
+            return Ok(conn.to_string());
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if !take(&decode(k)?, decode(v)?)? {
+                kept.push(pair);
+            }
+        }
+        Ok(if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        })
+    } else {
+        // `key=value` pairs separated by spaces (values without spaces).
+        let mut kept = Vec::new();
+        for tok in conn.split_whitespace() {
+            let (k, v) = tok.split_once('=').unwrap_or((tok, ""));
+            if !take(k, v.trim_matches('\'').to_string())? {
+                kept.push(tok);
+            }
+        }
+        Ok(kept.join(" "))
+    }
 }
 
 /// A URL query component, percent-decoded (`+` stays `+`, as in libpq).
