@@ -406,6 +406,8 @@ async fn supervise_links(
                 .iter()
                 .map(|addr| {
                     let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                    // An IPv6 literal goes in brackets before the port, not in the name.
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
                     let tls = peer_client_tls(&v, host)?;
                     anyhow::Ok(LinkTarget {
                         addr: addr.clone(),

@@ -6,10 +6,9 @@
 
 use std::net::SocketAddr;
 
-use pgmesh_replicator::keepalive::Settings;
+use pgmesh_replicator::keepalive::{self, Settings};
 use pgmesh_replicator::pgtls::{PgStream, PgTls, PgTlsError};
 use thiserror::Error;
-use tokio::net::TcpStream;
 
 use crate::net::stream::Stream;
 
@@ -109,15 +108,12 @@ impl UpstreamTarget {
     /// gets pgmesh's keepalives (client side only: the session is the client's), so
     /// a proxied session whose server vanished behind a partition ends.
     pub async fn connect(&self) -> Result<Stream, UpstreamError> {
-        let connect = TcpStream::connect((self.host.as_str(), self.port));
-        let failed = |source| UpstreamError::Connect {
-            addr: self.addr(),
-            source,
-        };
-        let tcp = tokio::time::timeout(self.keepalive.connect_timeout, connect)
+        let tcp = keepalive::connect(&self.host, self.port, self.keepalive.connect_timeout)
             .await
-            .map_err(|_| failed(std::io::ErrorKind::TimedOut.into()))?
-            .map_err(failed)?;
+            .map_err(|source| UpstreamError::Connect {
+                addr: self.addr(),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         let _ = self.keepalive.apply(&tcp);
         Ok(match self.tls.negotiate(tcp, &self.host).await? {

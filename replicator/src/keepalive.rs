@@ -85,6 +85,31 @@ pub fn take_user_timeout(conn: &str) -> Result<(String, Option<Duration>), PgTls
     Ok((rest, s.user_timeout))
 }
 
+/// Connects to `host:port`, trying each address it resolves to in turn, each for at
+/// most `timeout` (as libpq and tokio-postgres do): a first address that drops
+/// packets (a broken IPv6 route, say) must not use up the time of the others.
+pub async fn connect(host: &str, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {
+                last = Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connecting to {addr} timed out after {timeout:?}"),
+                ))
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host} resolves to no address"),
+        )
+    }))
+}
+
 /// The client side of a connection pgmesh makes itself (the replication
 /// connection, and the proxied sessions' sockets): the constants above, or what its
 /// URL says (libpq's names and units).
@@ -247,6 +272,20 @@ mod tests {
         assert_eq!(s.user_timeout, Some(Duration::from_millis(2500)));
         assert_eq!(s.interval, INTERVAL);
         assert_eq!(Settings::default().user_timeout, None);
+    }
+
+    #[tokio::test]
+    async fn connecting_reports_the_last_address_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        connect("localhost", port, Duration::from_secs(2))
+            .await
+            .unwrap();
+        drop(listener);
+        let e = connect("127.0.0.1", port, Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
     }
 
     async fn settings(c: &tokio_postgres::Client) -> Vec<String> {

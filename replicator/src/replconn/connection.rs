@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::pgoutput::Lsn;
@@ -34,16 +33,9 @@ impl ReplConnection {
     /// packet with `replication=database`, authenticates, and waits for the server
     /// to be ready.
     pub async fn connect(params: &ConnParams) -> Result<Self, ReplError> {
-        let addr = (params.host.as_str(), params.port);
         let stream =
-            tokio::time::timeout(params.keepalive.connect_timeout, TcpStream::connect(addr))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "connecting to the server timed out",
-                    )
-                })??;
+            crate::keepalive::connect(&params.host, params.port, params.keepalive.connect_timeout)
+                .await?;
         // Status updates are tiny and latency matters for the server's view of lag.
         stream.set_nodelay(true)?;
         // A partition must not leave the slot held by a connection nobody answers on.
