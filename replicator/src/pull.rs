@@ -133,7 +133,7 @@ pub async fn run(
             if *shutdown.borrow() {
                 break;
             }
-            let Some(target) = cfg.targets.get(at % cfg.targets.len().max(1)) else {
+            let Some(target) = cfg.targets.get(at) else {
                 warn!("no address to pull from");
                 break;
             };

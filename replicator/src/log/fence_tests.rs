@@ -71,12 +71,11 @@ async fn taking_an_epoch_waits_for_an_append_under_way() {
     let admin = catalog::connect(&url).await.unwrap();
     // The old leader's append holds the append lock, its rows not yet committed.
     old.batch_execute(&format!(
-        "BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK});
-         INSERT INTO mesh.changelog (origin, hlc, source_lsn, xid, commit_ts, stamped, changes)
-         VALUES ('r1', 1, '0/10', 1, now(), false, '[]')"
+        "BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK})"
     ))
     .await
     .unwrap();
+    scratch::logged(&old, "r1", 1).await;
     let pid: i32 = new
         .query_one("SELECT pg_backend_pid()", &[])
         .await

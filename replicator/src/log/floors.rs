@@ -6,17 +6,19 @@
 //! old one, and a region that never wrote gives none, which held pruning back
 //! everywhere. A floor is a second such bound, kept in `mesh.region_floors`:
 //!
-//! - **Own region.** The capture leader raises its region's floor every status
-//!   interval while nothing it assembled is waiting for the log: to the database
-//!   clock of the last keepalive that found every earlier commit logged, less two
-//!   seconds, and at least one above the last final HLC. It first raises the HLC
+//! - **Own region.** At every status interval the capture leader reads the WAL
+//!   insert position and the database clock together (a mark). Once it has logged
+//!   every commit below that position, with nothing assembled waiting for the log,
+//!   it raises its region's floor to the mark's clock less two seconds, and at least
+//!   one above the last final HLC. It first raises the HLC
 //!   below which it never assigns a final HLC again to just under the floor (final
 //!   HLCs are `max(stamp, commit_ts, previous + 1)`, and `previous` becomes at least
 //!   `floor - 1`), writes it with a synchronous commit, and a new leader starts
 //!   from the stored floor. So every event of the region below its floor is in its
-//!   log already, and no clock has to be right for that. The transactions decoded
-//!   later committed after that keepalive, so their commit times are above the
-//!   floor and stay their HLCs: the floor changes no conflict's winner.
+//!   log already, and no clock has to be right for that. The transactions whose
+//!   commit records come after the mark committed after its clock, so their commit
+//!   times are above the floor and stay their HLCs: the floor changes no conflict's
+//!   winner.
 //! - **Other regions.** A link server advertises, in a heartbeat, the floors of the
 //!   regions whose events it ships to that peer (its own, and in hub mode the others
 //!   but the peer's), capped below its pending dead letters of each region. It reads
@@ -108,7 +110,7 @@ pub async fn stored(c: &Client, region: &str) -> Result<Option<Hlc>, LogError> {
 }
 
 /// The floor capture raises its region's to: `clock_ms` (capture passes the
-/// database clock of a keepalive that found it caught up, less a trail), and at
+/// database clock of a mark it has logged everything below, less a trail), and at
 /// least one above `previous`, the last final HLC.
 pub fn own_floor(previous: Hlc, clock_ms: u64) -> Hlc {
     previous
