@@ -18,6 +18,7 @@ use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 use super::assemble::{AssembleError, Assembler};
+use super::leader;
 use crate::apply::sql::shift_params;
 use crate::catalog::{self, CatalogError, PUBLICATION};
 use crate::event::ChangeEvent;
@@ -146,11 +147,6 @@ pub enum Role {
 /// times as HLCs.
 const FLOOR_TRAILS_MS: u64 = 2_000;
 
-/// Advisory-lock key of a region's capture leadership.
-pub fn leader_key(region: &str) -> i64 {
-    0x7067_6d00_0000_0000 | (catalog::origin_id_for(region) as i64)
-}
-
 /// Runs capture until `shutdown` turns true, retrying with backoff after errors.
 pub async fn run(
     cfg: CaptureConfig,
@@ -196,22 +192,30 @@ async fn run_once(
     if !installed {
         return Err(CaptureError::NotInitialized);
     }
-    let key = leader_key(&cfg.region);
-    let got: bool = lock
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-        .await?
-        .get(0);
-    if !got {
+    if !leader::try_lead(&lock, &cfg.region).await? {
         let _ = role.send(Role::Standby);
-        set_node_role(&lock, cfg, "standby").await?;
         info!(region = %cfg.region, "standby: waiting for the capture leader lock");
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
-        tokio::select! {
-            r = lock.execute("SELECT pg_advisory_lock($1)", &params) => { r?; }
-            _ = shutdown.changed() => return Ok(()),
+        if !leader::wait_for_lead(&lock, cfg, shutdown).await? {
+            leader::mark_stopped(&lock, cfg).await;
+            return Ok(());
         }
     }
-    set_node_role(&lock, cfg, "leader").await?;
+    leader::set_role(&lock, cfg, "leader").await?;
+    let led = lead(cfg, &lock, role, progress, shutdown).await;
+    if matches!(led, Ok(())) {
+        leader::mark_stopped(&lock, cfg).await;
+    }
+    led
+}
+
+/// Captures as the region's leader (`lock` holds the lock) until `shutdown`.
+async fn lead(
+    cfg: &CaptureConfig,
+    lock: &tokio_postgres::Client,
+    role: &watch::Sender<Role>,
+    progress: &ProgressTx,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), CaptureError> {
     info!(region = %cfg.region, node = %cfg.node, "capture leader");
     let log_client = catalog::connect_as(&cfg.url, "pgmesh-capture-log").await?;
     TableLog::skip_ahead(&log_client).await?;
@@ -284,7 +288,7 @@ async fn run_once(
                     asm.raise_floor(f);
                     f
                 });
-                let mark = beat(&lock, &beat_stmt, cfg, floor).await?;
+                let mark = beat(lock, &beat_stmt, cfg, floor).await?;
                 next_floor = next_floor.or(Some(mark));
                 continue;
             }
@@ -477,26 +481,4 @@ async fn start_with_retry(
             Err(e) => return Err(e.into()),
         }
     }
-}
-
-async fn set_node_role(
-    c: &tokio_postgres::Client,
-    cfg: &CaptureConfig,
-    role: &str,
-) -> Result<(), CaptureError> {
-    if role == "leader" {
-        // We hold the lock, so any other node still listed as leader is gone.
-        c.execute(
-            "UPDATE mesh.node_state SET role = 'stopped' WHERE region = $1 AND node <> $2 AND role = 'leader'",
-            &[&cfg.region, &cfg.node],
-        )
-        .await?;
-    }
-    c.execute(
-        "INSERT INTO mesh.node_state (node, region, role) VALUES ($1, $2, $3)
-         ON CONFLICT (node) DO UPDATE SET role = $3, region = $2, heartbeat = now()",
-        &[&cfg.node, &cfg.region, &role],
-    )
-    .await?;
-    Ok(())
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use pgmesh_replicator::capture::Role;
 use pgmesh_tests::mesh::{Region, CAPTURE_TIMEOUT};
-use pgmesh_tests::{connect, wait_until, PgmeshProcess};
+use pgmesh_tests::{connect, wait_for, wait_until, PgmeshProcess};
 use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -234,11 +234,30 @@ async fn in_process_standby_takes_over_when_the_leader_stops() -> Result<()> {
         )
     })
     .await?;
-    let (leader, standby) = if x.role() == Role::Leader {
-        (x, y)
+    let (leader, standby, standby_name) = if x.role() == Role::Leader {
+        (x, y, "y")
     } else {
-        (y, x)
+        (y, x, "x")
     };
+    // A standby waiting for the lock keeps its heartbeat fresh: mesh.nodes shows it
+    // alive past the 10 s a stale heartbeat is allowed.
+    let (_, first, _) = node_row(&region, standby_name).await?;
+    wait_for(
+        CAPTURE_TIMEOUT,
+        "the standby's heartbeat to move on",
+        || async {
+            let (role, beat, alive) = node_row(&region, standby_name).await?;
+            Ok((beat > first).then_some((role, alive)))
+        },
+    )
+    .await
+    .and_then(|(role, alive)| {
+        anyhow::ensure!(
+            role == "standby" && alive,
+            "standby row: {role}, alive {alive}"
+        );
+        Ok(())
+    })?;
     let d = region.cluster.connect().await?;
     let mut committed = BTreeSet::new();
     for id in 1..=10i64 {
@@ -260,7 +279,30 @@ async fn in_process_standby_takes_over_when_the_leader_stops() -> Result<()> {
         committed.insert(id);
     }
     assert_log_equals(&region, &committed).await?;
+    // Nodes that shut down cleanly say so, a standby as well as a leader.
+    let z = region.capture("z");
+    z.wait_role(Role::Standby).await?;
+    z.stop().await;
+    standby.stop().await;
+    for node in ["z", standby_name] {
+        let (role, _, alive) = node_row(&region, node).await?;
+        assert_eq!((role.as_str(), alive), ("stopped", false), "node {node}");
+    }
     Ok(())
+}
+
+/// `node`'s row of `mesh.nodes`: role, heartbeat (as microseconds since the epoch),
+/// alive.
+async fn node_row(region: &Region, node: &str) -> Result<(String, i64, bool)> {
+    let r = region
+        .admin
+        .query_one(
+            "SELECT role, (extract(epoch FROM heartbeat) * 1e6)::int8, alive
+             FROM mesh.nodes WHERE node = $1",
+            &[&node],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1), r.get(2)))
 }
 
 /// Inserts unique ids over a connection it re-opens after every failure, so it
