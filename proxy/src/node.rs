@@ -133,6 +133,7 @@ pub async fn start_capture(
     }
     let mut cfg = CaptureConfig::new(&url, &v.config.region, &v.config.node_name());
     cfg.tail = tail;
+    cfg.relay = v.config.relay;
     Ok(Some(spawn_on(cfg, rt)))
 }
 

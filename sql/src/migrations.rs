@@ -69,6 +69,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "capture_epochs",
         sql: include_str!("../migrations/0011_capture_epochs.sql"),
     },
+    Migration {
+        version: 12,
+        name: "node_relay",
+        sql: include_str!("../migrations/0012_node_relay.sql"),
+    },
 ];
 
 /// The newest catalog version this binary knows.

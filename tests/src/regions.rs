@@ -348,25 +348,28 @@ impl Mesh {
 
     /// Another in-process node of region `i`, named `node`, pulling from the same
     /// peers as the region's own node, and serving the log on `peer_port`. While the
-    /// region's node leads, it waits as standby.
+    /// region's node leads, it waits as standby. `edit` may change its configuration
+    /// further.
     pub async fn start_second_node(
         &self,
         i: usize,
         node: &str,
         peer_port: u16,
+        edit: impl FnOnce(&mut Config),
     ) -> Result<NodeHandle> {
         let r = &self.regions[i];
         let spec = r
             .spec
             .clone()
             .context("start the region's own node first")?;
-        let cfg = Config {
+        let mut cfg = Config {
             upstream: Some(spec.upstream.clone().unwrap_or_else(|| r.url())),
             node: Some(node.to_string()),
             peer_listen: Some(format!("127.0.0.1:{peer_port}")),
             peers: r.peer_args.clone(),
             ..in_process_config(&r.name, &spec)
         };
+        edit(&mut cfg);
         node::start(cfg.validate()?)
             .await
             .with_context(|| format!("starting node {node} of {}", r.name))

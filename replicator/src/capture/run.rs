@@ -47,6 +47,8 @@ pub enum CaptureError {
     NotInitialized,
     #[error("the replication stream ended")]
     StreamEnded,
+    #[error("{0}")]
+    RelayMismatch(String),
 }
 
 /// Capture settings.
@@ -62,6 +64,9 @@ pub struct CaptureConfig {
     pub status_interval: Duration,
     /// Where logged rows are published for the peer server. Default: none.
     pub tail: Option<Arc<Tail>>,
+    /// Whether this node relays other regions' events (`--relay`); recorded in
+    /// `mesh.node_state`, where every node of the region must agree. Default: false.
+    pub relay: bool,
 }
 
 impl CaptureConfig {
@@ -73,6 +78,7 @@ impl CaptureConfig {
             max_batch: 500,
             status_interval: Duration::from_secs(1),
             tail: None,
+            relay: false,
         }
     }
 }

@@ -26,6 +26,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use super::backoff::Backoff;
 use super::protocol::ProtocolError;
 use super::session::Session;
+use crate::capture::leader;
 use crate::log::floors::{self, Floors};
 use crate::log::table::HEAD;
 use crate::log::tail::Tail;
@@ -111,6 +112,18 @@ pub trait LogReader: Send + Sync {
         &'a self,
         _filter: &'a ShipFilter,
     ) -> BoxFuture<'a, Result<Option<Floors>, LogError>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
+    /// Why this server (node `node` of `region`, relaying or not) must not serve
+    /// peers now: a node of its region disagrees on `--relay`
+    /// ([`leader::relay_conflict`]). `None` from a log that does not know the
+    /// region's nodes (the default).
+    fn relay_conflict<'a>(
+        &'a self,
+        _region: &'a str,
+        _node: &'a str,
+        _relay: bool,
+    ) -> BoxFuture<'a, Result<Option<String>, LogError>> {
         Box::pin(std::future::ready(Ok(None)))
     }
     /// A peer asks for events after `after`: returns how far the log was pruned
@@ -229,6 +242,20 @@ impl LogReader for SharedTableLog {
         }))
     }
 
+    fn relay_conflict<'a>(
+        &'a self,
+        region: &'a str,
+        node: &'a str,
+        relay: bool,
+    ) -> BoxFuture<'a, Result<Option<String>, LogError>> {
+        let (region, node) = (region.to_string(), node.to_string());
+        Box::pin(self.with_log(move |log| {
+            Box::pin(async move {
+                Ok(leader::relay_conflict(log.client(), &region, &node, relay).await?)
+            })
+        }))
+    }
+
     fn open_for<'a>(&'a self, peer: &'a str, after: i64) -> BoxFuture<'a, Result<i64, LogError>> {
         let peer = peer.to_string();
         Box::pin(self.with_log(move |log| {
@@ -295,6 +322,15 @@ impl<R: LogReader> LogReader for TailedLog<R> {
         filter: &'a ShipFilter,
     ) -> BoxFuture<'a, Result<Option<Floors>, LogError>> {
         self.inner.floors(filter)
+    }
+
+    fn relay_conflict<'a>(
+        &'a self,
+        region: &'a str,
+        node: &'a str,
+        relay: bool,
+    ) -> BoxFuture<'a, Result<Option<String>, LogError>> {
+        self.inner.relay_conflict(region, node, relay)
     }
 
     fn open_for<'a>(&'a self, peer: &'a str, after: i64) -> BoxFuture<'a, Result<i64, LogError>> {

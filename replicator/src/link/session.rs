@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::protocol::{
     self, Batch, ClientMsg, Hello, ProtocolError, ServerMsg, Welcome, PROTO_VERSION,
@@ -98,6 +98,15 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         span.record("region", hello.region.as_str());
         span.record("node", hello.node.as_str());
 
+        let cfg = &self.server.cfg;
+        let log = &self.server.log;
+        if let Some(reason) = log
+            .relay_conflict(&cfg.region, &cfg.node, cfg.relay)
+            .await?
+        {
+            warn!(%reason, "refusing a peer: the region's nodes disagree on --relay");
+            return self.refuse(reason).await;
+        }
         let head = self.server.log.head().await?;
         if hello.after > head {
             let reason = format!(
