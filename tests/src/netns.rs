@@ -7,10 +7,13 @@
 //! it keeps its own sockets to the server alive. Creating a namespace needs root
 //! (CAP_NET_ADMIN and CAP_SYS_ADMIN) and `ip` from iproute2; [`NetNs::create`] says
 //! when it cannot, and tests decide whether that skips them ([`required`]). The
-//! namespace and its veth pair are removed on drop.
+//! namespace and its veth pair are removed on drop; what a test process that was
+//! killed left behind is removed by the next one that creates a namespace.
 
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
 
 use anyhow::{bail, Context, Result};
 
@@ -56,6 +59,8 @@ impl NetNs {
     /// Creates a namespace and its link, both up, on a /30 of 10.77.0.0/16 that no
     /// other namespace of this process uses.
     pub fn create() -> Result<NetNs> {
+        static CLEAN: Once = Once::new();
+        CLEAN.call_once(remove_stale);
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
@@ -130,5 +135,59 @@ impl Drop for NetNs {
         // Deleting the namespace deletes its end of the pair, and with it ours.
         let _ = ip(&["link", "del", &self.host_if]);
         let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// The test process a namespace (`pgmesh<pid>-<n>`) or host-side interface
+/// (`pm<pid>h<n>`) was made by, if the name is one of ours.
+fn owner(name: &str) -> Option<u32> {
+    let (pid, n) = match name.strip_prefix("pgmesh") {
+        Some(rest) => rest.split_once('-')?,
+        None => name.strip_prefix("pm")?.split_once('h')?,
+    };
+    n.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
+/// Removes the namespaces and host-side interfaces of test processes that are gone
+/// (killed before their drop ran). Best effort.
+fn remove_stale() {
+    let gone =
+        |name: &str| owner(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+    let list = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    for line in list(&["-o", "link", "show"]).lines() {
+        // "7: pm123h0@if6: <...>"
+        let name = line.split(": ").nth(1).unwrap_or("");
+        let name = name.split('@').next().unwrap_or("");
+        if gone(name) {
+            let _ = ip(&["link", "del", name]);
+        }
+    }
+    for line in list(&["netns", "list"]).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if gone(name) {
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owner;
+
+    #[test]
+    fn names_of_ours_give_their_owner() {
+        assert_eq!(owner("pgmesh1234567-3"), Some(1_234_567));
+        assert_eq!(owner("pm1234567h3"), Some(1_234_567));
+        assert_eq!(owner("pm1234567n3"), None, "the namespace side");
+        assert_eq!(owner("pgmeshx-1"), None);
+        assert_eq!(owner("eth0"), None);
+        assert_eq!(owner("pmtu"), None);
     }
 }
