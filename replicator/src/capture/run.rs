@@ -208,7 +208,7 @@ async fn run_once(
     }
     leader::set_role(&lock, cfg, "leader").await?;
     let led = lead(cfg, &lock, role, progress, shutdown).await;
-    if matches!(led, Ok(())) {
+    if led.is_ok() {
         leader::mark_stopped(&lock, cfg).await;
     }
     led

@@ -99,11 +99,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         span.record("node", hello.node.as_str());
 
         let cfg = &self.server.cfg;
-        let log = &self.server.log;
-        if let Some(reason) = log
-            .relay_conflict(&cfg.region, &cfg.node, cfg.relay)
-            .await?
-        {
+        let conflict = self
+            .server
+            .log
+            .relay_conflict(&cfg.region, &cfg.node, cfg.relay);
+        if let Some(reason) = conflict.await? {
             warn!(%reason, "refusing a peer: the region's nodes disagree on --relay");
             return self.refuse(reason).await;
         }
