@@ -15,9 +15,11 @@
 //! replication: the origin already enforced them, and cascades arrive as their own
 //! row changes.
 
+mod batch;
 pub mod exec;
 mod plan;
 mod records;
+mod script;
 pub mod sql;
 mod truncate;
 
@@ -25,23 +27,21 @@ use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use futures::future::{try_join, try_join3, try_join_all, BoxFuture};
+use futures::future::try_join3;
 use thiserror::Error;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 use tracing::{debug, warn};
 
-use crate::capture::{Progress, APPLIED_PREFIX};
+use crate::capture::Progress;
 use crate::catalog::{self, origin_id_for};
 use crate::event::ChangeEvent;
-use crate::hlc::Hlc;
-use crate::log::table::{append_params, APPEND_LOCKED_INSERT, APPEND_NOTIFY, APPEND_ROWS};
+use crate::log::table::{APPEND_LOCKED_INSERT, APPEND_NOTIFY, APPEND_ROWS};
 use crate::log::versions;
 use crate::log::Logged;
 use crate::pgoutput::Lsn;
-use plan::{plan_events, Plan, Xids};
+use plan::{plan_events, Plan};
+use records::record_conflicts;
 pub use records::LOGGED;
-use records::{dead_letter, logged_params, not_logged, record_conflicts};
 
 /// Sets the transaction's replication-origin LSN (`$1`) and commit timestamp (`$2`)
 /// to the source's, and reads the transaction's xids ([`plan::XIDS_COLUMNS`]) and
@@ -165,6 +165,8 @@ pub struct Applier {
     st: Statements,
     /// Row statements, prepared on first use.
     cache: exec::StatementCache,
+    /// The same at the SQL level, for scripts.
+    named: script::Named,
     region: String,
     names: HashMap<i16, String>,
     progress: Option<Progress>,
@@ -234,6 +236,7 @@ impl Applier {
             peer: peer.to_string(),
             st,
             cache: exec::StatementCache::default(),
+            named: script::Named::default(),
             region: region.to_string(),
             names,
             progress,
@@ -333,167 +336,17 @@ impl Applier {
         head: i64,
         isolate: bool,
     ) -> Result<BatchOutcome, ApplyError> {
-        let mut commit_sent = false;
-        let r = self
-            .batch_body(peer, events, upto, head, isolate, &mut commit_sent)
-            .await;
-        if r.is_err() && !commit_sent {
-            // The transaction may still be open (and aborted): end it. A COMMIT that
-            // was sent already ended it (as a ROLLBACK, after an error).
+        let r = if isolate {
+            self.isolated_body(peer, events, upto, head).await
+        } else {
+            self.scripted_body(peer, events, upto, head).await
+        };
+        if r.is_err() {
+            // The transaction may still be open (and aborted): end it. If it ended
+            // already, this only draws a warning.
             let _ = self.client.batch_execute("ROLLBACK").await;
         }
         r
-    }
-
-    /// One batch in two round trips: BEGIN + origin + duplicates + locks +
-    /// versions (`plan::lock_rows`); writes + bookkeeping + COMMIT. BEGIN and
-    /// COMMIT travel pipelined with the statements around them, so the transaction
-    /// is managed by hand here rather than by `tokio_postgres::Transaction`.
-    async fn batch_body(
-        &mut self,
-        peer: &str,
-        events: &[Logged],
-        upto: i64,
-        head: i64,
-        isolate: bool,
-        commit_sent: &mut bool,
-    ) -> Result<BatchOutcome, ApplyError> {
-        let remote: Vec<ChangeEvent> = events
-            .iter()
-            .filter(|l| l.event.origin != self.region)
-            .map(|l| l.event.clone())
-            .collect();
-        let mut out = BatchOutcome::default();
-        let names = self.names.clone();
-        let wait = self.capture_wait;
-        let mut progress = self.progress.clone();
-        let st = &self.st;
-        let tx = &self.client;
-        let begin = async { tx.batch_execute("BEGIN").await.map_err(ApplyError::from) };
-        let setup = async {
-            match remote.last() {
-                // Commit timestamps and origin LSN of this transaction are the source's.
-                Some(last) => {
-                    let (origins, hlcs) = logged_params(&remote);
-                    let r = tx
-                        .query_one(
-                            &st.origin_setup,
-                            &[
-                                &Lsn(last.source_lsn).to_string(),
-                                &last.commit_ts_us,
-                                &origins,
-                                &hlcs,
-                            ],
-                        )
-                        .await?;
-                    Ok::<_, ApplyError>((Xids::from_row(&r, 1), r.get::<_, Vec<i64>>(3)))
-                }
-                None => Ok((Xids::default(), Vec::new())),
-            }
-        };
-        // The rows of every event are locked in the same round trip, duplicates
-        // included (locking a row more does no harm), unless events must be isolated.
-        let lock_all = async {
-            if isolate || remote.is_empty() {
-                Ok(None)
-            } else {
-                plan::lock_rows(tx, &mut self.cache, &remote)
-                    .await
-                    .map(Some)
-            }
-        };
-        let ((_, (xids, logged)), locked) = try_join(try_join(begin, setup), lock_all).await?;
-        let fresh = not_logged(&remote, &logged);
-        out.duplicates = events.len() - fresh.len();
-        let mut planned = Plan::default();
-        if isolate {
-            for (i, e) in fresh.iter().enumerate() {
-                tx.batch_execute(&format!("SAVEPOINT ev{i}")).await?;
-                let one = std::slice::from_ref(e);
-                let r = match plan_events(tx, &mut self.cache, one, progress.as_mut(), wait).await {
-                    Ok(p) => run_plan(tx, st, &p, &names)
-                        .await
-                        .map(|()| p.conflicts.len()),
-                    Err(e) => Err(e),
-                };
-                match r {
-                    Ok(conflicts) => {
-                        tx.batch_execute(&format!("RELEASE SAVEPOINT ev{i}"))
-                            .await?;
-                        out.applied += 1;
-                        out.conflicts += conflicts;
-                    }
-                    Err(err) if err.is_data_error() => {
-                        tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT ev{i}"))
-                            .await?;
-                        dead_letter(tx, peer, e, &err).await?;
-                        out.dead_letters += 1;
-                    }
-                    Err(err) => return Err(err),
-                }
-            }
-        } else if let (false, Some(locked)) = (fresh.is_empty(), locked) {
-            planned = plan::plan_locked(
-                tx,
-                &mut self.cache,
-                locked,
-                xids,
-                &fresh,
-                progress.as_mut(),
-                wait,
-            )
-            .await?;
-            out.conflicts = planned.conflicts.len();
-            out.applied = fresh.len();
-        }
-        out.max_commit_ts_us = events.iter().map(|l| l.event.commit_ts_us).max();
-        let max_hlc = events
-            .iter()
-            .map(|l| l.event.hlc.as_u64() as i64)
-            .max()
-            .unwrap_or(0);
-        // One round trip for the rest. The applied events are logged last, under the
-        // append lock (taken by the append itself), so sequence numbers become
-        // visible in order, and capture never waits on a batch that waits on it
-        // (`plan_events` waited before this).
-        let params = append_params(&fresh);
-        let max = fresh.iter().map(|e| e.hlc).max().unwrap_or(Hlc::ZERO);
-        let max_text = max.as_u64().to_string();
-        // The versions are stored by the tail statement, not with the writes.
-        let touched = std::mem::take(&mut planned.touched);
-        let store = versions::StoreParams::new(&touched);
-        let notify = self.notify_appends;
-        let cp_params: [&(dyn ToSql + Sync); 8] = [
-            &peer,
-            &upto,
-            &head,
-            &max_hlc,
-            &out.max_commit_ts_us,
-            &APPLIED_PREFIX,
-            &max_text,
-            &notify,
-        ];
-        let mut rest: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = Vec::new();
-        if fresh.is_empty() {
-            rest.push(Box::pin(tx.execute(&st.checkpoint, &cp_params[..5])));
-        } else {
-            let tail: Vec<&(dyn ToSql + Sync)> = params
-                .refs_locked()
-                .into_iter()
-                .chain(store.refs())
-                .chain(cp_params)
-                .collect();
-            rest.push(Box::pin(async move { tx.execute(&st.tail, &tail).await }));
-        }
-        rest.push(Box::pin(async {
-            tx.batch_execute("COMMIT").await.map(|()| 0)
-        }));
-        *commit_sent = true;
-        try_join(run_plan(tx, st, &planned, &names), async {
-            try_join_all(rest).await.map_err(ApplyError::from)
-        })
-        .await?;
-        Ok(out)
     }
 
     /// Re-applies dead letters marked for retry (`mesh.retry_dead_letter`).
@@ -521,7 +374,7 @@ impl Applier {
             let one = std::slice::from_ref(&event);
             let applied = match plan_events(tx, &mut self.cache, one, progress.as_mut(), wait).await
             {
-                Ok(p) => run_plan(tx, st, &p, &names).await,
+                Ok(p) => run_plan(tx, st, &mut self.cache, &p, &names).await,
                 Err(e) => Err(e),
             };
             let settled = match applied {
@@ -562,12 +415,14 @@ impl Applier {
 async fn run_plan(
     tx: &Client,
     st: &Statements,
+    cache: &mut exec::StatementCache,
     p: &Plan,
     names: &HashMap<i16, String>,
 ) -> Result<(), ApplyError> {
+    let stmts = exec::prepare_all(tx, cache, &p.writes).await?;
     try_join3(
         async {
-            exec::run_all(tx, &p.stmts, &p.writes)
+            exec::run_all(tx, &stmts, &p.writes)
                 .await
                 .map_err(ApplyError::from)
         },

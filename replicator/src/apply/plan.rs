@@ -13,16 +13,18 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures::future::try_join;
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::{Client, SimpleQueryRow};
 use tracing::debug;
 
 use super::exec::{self, StatementCache};
 use super::records::ConflictRow;
+use super::script::{self, Named, Script};
 use super::truncate::truncate_older;
 use super::{sql, ApplyError};
 use crate::capture::Progress;
 use crate::catalog::origin_id_for;
 use crate::event::{ChangeEvent, Op, Value};
+use crate::hlc::Hlc;
 use crate::log::versions::{self, RowVersion, VersionMap, WATERMARK};
 use crate::pgoutput::Lsn;
 use crate::resolve::{decide, plan, Action, Decision, Version, Winner};
@@ -60,8 +62,6 @@ impl Xids {
 pub(super) struct Plan {
     /// Row writes, in order.
     pub writes: Vec<exec::Op>,
-    /// The prepared statement of each write.
-    pub stmts: Vec<Statement>,
     /// Versions the rows have afterwards.
     pub touched: VersionMap,
     pub conflicts: Vec<ConflictRow>,
@@ -154,6 +154,65 @@ pub(super) struct Locked {
     current: VersionMap,
 }
 
+/// What locking the rows of a set of events takes: the statements, and how to read
+/// their answers.
+struct LockRequest {
+    keys: Vec<(String, String)>,
+    /// `keys` plus each table's TRUNCATE watermark.
+    vkeys: Vec<(String, String)>,
+    ops: Vec<exec::Op>,
+    targets: Vec<Vec<usize>>,
+}
+
+impl LockRequest {
+    fn new(events: &[ChangeEvent]) -> Self {
+        let RowLocks { keys, ops, targets } = row_locks(events);
+        let mut vkeys = keys.clone();
+        let mut tables: Vec<&str> = events
+            .iter()
+            .flat_map(|e| &e.changes)
+            .map(|c| c.table.as_str())
+            .collect();
+        tables.sort_unstable();
+        tables.dedup();
+        vkeys.extend(
+            tables
+                .iter()
+                .map(|t| (t.to_string(), WATERMARK.to_string())),
+        );
+        Self {
+            keys,
+            vkeys,
+            ops,
+            targets,
+        }
+    }
+
+    /// The locked rows from each lock statement's rows (position, xmin, age), and
+    /// the versions read after them.
+    fn finish(self, locked: Vec<Vec<Vec<i64>>>, current: VersionMap) -> Result<Locked, ApplyError> {
+        let mut exists = HashMap::new();
+        for (rows, target) in locked.into_iter().zip(&self.targets) {
+            for r in rows {
+                // Position 1-based in the statement's array (always 1 for one row).
+                let k = usize::try_from(r[0] - 1)
+                    .ok()
+                    .and_then(|p| target.get(p))
+                    .ok_or_else(|| {
+                        ApplyError::Internal(format!("lock returned position {}", r[0]))
+                    })?;
+                exists.insert(self.keys[*k].clone(), (r[1], r[2]));
+            }
+        }
+        Ok(Locked {
+            keys: self.keys,
+            vkeys: self.vkeys,
+            exists,
+            current,
+        })
+    }
+}
+
 /// Locks every keyed row `events` touch and reads their versions and each table's
 /// TRUNCATE watermark: one round trip, sent on the first poll (after any statements
 /// still to prepare), so it pipelines behind whatever the caller sent before.
@@ -162,45 +221,84 @@ pub(super) async fn lock_rows(
     cache: &mut StatementCache,
     events: &[ChangeEvent],
 ) -> Result<Locked, ApplyError> {
-    let RowLocks { keys, ops, targets } = row_locks(events);
-    let mut vkeys = keys.clone();
-    let mut tables: Vec<&str> = events
-        .iter()
-        .flat_map(|e| &e.changes)
-        .map(|c| c.table.as_str())
-        .collect();
-    tables.sort_unstable();
-    tables.dedup();
-    vkeys.extend(
-        tables
-            .iter()
-            .map(|t| (t.to_string(), WATERMARK.to_string())),
-    );
-    let lock_stmts = exec::prepare_all(tx, cache, &ops).await?;
+    let req = LockRequest::new(events);
+    let lock_stmts = exec::prepare_all(tx, cache, &req.ops).await?;
     let load = cache.get(tx, versions::LOAD).await?;
     // The locks run first, so the versions read are the locked rows'.
     let (locked, current) = try_join(
-        exec::query_all_run(tx, &lock_stmts, &ops),
-        versions::load(tx, &load, &vkeys),
+        exec::query_all_run(tx, &lock_stmts, &req.ops),
+        versions::load(tx, &load, &req.vkeys),
     )
     .await?;
-    let mut exists = HashMap::new();
-    for (rows, target) in locked.into_iter().zip(&targets) {
-        for r in rows {
-            // Position 1-based in the statement's array (always 1 for one row).
-            let k = usize::try_from(r[0] - 1)
-                .ok()
-                .and_then(|p| target.get(p))
-                .ok_or_else(|| ApplyError::Internal(format!("lock returned position {}", r[0])))?;
-            exists.insert(keys[*k].clone(), (r[1], r[2]));
+    req.finish(locked, current)
+}
+
+/// [`lock_rows`] as statements of a script, read back by [`ScriptedLocks::finish`].
+pub(super) struct ScriptedLocks {
+    req: LockRequest,
+    /// Position of each lock statement in the script, then of the versions' read.
+    at: Vec<usize>,
+    load: usize,
+}
+
+impl ScriptedLocks {
+    /// Adds the locks and the versions' read to `script` (preparing what is new).
+    pub async fn push(
+        tx: &Client,
+        named: &mut Named,
+        script: &mut Script,
+        events: &[ChangeEvent],
+    ) -> Result<Self, ApplyError> {
+        let req = LockRequest::new(events);
+        let mut at = Vec::with_capacity(req.ops.len());
+        for op in &req.ops {
+            let name = named.get(tx, &op.sql).await?;
+            at.push(script.execute_text(&name, op.values.iter().map(|v| v.as_deref())));
         }
+        let name = named.get(tx, versions::LOAD).await?;
+        let tbls: Vec<&str> = req.vkeys.iter().map(|k| k.0.as_str()).collect();
+        let pks: Vec<&str> = req.vkeys.iter().map(|k| k.1.as_str()).collect();
+        let load = script.execute(&name, &[sql::quote_array(&tbls), sql::quote_array(&pks)]);
+        Ok(Self { req, at, load })
     }
-    Ok(Locked {
-        keys,
-        vkeys,
-        exists,
-        current,
-    })
+
+    /// What the script's statements returned, as [`lock_rows`] would.
+    pub fn finish(self, results: &[Vec<SimpleQueryRow>]) -> Result<Locked, ApplyError> {
+        let rows = |i: usize| {
+            results
+                .get(i)
+                .ok_or_else(|| ApplyError::Internal(format!("script has no statement {i}")))
+        };
+        let mut locked = Vec::with_capacity(self.at.len());
+        for &i in &self.at {
+            locked.push(
+                rows(i)?
+                    .iter()
+                    .map(|r| (0..3).map(|c| script::int(r, c)).collect())
+                    .collect(),
+            );
+        }
+        let current = rows(self.load)?
+            .iter()
+            .map(|r| {
+                let version = Version {
+                    hlc: Hlc::from_u64(script::int(r, 2) as u64),
+                    origin: script::int(r, 3) as i16,
+                };
+                let v = RowVersion {
+                    version,
+                    deleted: script::boolean(r, 4),
+                    xid: script::opt_int(r, 5),
+                };
+                let key = (
+                    r.get(0).unwrap_or_default().to_string(),
+                    r.get(1).unwrap_or_default().to_string(),
+                );
+                (key, v)
+            })
+            .collect();
+        self.req.finish(locked, current)
+    }
 }
 
 /// Locks, waits for capture when it must, and resolves the changes of `events`.
@@ -393,7 +491,6 @@ pub(super) async fn plan_locked(
             }
         }
     }
-    out.stmts = exec::prepare_all(tx, cache, &out.writes).await?;
     Ok(out)
 }
 

@@ -5,10 +5,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 use tracing::warn;
 
+use super::exec::TextParam;
+use super::sql::quote;
 use super::ApplyError;
 use crate::event::{ChangeEvent, Op};
 use crate::resolve::{Version, Winner};
@@ -59,6 +60,40 @@ pub(super) fn not_logged(events: &[ChangeEvent], logged: &[i64]) -> Vec<ChangeEv
         .collect()
 }
 
+/// The values of [`CONFLICT`] for `c`, as text.
+fn conflict_values(c: &ConflictRow, names: &HashMap<i16, String>) -> [String; 8] {
+    let local_origin = names
+        .get(&c.local.origin)
+        .cloned()
+        .unwrap_or_else(|| format!("origin#{}", c.local.origin));
+    let op = serde_json::to_value(c.remote_op)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let winner = match c.winner {
+        Winner::Local => "local",
+        Winner::Remote => "remote",
+    };
+    [
+        c.tbl.clone(),
+        c.pk.clone(),
+        local_origin,
+        (c.local.hlc.as_u64() as i64).to_string(),
+        c.remote_origin.clone(),
+        (c.remote.hlc.as_u64() as i64).to_string(),
+        op,
+        winner.to_string(),
+    ]
+}
+
+/// The values of [`CONFLICT`] for `c`, as literals (see `script`).
+pub(super) fn conflict_literals(c: &ConflictRow, names: &HashMap<i16, String>) -> Vec<String> {
+    conflict_values(c, names)
+        .iter()
+        .map(|v| quote(Some(v)))
+        .collect()
+}
+
 /// Records `rows` with `st`, the prepared [`CONFLICT`], pipelined.
 pub(super) async fn record_conflicts(
     tx: &Client,
@@ -66,36 +101,10 @@ pub(super) async fn record_conflicts(
     rows: &[ConflictRow],
     names: &HashMap<i16, String>,
 ) -> Result<(), ApplyError> {
-    let params: Vec<(String, String, i64, String, i64, String, &str)> = rows
+    let values: Vec<[String; 8]> = rows.iter().map(|c| conflict_values(c, names)).collect();
+    let runs = values
         .iter()
-        .map(|c| {
-            let local_origin = names
-                .get(&c.local.origin)
-                .cloned()
-                .unwrap_or_else(|| format!("origin#{}", c.local.origin));
-            let op = serde_json::to_value(c.remote_op)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
-            let winner = match c.winner {
-                Winner::Local => "local",
-                Winner::Remote => "remote",
-            };
-            (
-                c.pk.clone(),
-                local_origin,
-                c.local.hlc.as_u64() as i64,
-                c.remote_origin.clone(),
-                c.remote.hlc.as_u64() as i64,
-                op,
-                winner,
-            )
-        })
-        .collect();
-    let runs = rows.iter().zip(&params).map(|(c, p)| {
-        let values: [&(dyn ToSql + Sync); 8] = [&c.tbl, &p.0, &p.1, &p.2, &p.3, &p.4, &p.5, &p.6];
-        tx.execute_raw(st, values)
-    });
+        .map(|v| tx.execute_raw(st, v.iter().map(|s| TextParam(Some(s.as_str())))));
     futures::future::try_join_all(runs).await?;
     Ok(())
 }

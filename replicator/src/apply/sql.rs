@@ -76,8 +76,17 @@ pub fn lock_many(tbl: &str, key: &str) -> String {
 /// A PostgreSQL array literal of `values` in text form (`{"1","2"}`): every element
 /// quoted, so it parses as an array of any element type. `None` is NULL.
 pub fn array_literal(values: &[&Option<String>]) -> String {
+    array_text(values.iter().map(|v| v.as_deref()))
+}
+
+/// [`array_literal`] of any text items.
+pub fn array_text<I, S>(items: I) -> String
+where
+    I: IntoIterator<Item = Option<S>>,
+    S: AsRef<str>,
+{
     let mut s = String::from("{");
-    for (i, v) in values.iter().enumerate() {
+    for (i, v) in items.into_iter().enumerate() {
         if i > 0 {
             s.push(',');
         }
@@ -85,7 +94,7 @@ pub fn array_literal(values: &[&Option<String>]) -> String {
             None => s.push_str("NULL"),
             Some(v) => {
                 s.push('"');
-                for ch in v.chars() {
+                for ch in v.as_ref().chars() {
                     if ch == '"' || ch == '\\' {
                         s.push('\\');
                     }
@@ -97,6 +106,28 @@ pub fn array_literal(values: &[&Option<String>]) -> String {
     }
     s.push('}');
     s
+}
+
+/// The SQL string literal of `v` (`NULL` for `None`), of type unknown, so it takes
+/// the type of the parameter it is given to. Needs `standard_conforming_strings`
+/// on (apply sessions set it): only quotes are doubled.
+pub fn quote(v: Option<&str>) -> String {
+    match v {
+        None => "NULL".to_string(),
+        Some(v) => format!("'{}'", v.replace('\'', "''")),
+    }
+}
+
+/// [`quote`] of the array literal of numbers, booleans or other `Display` items.
+pub fn quote_array<T: std::fmt::Display>(items: &[T]) -> String {
+    quote(Some(&array_text(items.iter().map(|v| Some(v.to_string())))))
+}
+
+/// [`quote`] of the array literal of optional items.
+pub fn quote_opt_array<T: std::fmt::Display>(items: &[Option<T>]) -> String {
+    quote(Some(&array_text(
+        items.iter().map(|v| v.as_ref().map(|v| v.to_string())),
+    )))
 }
 
 /// Prepared `INSERT`: parameters are the columns.
@@ -148,6 +179,16 @@ mod tests {
         let (a, b, c) = (Some("1".to_string()), Some(r#"x"y\z"#.to_string()), None);
         assert_eq!(array_literal(&[&a, &b, &c]), r#"{"1","x\"y\\z",NULL}"#);
         assert_eq!(array_literal(&[]), "{}");
+    }
+
+    #[test]
+    fn literals_double_quotes_only() {
+        assert_eq!(quote(Some(r"it's \n")), r"'it''s \n'");
+        assert_eq!(quote(None), "NULL");
+        assert_eq!(quote_array(&[1i64, -2]), r#"'{"1","-2"}'"#);
+        assert_eq!(quote_array(&[true, false]), r#"'{"true","false"}'"#);
+        assert_eq!(quote_opt_array(&[Some(3i64), None]), r#"'{"3",NULL}'"#);
+        assert_eq!(quote_array(&["o'k"]), r#"'{"o''k"}'"#);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio_postgres::{Client, Row};
 use super::fence::{self, Fence};
 use super::{versions, ChangeLog, LogError, Logged, ResumePoint, Scan, ShipFilter};
 use crate::apply::exec::StatementCache;
-use crate::apply::sql::shift_params;
+use crate::apply::sql::{quote, quote_array, shift_params};
 use crate::event::{Change, ChangeEvent, Stamp};
 use crate::hlc::Hlc;
 use crate::pgoutput::Lsn;
@@ -385,6 +385,22 @@ impl AppendParams {
     pub fn refs_locked(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 10] {
         let [a, b, c, d, e, f, g, h, i] = self.refs();
         [a, b, c, d, e, f, g, h, i, &APPEND_LOCK]
+    }
+
+    /// [`Self::refs_locked`] as SQL literals, for an `EXECUTE` (see `apply::script`).
+    pub fn literals_locked(&self) -> Vec<String> {
+        vec![
+            quote_array(&self.origin),
+            quote_array(&self.hlc),
+            quote_array(&self.lsn),
+            quote_array(&self.xid),
+            quote_array(&self.ts),
+            quote_array(&self.stamped),
+            quote_array(&self.local),
+            quote_array(&self.tags),
+            quote_array(&self.changes),
+            quote(Some(&APPEND_LOCK.to_string())),
+        ]
     }
 }
 

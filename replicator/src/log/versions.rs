@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use tokio_postgres::{GenericClient, Statement};
 
+use crate::apply::sql::{quote_array, quote_opt_array};
 use crate::catalog::origin_id_for;
 use crate::event::{ChangeEvent, Op};
 use crate::hlc::Hlc;
@@ -100,6 +101,18 @@ impl<'a> StoreParams<'a> {
             p.xid.push(v.xid);
         }
         p
+    }
+
+    /// [`Self::refs`] as SQL literals, for an `EXECUTE` (see `apply::script`).
+    pub fn literals(&self) -> Vec<String> {
+        vec![
+            quote_array(&self.tbl),
+            quote_array(&self.pk),
+            quote_array(&self.hlc),
+            quote_array(&self.origin),
+            quote_array(&self.deleted),
+            quote_opt_array(&self.xid),
+        ]
     }
 
     /// References in statement order.

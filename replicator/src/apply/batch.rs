@@ -1,0 +1,267 @@
+//! The body of one batch's transaction, in two forms.
+//!
+//! The usual one ([`Applier::scripted_body`]) takes two round trips, each one simple
+//! query (see `script`): BEGIN, the origin setup, the applied-events check, the row
+//! locks and the versions; then, once the changes are resolved, the writes, the
+//! conflict records, the change log, versions and checkpoint, and COMMIT. The
+//! isolating one ([`Applier::isolated_body`]), used after a batch failed on data,
+//! runs each event in a savepoint of its own and sends the ones that fail to dead
+//! letters.
+
+use futures::future::{try_join_all, BoxFuture};
+use tokio_postgres::types::ToSql;
+
+use super::plan::{plan_events, plan_locked, Plan, ScriptedLocks, Xids};
+use super::records::{conflict_literals, dead_letter, logged_params, not_logged};
+use super::script::{self, Script};
+use super::sql::{quote, quote_array};
+use super::{run_plan, Applier, ApplyError, BatchOutcome, ORIGIN_SETUP};
+use crate::capture::APPLIED_PREFIX;
+use crate::event::ChangeEvent;
+use crate::hlc::Hlc;
+use crate::log::table::append_params;
+use crate::log::versions;
+use crate::log::Logged;
+use crate::pgoutput::Lsn;
+
+/// What the end of a batch records besides its rows: the link checkpoint, and what
+/// capture is told.
+struct Bookkeeping {
+    max_commit_ts_us: Option<i64>,
+    /// Highest HLC of the batch (its own region's events included).
+    max_hlc: i64,
+    /// Highest HLC applied, as the text of the logical message to capture.
+    max_applied: String,
+}
+
+impl Bookkeeping {
+    fn new(events: &[Logged], fresh: &[ChangeEvent]) -> Self {
+        let max = fresh.iter().map(|e| e.hlc).max().unwrap_or(Hlc::ZERO);
+        Self {
+            max_commit_ts_us: events.iter().map(|l| l.event.commit_ts_us).max(),
+            max_hlc: events
+                .iter()
+                .map(|l| l.event.hlc.as_u64() as i64)
+                .max()
+                .unwrap_or(0),
+            max_applied: max.as_u64().to_string(),
+        }
+    }
+}
+
+impl Applier {
+    /// The events of `events` from other regions.
+    fn remote(&self, events: &[Logged]) -> Vec<ChangeEvent> {
+        events
+            .iter()
+            .filter(|l| l.event.origin != self.region)
+            .map(|l| l.event.clone())
+            .collect()
+    }
+
+    /// One batch in two round trips of one simple query each (see the module doc).
+    /// On an error the transaction may be open: the caller rolls it back.
+    pub(super) async fn scripted_body(
+        &mut self,
+        peer: &str,
+        events: &[Logged],
+        upto: i64,
+        head: i64,
+    ) -> Result<BatchOutcome, ApplyError> {
+        let remote = self.remote(events);
+        let tx = &self.client;
+        let mut first = Script::default();
+        first.raw("BEGIN");
+        let mut setup = None;
+        let mut locks = None;
+        if let Some(last) = remote.last() {
+            // Commit timestamps and origin LSN of this transaction are the source's.
+            let (origins, hlcs) = logged_params(&remote);
+            let name = self.named.get(tx, &ORIGIN_SETUP).await?;
+            setup = Some(first.execute(
+                &name,
+                &[
+                    quote(Some(&Lsn(last.source_lsn).to_string())),
+                    quote(Some(&last.commit_ts_us.to_string())),
+                    quote_array(&origins),
+                    quote_array(&hlcs),
+                ],
+            ));
+            // Every event's rows are locked, duplicates included: locking a row more
+            // does no harm.
+            locks = Some(ScriptedLocks::push(tx, &mut self.named, &mut first, &remote).await?);
+        }
+        let answers = first.run(tx).await?;
+        let (xids, logged) = match setup.and_then(|i| answers.get(i)?.first()) {
+            Some(r) => (
+                Xids {
+                    own: script::int(r, 1),
+                    since_init: script::opt_int(r, 2),
+                },
+                script::int_array(r, 3),
+            ),
+            None => (Xids::default(), Vec::new()),
+        };
+        let fresh = not_logged(&remote, &logged);
+        let mut out = BatchOutcome {
+            duplicates: events.len() - fresh.len(),
+            ..BatchOutcome::default()
+        };
+        let mut planned = Plan::default();
+        if let (false, Some(locks)) = (fresh.is_empty(), locks) {
+            let mut progress = self.progress.clone();
+            planned = plan_locked(
+                tx,
+                &mut self.cache,
+                locks.finish(&answers)?,
+                xids,
+                &fresh,
+                progress.as_mut(),
+                self.capture_wait,
+            )
+            .await?;
+            out.conflicts = planned.conflicts.len();
+            out.applied = fresh.len();
+        }
+        let book = Bookkeeping::new(events, &fresh);
+        out.max_commit_ts_us = book.max_commit_ts_us;
+        let mut second = Script::default();
+        for w in &planned.writes {
+            let name = self.named.get(tx, &w.sql).await?;
+            second.execute_text(&name, w.values.iter().map(|v| v.as_deref()));
+        }
+        if !planned.conflicts.is_empty() {
+            let name = self.named.get(tx, super::records::CONFLICT).await?;
+            for c in &planned.conflicts {
+                second.execute(&name, &conflict_literals(c, &self.names));
+            }
+        }
+        let checkpoint = [
+            quote(Some(peer)),
+            quote(Some(&upto.to_string())),
+            quote(Some(&head.to_string())),
+            quote(Some(&book.max_hlc.to_string())),
+            quote(book.max_commit_ts_us.map(|t| t.to_string()).as_deref()),
+        ];
+        if fresh.is_empty() {
+            let name = self.named.get(tx, super::CHECKPOINT).await?;
+            second.execute(&name, &checkpoint);
+        } else {
+            // The applied events are logged last, under the append lock (taken by the
+            // append itself), so sequence numbers become visible in order, and capture
+            // never waits on a batch that waits on it (`plan_locked` waited before).
+            let name = self.named.get(tx, &super::TAIL).await?;
+            let store = versions::StoreParams::new(&planned.touched);
+            let mut values = append_params(&fresh).literals_locked();
+            values.extend(store.literals());
+            values.extend(checkpoint);
+            values.push(quote(Some(APPLIED_PREFIX)));
+            values.push(quote(Some(&book.max_applied)));
+            values.push(quote(Some(if self.notify_appends { "t" } else { "f" })));
+            second.execute(&name, &values);
+        }
+        second.raw("COMMIT");
+        second.run(tx).await?;
+        Ok(out)
+    }
+
+    /// One batch with each event in a savepoint of its own: an event that fails on
+    /// data goes to dead letters and the rest apply. On an error the transaction may
+    /// be open: the caller rolls it back.
+    pub(super) async fn isolated_body(
+        &mut self,
+        peer: &str,
+        events: &[Logged],
+        upto: i64,
+        head: i64,
+    ) -> Result<BatchOutcome, ApplyError> {
+        let remote = self.remote(events);
+        let names = self.names.clone();
+        let wait = self.capture_wait;
+        let mut progress = self.progress.clone();
+        let st = &self.st;
+        let tx = &self.client;
+        tx.batch_execute("BEGIN").await?;
+        let logged: Vec<i64> = match remote.last() {
+            Some(last) => {
+                let (origins, hlcs) = logged_params(&remote);
+                tx.query_one(
+                    &st.origin_setup,
+                    &[
+                        &Lsn(last.source_lsn).to_string(),
+                        &last.commit_ts_us,
+                        &origins,
+                        &hlcs,
+                    ],
+                )
+                .await?
+                .get(3)
+            }
+            None => Vec::new(),
+        };
+        let fresh = not_logged(&remote, &logged);
+        let mut out = BatchOutcome {
+            duplicates: events.len() - fresh.len(),
+            ..BatchOutcome::default()
+        };
+        for (i, e) in fresh.iter().enumerate() {
+            tx.batch_execute(&format!("SAVEPOINT ev{i}")).await?;
+            let one = std::slice::from_ref(e);
+            let r = match plan_events(tx, &mut self.cache, one, progress.as_mut(), wait).await {
+                Ok(p) => run_plan(tx, st, &mut self.cache, &p, &names)
+                    .await
+                    .map(|()| p.conflicts.len()),
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(conflicts) => {
+                    tx.batch_execute(&format!("RELEASE SAVEPOINT ev{i}"))
+                        .await?;
+                    out.applied += 1;
+                    out.conflicts += conflicts;
+                }
+                Err(err) if err.is_data_error() => {
+                    tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT ev{i}"))
+                        .await?;
+                    dead_letter(tx, peer, e, &err).await?;
+                    out.dead_letters += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        let book = Bookkeeping::new(events, &fresh);
+        out.max_commit_ts_us = book.max_commit_ts_us;
+        let params = append_params(&fresh);
+        // Versions were stored with each event's writes.
+        let none = versions::VersionMap::new();
+        let store = versions::StoreParams::new(&none);
+        let notify = self.notify_appends;
+        let cp_params: [&(dyn ToSql + Sync); 8] = [
+            &peer,
+            &upto,
+            &head,
+            &book.max_hlc,
+            &out.max_commit_ts_us,
+            &APPLIED_PREFIX,
+            &book.max_applied,
+            &notify,
+        ];
+        let mut rest: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = Vec::new();
+        if fresh.is_empty() {
+            rest.push(Box::pin(tx.execute(&st.checkpoint, &cp_params[..5])));
+        } else {
+            let tail: Vec<&(dyn ToSql + Sync)> = params
+                .refs_locked()
+                .into_iter()
+                .chain(store.refs())
+                .chain(cp_params)
+                .collect();
+            rest.push(Box::pin(async move { tx.execute(&st.tail, &tail).await }));
+        }
+        rest.push(Box::pin(async {
+            tx.batch_execute("COMMIT").await.map(|()| 0)
+        }));
+        try_join_all(rest).await?;
+        Ok(out)
+    }
+}
