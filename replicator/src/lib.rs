@@ -16,3 +16,4 @@ pub mod replconn;
 pub mod resolve;
 #[cfg(test)]
 mod scratch;
+mod script;

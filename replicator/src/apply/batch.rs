@@ -13,7 +13,6 @@ use tokio_postgres::types::ToSql;
 
 use super::plan::{plan_events, plan_locked, Plan, ScriptedLocks, Xids};
 use super::records::{conflict_literals, dead_letter, logged_params, not_logged};
-use super::script::{self, Script};
 use super::sql::{quote, quote_array};
 use super::{run_plan, Applier, ApplyError, BatchOutcome, ORIGIN_SETUP};
 use crate::capture::APPLIED_PREFIX;
@@ -23,6 +22,7 @@ use crate::log::table::append_params;
 use crate::log::versions;
 use crate::log::Logged;
 use crate::pgoutput::Lsn;
+use crate::script::{self, Script};
 
 /// What the end of a batch records besides its rows: the link checkpoint, and what
 /// capture is told.

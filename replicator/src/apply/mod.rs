@@ -19,7 +19,6 @@ mod batch;
 pub mod exec;
 mod plan;
 mod records;
-mod script;
 pub mod sql;
 mod truncate;
 
@@ -166,7 +165,7 @@ pub struct Applier {
     /// Row statements, prepared on first use.
     cache: exec::StatementCache,
     /// The same at the SQL level, for scripts.
-    named: script::Named,
+    named: crate::script::Named,
     region: String,
     names: HashMap<i16, String>,
     progress: Option<Progress>,
@@ -236,7 +235,7 @@ impl Applier {
             peer: peer.to_string(),
             st,
             cache: exec::StatementCache::default(),
-            named: script::Named::default(),
+            named: crate::script::Named::default(),
             region: region.to_string(),
             names,
             progress,

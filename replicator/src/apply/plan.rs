@@ -18,16 +18,15 @@ use tracing::debug;
 
 use super::exec::{self, StatementCache};
 use super::records::ConflictRow;
-use super::script::{self, Named, Script};
 use super::truncate::truncate_older;
 use super::{sql, ApplyError};
 use crate::capture::Progress;
 use crate::catalog::origin_id_for;
 use crate::event::{ChangeEvent, Op, Value};
-use crate::hlc::Hlc;
 use crate::log::versions::{self, RowVersion, VersionMap, WATERMARK};
 use crate::pgoutput::Lsn;
 use crate::resolve::{decide, plan, Action, Decision, Version, Winner};
+use crate::script::{self, Named, Script};
 
 /// The columns of [`XIDS`], for a statement that reads them with others (a batch's
 /// origin setup does).
@@ -256,9 +255,7 @@ impl ScriptedLocks {
             at.push(script.execute_text(&name, op.values.iter().map(|v| v.as_deref())));
         }
         let name = named.get(tx, versions::LOAD).await?;
-        let tbls: Vec<&str> = req.vkeys.iter().map(|k| k.0.as_str()).collect();
-        let pks: Vec<&str> = req.vkeys.iter().map(|k| k.1.as_str()).collect();
-        let load = script.execute(&name, &[sql::quote_array(&tbls), sql::quote_array(&pks)]);
+        let load = script.execute(&name, &versions::load_literals(&req.vkeys));
         Ok(Self { req, at, load })
     }
 
@@ -278,25 +275,7 @@ impl ScriptedLocks {
                     .collect(),
             );
         }
-        let current = rows(self.load)?
-            .iter()
-            .map(|r| {
-                let version = Version {
-                    hlc: Hlc::from_u64(script::int(r, 2) as u64),
-                    origin: script::int(r, 3) as i16,
-                };
-                let v = RowVersion {
-                    version,
-                    deleted: script::boolean(r, 4),
-                    xid: script::opt_int(r, 5),
-                };
-                let key = (
-                    r.get(0).unwrap_or_default().to_string(),
-                    r.get(1).unwrap_or_default().to_string(),
-                );
-                (key, v)
-            })
-            .collect();
+        let current = versions::from_text_rows(rows(self.load)?);
         self.req.finish(locked, current)
     }
 }

@@ -7,6 +7,7 @@
 //! Kafka comes later behind the same trait. Implementations must never reorder the
 //! events of one append.
 
+mod append;
 pub mod fence;
 pub mod floors;
 pub mod notify;

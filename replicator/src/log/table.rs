@@ -8,17 +8,16 @@
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-use futures::future::{try_join, try_join4};
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
-use super::fence::{self, Fence};
+use super::fence::Fence;
 use super::{versions, ChangeLog, LogError, Logged, ResumePoint, Scan, ShipFilter};
 use crate::apply::exec::StatementCache;
 use crate::apply::sql::{quote, quote_array, shift_params};
 use crate::event::{Change, ChangeEvent, Stamp};
 use crate::hlc::Hlc;
 use crate::pgoutput::Lsn;
+use crate::script::Named;
 
 /// Transaction-level advisory lock every appender takes before inserting into
 /// `mesh.changelog`, so sequence numbers become visible in order: a reader that has
@@ -110,7 +109,7 @@ pub const APPEND_LOCKED_INSERT: &str =
 
 /// [`APPEND`] and [`versions::STORE`] (its parameters after the append's nine) in one
 /// statement, for capture: the rows it logs and the versions they leave.
-static APPEND_STORE: LazyLock<String> = LazyLock::new(|| {
+pub(super) static APPEND_STORE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH ins AS ({}), ver AS ({})\n{APPEND_RESULT}\nFROM ins",
         append_insert!(""),
@@ -150,10 +149,12 @@ const READ_FOR: &str = read_sql!("(NOT local_only AND origin <> $3 AND (origin =
 /// The change log as a table in PostgreSQL.
 #[derive(Debug)]
 pub struct TableLog {
-    client: Client,
-    cache: StatementCache,
+    pub(super) client: Client,
+    pub(super) cache: StatementCache,
+    /// The same at the SQL level, for capture's append (see `super::append`).
+    pub(super) named: Named,
     /// The capture leader epoch appends of captured events check (none: no check).
-    fence: Option<Fence>,
+    pub(super) fence: Option<Fence>,
 }
 
 impl TableLog {
@@ -163,12 +164,14 @@ impl TableLog {
         // what the lock's previous holder committed (the fence, the versions).
         client
             .batch_execute(
-                "SET synchronous_commit = on; SET default_transaction_isolation = 'read committed'",
+                "SET synchronous_commit = on; SET standard_conforming_strings = on;
+                 SET default_transaction_isolation = 'read committed'",
             )
             .await?;
         Ok(Self {
             client,
             cache: StatementCache::default(),
+            named: Named::default(),
             fence: None,
         })
     }
@@ -190,60 +193,6 @@ fn lsn_text(lsn: u64) -> String {
 }
 
 impl TableLog {
-    /// Appends local events from capture: in one transaction, stamps each change with
-    /// the row version it overwrote, logs the events, and records the new versions.
-    /// Returns the rows it logged, for [`super::tail::Tail::publish`].
-    pub async fn append_local(
-        &mut self,
-        events: &mut Vec<ChangeEvent>,
-    ) -> Result<Vec<Logged>, LogError> {
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        let lock = self.cache.get(&self.client, LOCK).await?;
-        let load = self.cache.get(&self.client, versions::LOAD).await?;
-        let append = self.cache.get(&self.client, &APPEND_STORE).await?;
-        let epoch = self.cache.get(&self.client, fence::CURRENT).await?;
-        // Two round trips: BEGIN + lock + read versions (+ the leader epoch); log and
-        // write versions + COMMIT. The transaction is managed by hand so BEGIN and
-        // COMMIT pipeline.
-        let c = &self.client;
-        let keys = versions::keys_of(events);
-        let fence = self.fence.as_ref();
-        let check = async {
-            match fence {
-                Some(f) => c.query_one(&epoch, &[&f.region]).await.map(|r| r.get(0)),
-                None => Ok(0),
-            }
-        };
-        let first = try_join4(
-            c.batch_execute("BEGIN"),
-            c.execute(&lock, &[&APPEND_LOCK]),
-            versions::load(c, &load, &keys),
-            check,
-        )
-        .await;
-        let (current, now) = match first {
-            Ok((_, _, current, now)) => (current, now),
-            Err(e) => {
-                let _ = c.batch_execute("ROLLBACK").await;
-                return Err(e.into());
-            }
-        };
-        if let Some(f) = fence.filter(|f| f.epoch != now) {
-            let _ = c.batch_execute("ROLLBACK").await;
-            return Err(f.lost(now));
-        }
-        let touched = versions::advance_local(events, current);
-        let params = append_params(events);
-        let store = versions::StoreParams::new(&touched);
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            params.refs().into_iter().chain(store.refs()).collect();
-        // After an error the pipelined COMMIT ends the transaction as a ROLLBACK.
-        let (row, _) = try_join(c.query_one(&append, &refs), c.batch_execute("COMMIT")).await?;
-        Ok(logged_rows(std::mem::take(events), &row))
-    }
-
     /// Moves the log's sequence [`SKIP_AHEAD`] numbers past anything it may have
     /// handed out, under the append lock. A server crash can rewind a sequence to
     /// its last flushed state, and numbers drawn after that may already have reached
@@ -338,9 +287,16 @@ fn logged_from_row(r: &Row) -> Result<Logged, LogError> {
 /// Pairs appended `events` with the sequence numbers [`APPEND`] returned in `row`.
 /// Events the log already held (skipped by the append) are left out.
 pub fn logged_rows(events: Vec<ChangeEvent>, row: &Row) -> Vec<Logged> {
-    let seqs: Vec<i64> = row.get(0);
-    let origins: Vec<String> = row.get(1);
-    let hlcs: Vec<i64> = row.get(2);
+    logged_as(events, row.get(0), row.get(1), row.get(2))
+}
+
+/// [`logged_rows`] from the row's three arrays: sequence numbers, origins, HLCs.
+pub fn logged_as(
+    events: Vec<ChangeEvent>,
+    seqs: Vec<i64>,
+    origins: Vec<String>,
+    hlcs: Vec<i64>,
+) -> Vec<Logged> {
     let mut seq_of: HashMap<(String, i64), i64> = origins.into_iter().zip(hlcs).zip(seqs).collect();
     events
         .into_iter()
@@ -387,8 +343,15 @@ impl AppendParams {
         [a, b, c, d, e, f, g, h, i, &APPEND_LOCK]
     }
 
-    /// [`Self::refs_locked`] as SQL literals, for an `EXECUTE` (see `apply::script`).
+    /// [`Self::refs_locked`] as SQL literals, for an `EXECUTE` (see `crate::script`).
     pub fn literals_locked(&self) -> Vec<String> {
+        let mut v = self.literals();
+        v.push(quote(Some(&APPEND_LOCK.to_string())));
+        v
+    }
+
+    /// [`Self::refs`] as SQL literals.
+    pub fn literals(&self) -> Vec<String> {
         vec![
             quote_array(&self.origin),
             quote_array(&self.hlc),
@@ -399,7 +362,6 @@ impl AppendParams {
             quote_array(&self.local),
             quote_array(&self.tags),
             quote_array(&self.changes),
-            quote(Some(&APPEND_LOCK.to_string())),
         ]
     }
 }

@@ -7,13 +7,14 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::{GenericClient, Statement};
+use tokio_postgres::{GenericClient, SimpleQueryRow, Statement};
 
 use crate::apply::sql::{quote_array, quote_opt_array};
 use crate::catalog::origin_id_for;
 use crate::event::{ChangeEvent, Op};
 use crate::hlc::Hlc;
 use crate::resolve::Version;
+use crate::script;
 
 /// What `mesh.row_versions` says about one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +76,36 @@ pub async fn load<C: GenericClient>(
             ((r.get(0), r.get(1)), row)
         })
         .collect())
+}
+
+/// The values of [`LOAD`] for `keys`, as SQL literals for an `EXECUTE` (see
+/// `crate::script`).
+pub fn load_literals(keys: &[(String, String)]) -> [String; 2] {
+    let tbls: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    let pks: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+    [quote_array(&tbls), quote_array(&pks)]
+}
+
+/// What [`LOAD`] returned, as text rows of a script: what [`load`] returns.
+pub fn from_text_rows(rows: &[SimpleQueryRow]) -> VersionMap {
+    rows.iter()
+        .map(|r| {
+            let version = Version {
+                hlc: Hlc::from_u64(script::int(r, 2) as u64),
+                origin: script::int(r, 3) as i16,
+            };
+            let v = RowVersion {
+                version,
+                deleted: script::boolean(r, 4),
+                xid: script::opt_int(r, 5),
+            };
+            let key = (
+                r.get(0).unwrap_or_default().to_string(),
+                r.get(1).unwrap_or_default().to_string(),
+            );
+            (key, v)
+        })
+        .collect()
 }
 
 /// The parameters of [`STORE`] for a set of versions.

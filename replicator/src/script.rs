@@ -1,4 +1,4 @@
-//! A round trip of apply as one simple-protocol query: statements prepared once per
+//! A round trip as one simple-protocol query: statements prepared once per
 //! session with SQL `PREPARE`, run with `EXECUTE` and literal parameters.
 //!
 //! tokio-postgres ends every extended-protocol statement with a Sync, and PostgreSQL
@@ -7,7 +7,7 @@
 //! machine, costs a context switch on both sides). A simple Query message that
 //! carries several statements is answered with one flush at its end, so a round
 //! trip costs one wake-up on each side whatever it holds. The values are the same
-//! text the extended protocol would send (see `exec`): quoted as literals of unknown
+//! text the extended protocol would send (see `crate::apply::exec`): quoted as literals of unknown
 //! type, each is parsed by its parameter's type input function, as before.
 //!
 //! A statement that fails ends the script: the statements after it do not run, and
@@ -17,10 +17,10 @@ use std::collections::HashMap;
 
 use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
-use super::sql::quote;
+use crate::apply::sql::quote;
 
 /// SQL-level prepared statements of one session, by text. Names do not collide with
-/// tokio-postgres's own (`s0`, `s1`, ...).
+/// tokio-postgres's own (`s0`, `s1`, ...). Used by apply and by capture's append.
 #[derive(Debug, Default)]
 pub struct Named {
     map: HashMap<String, String>,
@@ -33,7 +33,7 @@ impl Named {
         if let Some(n) = self.map.get(sql) {
             return Ok(n.clone());
         }
-        let name = format!("pgmesh_apply_{}", self.map.len());
+        let name = format!("pgmesh_{}", self.map.len());
         c.batch_execute(&format!("PREPARE {name} AS {sql}")).await?;
         self.map.insert(sql.to_string(), name.clone());
         Ok(name)
@@ -131,6 +131,52 @@ pub fn int_array(r: &SimpleQueryRow, i: usize) -> Vec<i64> {
         .unwrap_or_default()
 }
 
+/// Column `i` of a text row, a one-dimensional `text[]`, as strings (a NULL element
+/// as the empty string): PostgreSQL's array output, quoted elements unescaped.
+pub fn text_array(r: &SimpleQueryRow, i: usize) -> Vec<String> {
+    let Some(s) = r.get(i) else {
+        return Vec::new();
+    };
+    parse_text_array(s)
+}
+
+fn parse_text_array(s: &str) -> Vec<String> {
+    let inner = s.strip_prefix('{').and_then(|s| s.strip_suffix('}'));
+    let Some(inner) = inner.filter(|s| !s.is_empty()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut chars = inner.chars();
+    loop {
+        let mut item = String::new();
+        let mut quoted = false;
+        let mut next = chars.next();
+        if next == Some('"') {
+            quoted = true;
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => item.extend(chars.next()),
+                    '"' => break,
+                    c => item.push(c),
+                }
+            }
+            next = chars.next();
+        }
+        while let Some(c) = next.filter(|&c| c != ',') {
+            item.push(c);
+            next = chars.next();
+        }
+        out.push(if !quoted && item == "NULL" {
+            String::new()
+        } else {
+            item
+        });
+        if next.is_none() {
+            return out;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +189,15 @@ mod tests {
         assert_eq!(s.execute::<&str>("p2", &[]), 2);
         assert_eq!(s.count, 3);
         assert_eq!(s.text, "BEGIN;\nEXECUTE p1('it''s', NULL);\nEXECUTE p2;\n");
+    }
+
+    #[test]
+    fn text_arrays_parse_as_postgres_prints_them() {
+        assert_eq!(parse_text_array("{}"), Vec::<String>::new());
+        assert_eq!(parse_text_array("{r1,r2}"), ["r1", "r2"]);
+        assert_eq!(
+            parse_text_array(r#"{"a b","c,d","e\"f\\",NULL,"NULL"}"#),
+            ["a b", "c,d", "e\"f\\", "", "NULL"]
+        );
     }
 }
