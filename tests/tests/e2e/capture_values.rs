@@ -20,7 +20,7 @@ const COLUMNS: &[&str] = &[
     "id", "num", "ts", "js", "by", "tx", "ia", "ta", "f8", "iv", "u", "nothing", "big",
 ];
 
-const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = "
 CREATE TABLE vals (
   id int PRIMARY KEY, num numeric, ts timestamptz, js jsonb, by bytea, tx text,
   ia int[], ta text[], f8 float8, iv interval, u uuid, nothing text, big text);
@@ -29,7 +29,7 @@ ALTER TABLE vals ALTER COLUMN big SET STORAGE EXTERNAL;";
 /// A 64 KiB text that is stored out of line (STORAGE EXTERNAL, no compression).
 const BIG: &str = "(SELECT string_agg(md5(g::text), '') FROM generate_series(1, 2000) g)";
 
-const ROWS: &[&str] = &[
+pub(crate) const ROWS: &[&str] = &[
     r#"INSERT INTO vals VALUES (1,
       '123456789012345678901234567890123456789.000000000000000000000000000000000000001',
       '2024-02-29 23:59:59.999999+00',

@@ -35,6 +35,7 @@ mod mesh_replay;
 mod mesh_tls;
 mod mesh_tombstones;
 mod mesh_topology;
+mod mesh_values;
 mod proxy_auth;
 mod proxy_clients;
 mod proxy_copy;
