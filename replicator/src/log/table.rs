@@ -150,7 +150,7 @@ const READ_FOR: &str = read_sql!("(NOT local_only AND origin <> $3 AND (origin =
 #[derive(Debug)]
 pub struct TableLog {
     pub(super) client: Client,
-    pub(super) cache: StatementCache,
+    cache: StatementCache,
     /// The same at the SQL level, for capture's append (see `super::append`).
     pub(super) named: Named,
     /// The capture leader epoch appends of captured events check (none: no check).

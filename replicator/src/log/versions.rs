@@ -134,7 +134,7 @@ impl<'a> StoreParams<'a> {
         p
     }
 
-    /// [`Self::refs`] as SQL literals, for an `EXECUTE` (see `apply::script`).
+    /// [`Self::refs`] as SQL literals, for an `EXECUTE` (see `crate::script`).
     pub fn literals(&self) -> Vec<String> {
         vec![
             quote_array(&self.tbl),
