@@ -2,7 +2,10 @@
 //!
 //! Generates a dev CA (`ca.pem`, `ca.key`) and one certificate per node (`<node>.pem`,
 //! `<node>.key`) signed by it, valid for both server and client authentication, with
-//! the subject alternative names `<node>`, `localhost` and `127.0.0.1`. When the
+//! the subject alternative names `<node>`, `localhost` and `127.0.0.1`. A node listed
+//! as `NODE@REGION` is bound to its region: its certificate also names `REGION`, and a
+//! peer link accepts a certificate only for the region it names (see
+//! `link::session`). A certificate named after a region needs no `@`. When the
 //! directory already holds a CA made by this module, new node certificates are signed
 //! by it, so nodes can be added to a running dev mesh.
 //!
@@ -37,6 +40,8 @@ const NODE_YEARS: i32 = 2;
 pub enum CertError {
     #[error("invalid node name {0:?}: use letters, digits, '-', '_' and '.', not \"ca\"")]
     NodeName(String),
+    #[error("invalid region {region:?} for node {node:?}: use letters, digits, '-', '_' and '.', not \"ca\"")]
+    RegionName { node: String, region: String },
     #[error("node {0:?} is listed twice")]
     Duplicate(String),
     #[error("{0} already exists; pass overwrite to replace it")]
@@ -73,6 +78,8 @@ pub struct GenerateOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeFiles {
     pub node: String,
+    /// The region the certificate binds the node to (`NODE@REGION`), if any.
+    pub region: Option<String>,
     pub cert: PathBuf,
     pub key: PathBuf,
 }
@@ -87,8 +94,9 @@ pub struct Generated {
     pub nodes: Vec<NodeFiles>,
 }
 
-/// Writes a dev CA (or reuses the one in `out_dir`) and a certificate and key per node.
-/// Refuses to overwrite any existing file.
+/// Writes a dev CA (or reuses the one in `out_dir`) and a certificate and key per node
+/// (`NODE`, or `NODE@REGION` to bind the node to its region). Refuses to overwrite any
+/// existing file.
 pub fn generate(out_dir: &Path, nodes: &[&str]) -> Result<Generated, CertError> {
     generate_with(out_dir, nodes, GenerateOptions::default())
 }
@@ -100,13 +108,30 @@ pub fn generate_with(
     opts: GenerateOptions,
 ) -> Result<Generated, CertError> {
     let mut seen = std::collections::HashSet::new();
-    for n in nodes {
+    let mut files: Vec<NodeFiles> = Vec::with_capacity(nodes.len());
+    for entry in nodes {
+        let (n, region) = match entry.split_once('@') {
+            Some((n, r)) => (n, Some(r)),
+            None => (*entry, None),
+        };
         if !valid_node_name(n) {
-            return Err(CertError::NodeName((*n).into()));
+            return Err(CertError::NodeName(n.into()));
         }
-        if !seen.insert(*n) {
-            return Err(CertError::Duplicate((*n).into()));
+        if let Some(r) = region.filter(|r| !valid_node_name(r)) {
+            return Err(CertError::RegionName {
+                node: n.into(),
+                region: r.into(),
+            });
         }
+        if !seen.insert(n) {
+            return Err(CertError::Duplicate(n.into()));
+        }
+        files.push(NodeFiles {
+            node: n.into(),
+            region: region.map(Into::into),
+            cert: out_dir.join(format!("{n}.pem")),
+            key: out_dir.join(format!("{n}.key")),
+        });
     }
     std::fs::create_dir_all(out_dir).map_err(|source| CertError::Write {
         path: out_dir.into(),
@@ -114,14 +139,6 @@ pub fn generate_with(
     })?;
     let ca_cert = out_dir.join("ca.pem");
     let ca_key = out_dir.join("ca.key");
-    let files: Vec<NodeFiles> = nodes
-        .iter()
-        .map(|n| NodeFiles {
-            node: (*n).into(),
-            cert: out_dir.join(format!("{n}.pem")),
-            key: out_dir.join(format!("{n}.key")),
-        })
-        .collect();
     // Check everything before writing anything, so a refusal leaves no partial output.
     let reuse = !opts.overwrite && existing_ca(&ca_cert, &ca_key)?;
     if !opts.overwrite {
@@ -157,7 +174,8 @@ pub fn generate_with(
     let mut checked = !reuse;
     for f in &files {
         let key = KeyPair::generate()?;
-        let cert = node_params(&f.node)?.signed_by(&key, &issuer, &issuer_key)?;
+        let cert =
+            node_params(&f.node, f.region.as_deref())?.signed_by(&key, &issuer, &issuer_key)?;
         if !checked {
             // The rebuilt issuer only matches ca.pem if that CA was made here.
             verify_against(&ca_cert, cert.der())?;
@@ -234,14 +252,18 @@ fn ca_params() -> Result<CertificateParams, CertError> {
     Ok(p)
 }
 
-fn node_params(node: &str) -> Result<CertificateParams, CertError> {
-    let mut p = CertificateParams::new(vec![
-        node.to_string(),
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-    ])?;
+/// A node certificate's parameters: it names the node, its region if bound to one,
+/// and loopback.
+fn node_params(node: &str, region: Option<&str>) -> Result<CertificateParams, CertError> {
+    let mut names = vec![node.to_string()];
+    names.extend(region.filter(|r| *r != node).map(str::to_string));
+    names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
+    let mut p = CertificateParams::new(names)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, node);
+    if let Some(r) = region {
+        dn.push(DnType::OrganizationalUnitName, format!("region {r}"));
+    }
     dn.push(DnType::OrganizationName, "pgmesh");
     p.distinguished_name = dn;
     p.is_ca = IsCa::ExplicitNoCa;
@@ -370,6 +392,28 @@ mod tests {
     }
 
     #[test]
+    fn a_node_bound_to_a_region_is_named_for_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = generate(dir.path(), &["eu-2@eu", "us"]).unwrap();
+        let names = |f: &NodeFiles, name: &str| {
+            let der = leaf(&f.cert);
+            let cert = webpki::EndEntityCert::try_from(&der).unwrap();
+            let n = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+            cert.verify_is_valid_for_subject_name(&n).is_ok()
+        };
+        let (eu2, us) = (&g.nodes[0], &g.nodes[1]);
+        assert_eq!(
+            (eu2.node.as_str(), eu2.region.as_deref()),
+            ("eu-2", Some("eu"))
+        );
+        assert!(eu2.cert.ends_with("eu-2.pem"), "{}", eu2.cert.display());
+        assert!(names(eu2, "eu-2") && names(eu2, "eu") && names(eu2, "localhost"));
+        assert!(!names(eu2, "us"));
+        assert_eq!(us.region, None);
+        assert!(names(us, "us") && !names(us, "eu"));
+    }
+
+    #[test]
     fn refuses_to_overwrite_unless_asked() {
         let dir = tempfile::tempdir().unwrap();
         let g = generate(dir.path(), &["a"]).unwrap();
@@ -423,8 +467,17 @@ mod tests {
                 "{bad:?}"
             );
         }
+        for bad in ["a@", "a@ca", "a@x y", "@eu"] {
+            assert!(
+                matches!(
+                    generate(dir.path(), &[bad]),
+                    Err(CertError::NodeName(_) | CertError::RegionName { .. })
+                ),
+                "{bad:?}"
+            );
+        }
         assert!(matches!(
-            generate(dir.path(), &["a", "a"]),
+            generate(dir.path(), &["a", "a@eu"]),
             Err(CertError::Duplicate(_))
         ));
         std::fs::write(dir.path().join("ca.pem"), "x").unwrap();

@@ -58,8 +58,9 @@ pub enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
-        /// Certificate names, comma separated: each node's region or its `--node`
-        /// name (a peer must present a certificate that names one of the two).
+        /// Certificates, comma separated: a region's name (`eu`), or a node's
+        /// `--node` name bound to its region (`eu-2@eu`). A peer must present a
+        /// certificate that names the region it pulls for.
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<String>,
     },
@@ -315,12 +316,23 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 /// `pgmesh certs`.
 pub fn certs(out: &std::path::Path, nodes: &[String]) -> anyhow::Result<()> {
     let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
-    pgmesh_replicator::certs::generate(out, &names)?;
-    println!(
-        "wrote a development CA and certificates for {} to {}",
-        names.join(", "),
-        out.display()
-    );
+    let g = pgmesh_replicator::certs::generate(out, &names)?;
+    let ca = if g.ca_reused {
+        "reused the CA"
+    } else {
+        "wrote a development CA"
+    };
+    println!("{ca} in {}", out.display());
+    for f in &g.nodes {
+        match &f.region {
+            Some(r) => println!(
+                "  {}: node {}, bound to region {r}",
+                f.cert.display(),
+                f.node
+            ),
+            None => println!("  {}: {}", f.cert.display(), f.node),
+        }
+    }
     println!("private keys (*.key) are secrets: never commit them");
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! One pulling peer, served: handshake, then batches under a credit window.
 //!
 //! The session validates the [`Hello`] (under mutual TLS, the peer's certificate must
-//! name the region or the node it claims), answers [`Welcome`] with the log head, then
+//! name the region it claims: named after the region, or a node's bound to it with
+//! `pgmesh certs --nodes NODE@REGION`), answers [`Welcome`] with the log head, then
 //! reads the log after the peer's checkpoint and sends what the peer may see (see
 //! [`ShipFilter`]). At most `window` batches are unacknowledged; with no credit left it
 //! waits for an ack. Once caught up it waits for the wake watch (the change log's
@@ -181,10 +182,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             return Err("max_batch and window must be at least 1".into());
         }
         if let Some(cert) = &self.identity {
-            if !names_either(cert, &h.region, &h.node) {
+            if !names(cert, &h.region) {
                 return Err(format!(
-                    "the peer's certificate names neither its region {:?} nor its node {:?}",
-                    h.region, h.node
+                    "the peer's certificate does not name its region {:?} (node {:?}): issue it \
+                     for the region, or bind the node to it with `pgmesh certs --nodes {}@{}`",
+                    h.region, h.node, h.node, h.region
                 ));
             }
         }
@@ -378,14 +380,14 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether `cert` is valid for `region` or for `node` as a subject name (a DNS or IP
-/// subject alternative name), the way a server certificate is checked against the
-/// host a client dialled. A name that cannot be a subject name matches nothing.
-fn names_either(cert: &CertificateDer<'_>, region: &str, node: &str) -> bool {
+/// Whether `cert` is valid for `region` as a subject name (a DNS or IP subject
+/// alternative name), the way a server certificate is checked against the host a
+/// client dialled. A name that cannot be a subject name matches nothing. A
+/// certificate that names only its node binds it to no region, so it is not enough:
+/// one node's certificate must not pull a log as another region.
+fn names(cert: &CertificateDer<'_>, region: &str) -> bool {
     let Ok(cert) = webpki::EndEntityCert::try_from(cert) else {
         return false;
     };
-    [region, node].into_iter().any(|name| {
-        ServerName::try_from(name).is_ok_and(|n| cert.verify_is_valid_for_subject_name(&n).is_ok())
-    })
+    ServerName::try_from(region).is_ok_and(|n| cert.verify_is_valid_for_subject_name(&n).is_ok())
 }

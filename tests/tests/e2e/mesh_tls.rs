@@ -2,8 +2,8 @@
 //! mesh CA did not sign.
 //!
 //! `tls_a` (the real `pgmesh run` binary, so its log can be read) and `tls_b`
-//! (in-process) use certificates from `pgmesh_replicator::certs::generate` and
-//! replicate both ways. The intruder `tls_x` trusts the mesh CA, so it would
+//! (in-process) use certificates from `pgmesh_replicator::certs::generate` (tls_b's
+//! names a node bound to the region) and replicate both ways. The intruder `tls_x` trusts the mesh CA, so it would
 //! accept `tls_a`'s certificate, but presents one from a CA of its own: `tls_a`
 //! must refuse it during the TLS handshake, `tls_x`'s link must record a TLS
 //! error and never apply anything, and `tls_a` must log the refusal. This
@@ -33,7 +33,9 @@ pub(crate) async fn wait_row(mesh: &Mesh, i: usize, id: i32) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_links_replicate_and_a_foreign_certificate_is_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let good = certs::generate(&dir.path().join("mesh"), &["tls_a", "tls_b"])?;
+    // tls_a's certificate is named after its region; tls_b's after a node bound to
+    // its region, as `pgmesh certs --nodes node-b@tls_b` writes it.
+    let good = certs::generate(&dir.path().join("mesh"), &["tls_a", "node-b@tls_b"])?;
     let evil = certs::generate(&dir.path().join("intruder"), &["tls_x"])?;
     let tls = |cert: &certs::NodeFiles| PeerTls {
         cert: cert.cert.clone(),

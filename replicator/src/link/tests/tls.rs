@@ -1,6 +1,6 @@
 //! TLS and mutual TLS with certificates from [`crate::certs`]: the happy path, the
 //! refusal of peers without a certificate from the mesh CA, and of peers whose
-//! certificate names neither the region nor the node they claim.
+//! certificate does not name the region they claim.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,9 +12,10 @@ use crate::certs;
 use crate::link::tls::{client_config, server_config};
 use crate::link::{ClientConfig, LinkClient, LinkError};
 
-/// A mesh CA with nodes eu-1 and us-1, and a rogue CA with node us-1 in `rogue/`.
+/// A mesh CA with nodes eu-1 (bound to region eu), us-1 (bound to us) and ap-1 (bound
+/// to no region), and a rogue CA with node us-1 in `rogue/`.
 fn material(dir: &Path) {
-    certs::generate(dir, &["eu-1", "us-1"]).unwrap();
+    certs::generate(dir, &["eu-1@eu", "us-1@us", "ap-1"]).unwrap();
     certs::generate(&dir.join("rogue"), &["us-1"]).unwrap();
 }
 
@@ -118,7 +119,7 @@ async fn mutual_tls_refuses_peers_without_a_mesh_certificate() {
 }
 
 #[tokio::test]
-async fn mutual_tls_refuses_a_peer_whose_certificate_names_another_peer() {
+async fn mutual_tls_refuses_a_peer_whose_certificate_does_not_name_its_region() {
     let (dir, h) = mesh_server(true).await;
     h.log.push("eu", false);
     let ca = dir.path().join("ca.pem");
@@ -130,20 +131,40 @@ async fn mutual_tls_refuses_a_peer_whose_certificate_names_another_peer() {
         cfg
     };
 
-    // A mesh certificate for us-1, claiming to be region ap, node ap-1.
-    let e = LinkClient::connect(h.addr, claim("ap", "ap-1"))
-        .await
-        .unwrap_err();
-    match e {
+    let refused = |e: LinkError, region: &str| match e {
         LinkError::Refused { reason } => assert!(
-            reason.contains("certificate names neither") && reason.contains("\"ap\""),
+            reason.contains("does not name its region")
+                && reason.contains(&format!("\"{region}\""))
+                && reason.contains("--nodes"),
             "{reason}"
         ),
         other => panic!("expected a refusal, got {other:?}"),
+    };
+
+    // us-1's certificate (bound to us), claiming region ap: under its own node name
+    // or another's.
+    for node in ["us-1", "ap-1"] {
+        let e = LinkClient::connect(h.addr, claim("ap", node))
+            .await
+            .unwrap_err();
+        refused(e, "ap");
     }
 
-    // The certificate names the node, or the region: both are accepted.
-    for (region, node) in [("ap", "us-1"), ("us-1", "other")] {
+    // A certificate that names only its node binds it to no region: refused even for
+    // the region the node may belong to.
+    let ap = tls_client(
+        &ca,
+        Some((&dir.path().join("ap-1.pem"), &dir.path().join("ap-1.key"))),
+        "eu-1",
+    );
+    let mut cfg = ap;
+    cfg.region = "ap".into();
+    cfg.node = "ap-1".into();
+    refused(LinkClient::connect(h.addr, cfg).await.unwrap_err(), "ap");
+
+    // The certificate names the region it claims (bound with `@`, or named after the
+    // region itself): accepted, whatever node it says it is.
+    for (region, node) in [("us", "us-1"), ("us", "us-2"), ("us-1", "other")] {
         let (mut c, _) = LinkClient::connect(h.addr, claim(region, node))
             .await
             .unwrap();
