@@ -48,6 +48,8 @@ pub enum ConfigError {
     Peer(String),
     #[error("peer_tls: `cert`, `key` and `ca` must be set together")]
     PeerTlsHalf,
+    #[error("node name {0:?} is also the name of a peer region: a certificate that names this node would also name that region, so give the node another name (`--node`)")]
+    NodeIsPeerRegion(String),
 }
 
 /// `pgmesh.toml`. All fields are optional in the file; `listen` and `upstream` must be
@@ -258,6 +260,12 @@ impl Config {
                 addrs,
             });
         }
+        // Peer links accept a certificate for each region it names: a node's name
+        // must not be another region's.
+        let node = self.node_name();
+        if node != self.region && peers.iter().any(|p| p.name == node) {
+            return Err(ConfigError::NodeIsPeerRegion(node));
+        }
         let t = &self.peer_tls;
         if !(t.cert.is_some() == t.key.is_some() && t.key.is_some() == t.ca.is_some()) {
             return Err(ConfigError::PeerTlsHalf);
@@ -363,6 +371,20 @@ mod tests {
                 matches!(with(bad).validate(), Err(ConfigError::Peer(_))),
                 "{bad:?}"
             );
+        }
+        // A node named after a peer region is refused; one named after its own region
+        // is the usual case.
+        let named = |node: &str| Config {
+            region: "eu".into(),
+            node: Some(node.into()),
+            ..with(&["us=a:7432"])
+        };
+        assert!(matches!(
+            named("us").validate(),
+            Err(ConfigError::NodeIsPeerRegion(n)) if n == "us"
+        ));
+        for ok in ["eu", "eu-1"] {
+            named(ok).validate().unwrap();
         }
     }
 }

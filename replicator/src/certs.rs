@@ -42,6 +42,8 @@ pub enum CertError {
     NodeName(String),
     #[error("invalid region {region:?} for node {node:?}: use letters, digits, '-', '_' and '.', not \"ca\"")]
     RegionName { node: String, region: String },
+    #[error("node {0:?} is also the name of a region here: its certificate would name that region too; give the node another name")]
+    NodeIsRegion(String),
     #[error("node {0:?} is listed twice")]
     Duplicate(String),
     #[error("{0} already exists; pass overwrite to replace it")]
@@ -132,6 +134,19 @@ pub fn generate_with(
             cert: out_dir.join(format!("{n}.pem")),
             key: out_dir.join(format!("{n}.key")),
         });
+    }
+    // A certificate names its node, so a node named after another entry's region could
+    // pull as that region. An entry without `@` is named after its own region.
+    for f in files
+        .iter()
+        .filter(|f| f.region.as_ref().is_some_and(|r| *r != f.node))
+    {
+        if files
+            .iter()
+            .any(|g| g.region.as_deref() == Some(f.node.as_str()))
+        {
+            return Err(CertError::NodeIsRegion(f.node.clone()));
+        }
     }
     std::fs::create_dir_all(out_dir).map_err(|source| CertError::Write {
         path: out_dir.into(),
@@ -480,6 +495,15 @@ mod tests {
             generate(dir.path(), &["a", "a@eu"]),
             Err(CertError::Duplicate(_))
         ));
+        // A node named after another entry's region.
+        assert!(matches!(
+            generate(dir.path(), &["us@eu", "us-1@us"]),
+            Err(CertError::NodeIsRegion(n)) if n == "us"
+        ));
+        assert!(!dir.path().join("us.pem").exists());
+        // A region's own certificate beside a node bound to that region is fine.
+        let fine = tempfile::tempdir().unwrap();
+        generate(fine.path(), &["eu", "eu-2@eu", "ap@ap"]).unwrap();
         std::fs::write(dir.path().join("ca.pem"), "x").unwrap();
         assert!(matches!(
             generate(dir.path(), &["a"]),
