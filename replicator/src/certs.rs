@@ -40,7 +40,7 @@ const NODE_YEARS: i32 = 2;
 pub enum CertError {
     #[error("invalid node name {0:?}: use letters, digits, '-', '_' and '.', not \"ca\"")]
     NodeName(String),
-    #[error("invalid region {region:?} for node {node:?}: use letters, digits, '-', '_' and '.', not \"ca\"")]
+    #[error("invalid region {region:?} for node {node:?}: a region name is lowercase letters, digits and '_' (as `pgmesh init --region` takes it)")]
     RegionName { node: String, region: String },
     #[error("node {0:?} is also the name of a region here: its certificate would name that region too; give the node another name")]
     NodeIsRegion(String),
@@ -119,7 +119,7 @@ pub fn generate_with(
         if !valid_node_name(n) {
             return Err(CertError::NodeName(n.into()));
         }
-        if let Some(r) = region.filter(|r| !valid_node_name(r)) {
+        if let Some(r) = region.filter(|r| crate::catalog::validate_region(r).is_err()) {
             return Err(CertError::RegionName {
                 node: n.into(),
                 region: r.into(),
@@ -482,7 +482,7 @@ mod tests {
                 "{bad:?}"
             );
         }
-        for bad in ["a@", "a@ca", "a@x y", "@eu"] {
+        for bad in ["a@", "a@EU", "a@eu-west", "a@x y", "@eu"] {
             assert!(
                 matches!(
                     generate(dir.path(), &[bad]),

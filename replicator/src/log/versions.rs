@@ -63,19 +63,31 @@ pub async fn load<C: GenericClient>(
     let rows = c.query(st, &[&tbls, &pks]).await?;
     Ok(rows
         .iter()
-        .map(|r| {
-            let version = Version {
-                hlc: Hlc::from_u64(r.get::<_, i64>(2) as u64),
-                origin: r.get(3),
-            };
-            let row = RowVersion {
-                version,
-                deleted: r.get(4),
-                xid: r.get(5),
-            };
-            ((r.get(0), r.get(1)), row)
-        })
+        .map(|r| entry(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
         .collect())
+}
+
+/// One row of [`LOAD`]: the key and its version.
+fn entry(
+    tbl: String,
+    pk: String,
+    hlc: i64,
+    origin: i16,
+    deleted: bool,
+    xid: Option<i64>,
+) -> ((String, String), RowVersion) {
+    let version = Version {
+        hlc: Hlc::from_u64(hlc as u64),
+        origin,
+    };
+    (
+        (tbl, pk),
+        RowVersion {
+            version,
+            deleted,
+            xid,
+        },
+    )
 }
 
 /// The values of [`LOAD`] for `keys`, as SQL literals for an `EXECUTE` (see
@@ -90,20 +102,14 @@ pub fn load_literals(keys: &[(String, String)]) -> [String; 2] {
 pub fn from_text_rows(rows: &[SimpleQueryRow]) -> VersionMap {
     rows.iter()
         .map(|r| {
-            let version = Version {
-                hlc: Hlc::from_u64(script::int(r, 2) as u64),
-                origin: script::int(r, 3) as i16,
-            };
-            let v = RowVersion {
-                version,
-                deleted: script::boolean(r, 4),
-                xid: script::opt_int(r, 5),
-            };
-            let key = (
+            entry(
                 r.get(0).unwrap_or_default().to_string(),
                 r.get(1).unwrap_or_default().to_string(),
-            );
-            (key, v)
+                script::int(r, 2),
+                script::int(r, 3) as i16,
+                script::boolean(r, 4),
+                script::opt_int(r, 5),
+            )
         })
         .collect()
 }
