@@ -191,11 +191,12 @@ impl Applier {
     ) -> Result<Self, ApplyError> {
         let client = catalog::connect_as(url, &format!("pgmesh-apply-{peer}")).await?;
         client
-            .batch_execute(
+            .batch_execute(&format!(
                 "SET synchronous_commit = off; SET standard_conforming_strings = on; \
                  SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3; \
-                 SET TimeZone = 'UTC'",
-            )
+                 SET TimeZone = 'UTC'; {}",
+                catalog::GENERIC_PLANS
+            ))
             .await?;
         if let Err(e) = client
             .batch_execute("SET session_replication_role = replica")

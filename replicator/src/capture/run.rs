@@ -224,6 +224,7 @@ async fn lead(
 ) -> Result<(), CaptureError> {
     info!(region = %cfg.region, node = %cfg.node, "capture leader");
     let log_client = catalog::connect_as(&cfg.url, "pgmesh-capture-log").await?;
+    log_client.batch_execute(catalog::GENERIC_PLANS).await?;
     TableLog::skip_ahead(&log_client).await?;
     let mut log = TableLog::new(log_client).await?;
     let params = ConnParams::from_url(&cfg.url)?
