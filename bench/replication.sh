@@ -33,7 +33,10 @@ In one run, on fresh local clusters:
    Each lag run also reports the CPU of each part of the mesh over its middle (each
    node process, each region's PostgreSQL sessions by application_name, the pgbench
    client), in % of one CPU and in microseconds per transaction: a steadier figure
-   than the lag's tail on a shared machine.
+   than the lag's tail on a shared machine. The probe reports the same, and each lag
+   run prints its total CPU per transaction as a multiple of the probe's. Every stage
+   batches less at a lower rate, so a transaction costs more there: at half the
+   probe's rate the machine is about half that multiple as busy as during the probe.
 2. Catch-up rate. r2 pauses its link from r1 (mesh.pause_link('r1')); r1 writes a
    backlog of BENCH_BACKLOG events through its proxy at full speed (pgbench -c 8
    -j 2 -t N; r3 keeps replicating live). Write rate = backlog / span of the
@@ -519,6 +522,57 @@ stats_select() {
         coalesce(round(max(ms)::numeric, 2)::text, 'n/a')"
 }
 
+# cpu_by_part OUT DELAY SPAN: after DELAY seconds, the CPU each part of the mesh uses
+# over SPAN seconds (each node; each region's PostgreSQL sessions by
+# application_name: apply, capture's log append and walsender, pgbench's sessions,
+# the rest; the pgbench client), as "ms|label" lines in OUT. Run in the background
+# while the lag run's pgbench runs.
+cpu_by_part() {
+    local out="$1" delay="$2" span="$3" r pid name hz
+    declare -A label=()
+    sleep "$delay"
+    for r in "${REGIONS[@]}"; do
+        label[${NODE_PID[$r]}]="$r node (proxy, capture, links)"
+        while IFS='|' read -r pid name; do
+            case "$name" in
+                pgmesh-apply-*) label[$pid]="$r apply session (from ${name#pgmesh-apply-})" ;;
+                pgmesh-capture-log) label[$pid]="$r capture log append session" ;;
+                "pgmesh-capture-$r") label[$pid]="$r walsender (capture)" ;;
+                pgbench) label[$pid]="$r pgbench sessions" ;;
+                *) label[$pid]="$r other sessions" ;;
+            esac
+        done < <(rsql "$r" "SELECT pid, application_name FROM pg_stat_activity
+                            WHERE pid <> pg_backend_pid() AND backend_type IN ('client backend', 'walsender')")
+    done
+    for pid in $(pgrep -x pgbench); do label[$pid]="pgbench client"; done
+    hz="$(getconf CLK_TCK)"
+    proc_cpu_ticks "${!label[@]}" | sort -k1,1 >"$out.0"
+    sleep "$span"
+    proc_cpu_ticks "${!label[@]}" | sort -k1,1 >"$out.1"
+    join "$out.0" "$out.1" | while read -r pid a b; do
+        printf '%s|%s\n' "${label[$pid]}" "$(((b - a) * 1000 / hz))"
+    done | awk -F'|' '{ ms[$1] += $2 } END { for (l in ms) if (ms[l] > 0) printf "%d|%s\n", ms[l], l }' |
+        sort -t'|' -k1,1nr >"$out"
+}
+
+# parts_report FILE SPAN TPS: logs cpu_by_part's FILE (SPAN seconds at TPS) as a
+# table, % of one CPU and us per transaction, and prints it as "part|pct|us" lines.
+parts_report() {
+    local ms part pct us
+    log "      CPU by part over ${2}s of it (% of one CPU, us per transaction):"
+    while IFS='|' read -r ms part; do
+        read -r pct us < <(awk -v ms="$ms" -v s="$2" -v t="$3" 'BEGIN {
+            printf "%.1f %.0f\n", ms / s / 10, (t > 0) ? ms * 1000 / s / t : 0 }')
+        printf '%s|%s|%s\n' "$part" "$pct" "$us"
+        log "$(printf '        %-44s %6s%% %6s us' "$part" "$pct" "$us")"
+    done <"$1"
+}
+
+# parts_total PARTS: the sum of the us per transaction of PARTS ("part|pct|us" lines).
+parts_total() {
+    awk -F'|' '{ t += $3 } END { printf "%.0f\n", t }' <<<"$1"
+}
+
 # ---------------------------------------------------------------------------
 # 1. Replication lag.
 
@@ -529,9 +583,18 @@ log "== 1. replication lag"
 seq0="$(origin_head)"
 checkpoint_all "${ALL_PG[@]}"
 P0="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
+# The CPU each part uses per transaction at full speed, where every stage batches
+# the most: the lag runs compare theirs with it.
+MAX_SPAN=$((PROBE_SECS > 3 ? PROBE_SECS - 2 : 1))
+cpu_by_part "$TMPD/parts-max" 1 "$MAX_SPAN" &
+sampler=$!
 run_pgbench "max-throughput probe through $ORIGIN's proxy" "$ORIGIN_PROXY" -b tpcb-like -T "$PROBE_SECS"
 P1="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
 MAX_TPS="$LAST_TPS"
+MAX_PARTS=""
+if wait "$sampler" && [[ -s "$TMPD/parts-max" ]]; then
+    MAX_PARTS="$(parts_report "$TMPD/parts-max" "$MAX_SPAN" "$MAX_TPS")"
+fi
 wait_captured "$seq0" "$LAST_PROCESSED" "max-throughput probe"
 t0="$(now_s)"
 wait_replicated "after the max-throughput probe" r2 r3
@@ -572,39 +635,6 @@ fi
 # up in the session and no per-transaction origin timestamp, PostgreSQL records the
 # session's first commit time for every later commit of that session.
 declare -A LAG=() BATCHES=() CAPTURE=() TPS=() PROCESSED=() BUSY=() WAIT=() PARTS=() STAGES_OF=()
-# cpu_by_part OUT DELAY SPAN: after DELAY seconds, the CPU each part of the mesh uses
-# over SPAN seconds (each node; each region's PostgreSQL sessions by
-# application_name: apply, capture's log append and walsender, pgbench's sessions,
-# the rest; the pgbench client), as "ms|label" lines in OUT. Run in the background
-# while the lag run's pgbench runs.
-cpu_by_part() {
-    local out="$1" delay="$2" span="$3" r pid name hz
-    declare -A label=()
-    sleep "$delay"
-    for r in "${REGIONS[@]}"; do
-        label[${NODE_PID[$r]}]="$r node (proxy, capture, links)"
-        while IFS='|' read -r pid name; do
-            case "$name" in
-                pgmesh-apply-*) label[$pid]="$r apply session (from ${name#pgmesh-apply-})" ;;
-                pgmesh-capture-log) label[$pid]="$r capture log append session" ;;
-                "pgmesh-capture-$r") label[$pid]="$r walsender (capture)" ;;
-                pgbench) label[$pid]="$r pgbench sessions" ;;
-                *) label[$pid]="$r other sessions" ;;
-            esac
-        done < <(rsql "$r" "SELECT pid, application_name FROM pg_stat_activity
-                            WHERE pid <> pg_backend_pid() AND backend_type IN ('client backend', 'walsender')")
-    done
-    for pid in $(pgrep -x pgbench); do label[$pid]="pgbench client"; done
-    hz="$(getconf CLK_TCK)"
-    proc_cpu_ticks "${!label[@]}" | sort -k1,1 >"$out.0"
-    sleep "$span"
-    proc_cpu_ticks "${!label[@]}" | sort -k1,1 >"$out.1"
-    join "$out.0" "$out.1" | while read -r pid a b; do
-        printf '%s|%s\n' "${label[$pid]}" "$(((b - a) * 1000 / hz))"
-    done | awk -F'|' '{ ms[$1] += $2 } END { for (l in ms) if (ms[l] > 0) printf "%d|%s\n", ms[l], l }' |
-        sort -t'|' -k1,1nr >"$out"
-}
-
 # lag_stats REGION T0 T1: count, p50, p99 and max of logged_at - commit_ts in ms
 # over REGION's change log rows of ORIGIN's events committed between T0 and T1 (in
 # the origin, capture's share; in a peer, the whole replication lag).
@@ -616,7 +646,7 @@ lag_stats() {
 }
 
 lag_run() {
-    local key="$1" rate="$2" seq0 t0 T0 T1 mark r n p50 p99 mx series sampler span ms part
+    local key="$1" rate="$2" seq0 t0 T0 T1 mark r n p50 p99 mx series sampler span here there
     seq0="$(origin_head)"
     settle "${ALL_PG[@]}"
     T0="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
@@ -630,13 +660,12 @@ lag_run() {
     log "      machine during the run: CPU busy ${BUSY[$key]}, some task waiting for a CPU ${WAIT[$key]} of the time"
     PARTS[$key]=""
     if wait "$sampler" && [[ -s "$TMPD/parts-$key" ]]; then
-        log "      CPU by part over ${span}s of it (% of one CPU, us per transaction):"
-        while IFS='|' read -r ms part; do
-            read -r pct us < <(awk -v ms="$ms" -v s="$span" -v t="$LAST_TPS" 'BEGIN {
-                printf "%.1f %.0f\n", ms / s / 10, (t > 0) ? ms * 1000 / s / t : 0 }')
-            PARTS[$key]+="$part|$pct|$us"$'\n'
-            log "$(printf '        %-44s %6s%% %6s us' "$part" "$pct" "$us")"
-        done <"$TMPD/parts-$key"
+        PARTS[$key]="$(parts_report "$TMPD/parts-$key" "$span" "$LAST_TPS")"
+        if [[ -n "$MAX_PARTS" ]]; then
+            read -r here there < <(echo "$(parts_total "${PARTS[$key]}") $(parts_total "$MAX_PARTS")")
+            log "      all parts: $here us per transaction, $(awk -v a="$here" -v b="$there" 'BEGIN {
+                printf "%.2f", (b > 0) ? a / b : 0 }')x the $there us of the max-throughput probe"
+        fi
     fi
     T1="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
     TPS[$key]="$LAST_TPS"
@@ -1021,11 +1050,18 @@ fi
         echo
         echo "Over the run's middle (all but its first and last second): each node process, each region's PostgreSQL sessions by application_name, and the pgbench client. 100% is one CPU; the machine has $(nproc 2>/dev/null || echo '?')."
         echo
-        echo "| part | % of one CPU | us per transaction |"
-        echo "|---|--:|--:|"
+        echo "The last column is the same part's CPU per transaction during the max-throughput probe ($(fmt1 "$MAX_TPS") tps), where every stage batches the most."
+        echo
+        echo "| part | % of one CPU | us per transaction | us per transaction at the probe |"
+        echo "|---|--:|--:|--:|"
+        declare -A at_max=()
         while IFS='|' read -r part pct us; do
-            [[ -n "$part" ]] && echo "| $part | $pct | $us |"
+            [[ -n "$part" ]] && at_max[$part]="$us"
+        done <<<"$MAX_PARTS"
+        while IFS='|' read -r part pct us; do
+            [[ -n "$part" ]] && echo "| $part | $pct | $us | ${at_max[$part]:-n/a} |"
         done <<<"${PARTS[probe]}"
+        echo "| all parts | | $(parts_total "${PARTS[probe]}") | $(parts_total "$MAX_PARTS") |"
         echo
     fi
     echo "## Catch-up"
