@@ -526,7 +526,7 @@ stats_select() {
 # over SPAN seconds (each node; each region's PostgreSQL sessions by
 # application_name: apply, capture's log append and walsender, pgbench's sessions,
 # the rest; the pgbench client), as "ms|label" lines in OUT. Run in the background
-# while the lag run's pgbench runs.
+# while the probe's or a lag run's pgbench runs.
 cpu_by_part() {
     local out="$1" delay="$2" span="$3" r pid name hz
     declare -A label=()
@@ -662,7 +662,8 @@ lag_run() {
     if wait "$sampler" && [[ -s "$TMPD/parts-$key" ]]; then
         PARTS[$key]="$(parts_report "$TMPD/parts-$key" "$span" "$LAST_TPS")"
         if [[ -n "$MAX_PARTS" ]]; then
-            read -r here there < <(echo "$(parts_total "${PARTS[$key]}") $(parts_total "$MAX_PARTS")")
+            here="$(parts_total "${PARTS[$key]}")"
+            there="$(parts_total "$MAX_PARTS")"
             log "      all parts: $here us per transaction, $(awk -v a="$here" -v b="$there" 'BEGIN {
                 printf "%.2f", (b > 0) ? a / b : 0 }')x the $there us of the max-throughput probe"
         fi
@@ -1061,7 +1062,7 @@ fi
         while IFS='|' read -r part pct us; do
             [[ -n "$part" ]] && echo "| $part | $pct | $us | ${at_max[$part]:-n/a} |"
         done <<<"${PARTS[probe]}"
-        echo "| all parts | | $(parts_total "${PARTS[probe]}") | $(parts_total "$MAX_PARTS") |"
+        echo "| all parts | | $(parts_total "${PARTS[probe]}") | ${MAX_PARTS:+$(parts_total "$MAX_PARTS")} |"
         echo
     fi
     echo "## Catch-up"

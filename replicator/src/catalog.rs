@@ -146,8 +146,9 @@ pub fn pg_error(e: &tokio_postgres::Error) -> String {
 /// generic plan's assumes 100 elements), so it planned the statement again at every
 /// execution: 0.066 ms of planning for a 0.11 ms lookup of 7 row versions, against
 /// 0.008 ms with a generic plan, which is the same nested loop over the unique index.
-/// Every statement these sessions run finds rows by a unique key or a key range, and
-/// the generic plans use the same indexes (checked with EXPLAIN on PostgreSQL 15).
+/// Their statements find rows by a unique key (versions, applied events, row locks and
+/// writes) or by a key's maximum (capture's resume point); with EXPLAIN on PostgreSQL
+/// 15 the generic plans of those shapes use the same indexes as the custom ones.
 pub const GENERIC_PLANS: &str = "SET plan_cache_mode = force_generic_plan";
 
 /// Opens a plain SQL connection and drives it in the background.

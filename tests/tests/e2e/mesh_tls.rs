@@ -3,11 +3,11 @@
 //!
 //! `tls_a` (the real `pgmesh run` binary, so its log can be read) and `tls_b`
 //! (in-process) use certificates from `pgmesh_replicator::certs::generate` (tls_b's
-//! names a node bound to the region) and replicate both ways. The intruder `tls_x` trusts the mesh CA, so it would
-//! accept `tls_a`'s certificate, but presents one from a CA of its own: `tls_a`
-//! must refuse it during the TLS handshake, `tls_x`'s link must record a TLS
-//! error and never apply anything, and `tls_a` must log the refusal. This
-//! module owns those checks.
+//! names a node bound to the region) and replicate both ways. The intruder `tls_x`
+//! trusts the mesh CA, so it would accept `tls_a`'s certificate, but presents one
+//! from a CA of its own: `tls_a` must refuse it during the TLS handshake, `tls_x`'s
+//! link must record a TLS error and never apply anything, and `tls_a` must log the
+//! refusal. This module owns those checks.
 
 use anyhow::Result;
 use pgmesh_replicator::certs;
