@@ -43,6 +43,7 @@ Environment:
   BENCH_REPEAT    rounds of the three configurations                  [1]
   BENCH_LAG_RATE  -R for the capture-lag run            [half the mean pgmesh TPS]
   BENCH_OUT       directory for the result files                      [bench-results]
+  BENCH_PG_CONF   extra postgresql.conf lines for every cluster, separated by ";"
   PGMESH_BIN      pgmesh binary to use; skips `cargo build --release -p pgmesh-proxy`
   PGMESH_PG_BIN   PostgreSQL bin dir  [dir of initdb on PATH, else /usr/lib/postgresql/*/bin]
 

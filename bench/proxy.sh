@@ -30,6 +30,7 @@ Environment:
   BENCH_SCALE    pgbench -i scale factor                         [10]
   BENCH_FAST     1: fsync=off, synchronous_commit=off (CI form)  [0: fsync on]
   BENCH_OUT      directory for the result files                  [bench-results]
+  BENCH_PG_CONF  extra postgresql.conf lines for every cluster, separated by ";"
   PGMESH_BIN     pgmesh binary to use; skips `cargo build --release -p pgmesh-proxy`
   PGBOUNCER_BIN  pgbouncer binary, or "none" to skip it  [/usr/sbin/pgbouncer, else PATH]
   BENCH_INSTALL  1: apt-get install pgbouncer if missing (root only)  [0]

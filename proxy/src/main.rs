@@ -17,17 +17,25 @@ fn main() -> std::process::ExitCode {
         _ => "info",
     };
     let log = cli.log.as_deref().unwrap_or(default_log);
+    let filter = EnvFilter::try_new(log).unwrap_or_else(|e| {
+        eprintln!("pgmesh: invalid log filter {log:?} ({e}); using {default_log:?}");
+        EnvFilter::new(default_log)
+    });
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(log).unwrap_or_else(|_| EnvFilter::new(default_log)))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let runtime = || {
         let mut b = tokio::runtime::Builder::new_multi_thread();
-        if let Some(n) = std::env::var("PGMESH_WORKER_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
-            b.worker_threads(n);
+        if let Ok(v) = std::env::var("PGMESH_WORKER_THREADS") {
+            match v.trim().parse::<usize>() {
+                Ok(n) if n > 0 => {
+                    b.worker_threads(n);
+                }
+                _ => anyhow::bail!(
+                    "PGMESH_WORKER_THREADS must be a number of threads, 1 or more, got {v:?}"
+                ),
+            }
         }
         b.enable_all().build().map_err(anyhow::Error::from)
     };
@@ -47,7 +55,7 @@ fn main() -> std::process::ExitCode {
                 std::future::pending(),
             ))
         }),
-        Command::Certs { out, nodes } => cli::certs(&out, &nodes),
+        Command::Certs { out, nodes, hosts } => cli::certs(&out, &nodes, &hosts),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -15,9 +15,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgmesh_replicator::capture::{self, CaptureConfig, Progress, Role};
+use pgmesh_replicator::link::backoff::Backoff;
 use pgmesh_replicator::link::server::{LinkServer, ServeConfig, SharedTableLog, TailedLog};
 use pgmesh_replicator::log::notify::LogNotifier;
 use pgmesh_replicator::log::prune;
@@ -93,20 +94,53 @@ pub fn capture_url(v: &Validated) -> String {
     format!("postgres://{auth}@{}/{db}{query}", u.addr())
 }
 
+/// The first wait for an unreachable database, and the longest.
+const REACH_BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
+/// How often the wait for an unreachable database is logged again.
+const REACH_LOG_EVERY: Duration = Duration::from_secs(30);
+
 /// A connection to the regional database when the mesh catalog is installed there;
-/// `None` when it is not, or the database cannot be reached (logged).
+/// `None` when it is not, or when the database refuses this node (logged).
+///
+/// A database that cannot be reached at all (down, starting up, out of connection
+/// slots) is waited for, with backoff, and the wait is logged every 30 s: a node
+/// started before its database (a reboot, a container that comes up first) must
+/// still capture once the database is up, not run as a proxy only until restarted.
 async fn installed_catalog(url: &str) -> Option<tokio_postgres::Client> {
-    match pgmesh_replicator::catalog::connect(url).await {
-        Ok(c) => c
-            .query_one("SELECT to_regclass('mesh.changelog') IS NOT NULL", &[])
-            .await
-            .is_ok_and(|r| r.get::<_, bool>(0))
-            .then_some(c),
-        Err(e) => {
-            warn!(error = %e, "cannot reach the regional database");
-            None
+    let (base, cap) = REACH_BACKOFF;
+    let mut backoff = Backoff::new(base, cap);
+    let started = Instant::now();
+    let mut logged: Option<Instant> = None;
+    let c = loop {
+        match pgmesh_replicator::catalog::connect(url).await {
+            Ok(c) => break c,
+            Err(e) if e.is_unreachable() => {
+                if logged.is_none_or(|t| t.elapsed() >= REACH_LOG_EVERY) {
+                    warn!(
+                        error = %e,
+                        waited_secs = started.elapsed().as_secs(),
+                        "cannot reach the regional database; waiting for it (the node starts once it answers)"
+                    );
+                    logged = Some(Instant::now());
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => {
+                warn!(error = %e, "the regional database refused this node's session; running as a proxy only");
+                return None;
+            }
         }
+    };
+    if logged.is_some() {
+        info!(
+            waited_secs = started.elapsed().as_secs(),
+            "reached the regional database"
+        );
     }
+    c.query_one("SELECT to_regclass('mesh.changelog') IS NOT NULL", &[])
+        .await
+        .is_ok_and(|r| r.get::<_, bool>(0))
+        .then_some(c)
 }
 
 /// Starts capture on `rt` if enabled and the catalog is installed.

@@ -42,6 +42,24 @@ pub enum CatalogError {
     Sql(#[from] tokio_postgres::Error),
 }
 
+impl CatalogError {
+    /// Whether the database could not be reached at all (down, starting up, shutting
+    /// down, out of connection slots, or the network), as opposed to refusing this
+    /// client (authentication, a missing database, TLS settings) or failing later.
+    pub fn is_unreachable(&self) -> bool {
+        let CatalogError::Connect { source, .. } = self else {
+            return false;
+        };
+        match source.as_db_error() {
+            None => true,
+            Some(db) => {
+                let code = db.code().code();
+                code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+            }
+        }
+    }
+}
+
 /// Which tables replicate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TableSelection {

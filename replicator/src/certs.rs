@@ -5,7 +5,10 @@
 //! the subject alternative names `<node>`, `localhost` and `127.0.0.1`. A node listed
 //! as `NODE@REGION` is bound to its region: its certificate also names `REGION`, and a
 //! peer link accepts a certificate only for the region it names (see
-//! `link::session`). A certificate named after a region needs no `@`. When the
+//! `link::session`). A certificate named after a region needs no `@`. Host names that
+//! peers dial a node by (`--peer NAME=HOST:PORT`) are added per node (`NODE=HOST`):
+//! a DNS name with a dot, or an IP address, so that no host can pass for a region
+//! (region names have neither). When the
 //! directory already holds a CA made by this module, new node certificates are signed
 //! by it, so nodes can be added to a running dev mesh.
 //!
@@ -44,6 +47,10 @@ pub enum CertError {
     RegionName { node: String, region: String },
     #[error("node {0:?} is also the name of a region here: its certificate would name that region too; give the node another name")]
     NodeIsRegion(String),
+    #[error("host {host:?} is for node {node:?}, which is not in the list of certificates")]
+    HostNode { node: String, host: String },
+    #[error("invalid host {0:?}: give a DNS name with a dot (db-eu.example.com) or an IP address, which no region name can be")]
+    HostName(String),
     #[error("node {0:?} is listed twice")]
     Duplicate(String),
     #[error("{0} already exists; pass overwrite to replace it")]
@@ -68,12 +75,15 @@ pub enum CertError {
     Tls(#[from] tls::TlsError),
 }
 
-/// How [`generate_with`] treats existing files.
-#[derive(Debug, Clone, Copy, Default)]
+/// How [`generate_with`] treats existing files, and what else certificates name.
+#[derive(Debug, Clone, Default)]
 pub struct GenerateOptions {
     /// Replace existing files, including the CA (which invalidates every node
     /// certificate it signed before). Default: false.
     pub overwrite: bool,
+    /// More subject alternative names, as (node, host): the names peers dial that
+    /// node by. Each host is a DNS name with a dot, or an IP address.
+    pub hosts: Vec<(String, String)>,
 }
 
 /// One node's files.
@@ -135,6 +145,17 @@ pub fn generate_with(
             key: out_dir.join(format!("{n}.key")),
         });
     }
+    for (node, host) in &opts.hosts {
+        if !files.iter().any(|f| f.node == *node) {
+            return Err(CertError::HostNode {
+                node: node.clone(),
+                host: host.clone(),
+            });
+        }
+        if !valid_host(host) || files.iter().any(|f| f.node == *host) {
+            return Err(CertError::HostName(host.clone()));
+        }
+    }
     // A certificate names its node, so a node named after another entry's region could
     // pull as that region. An entry without `@` is named after its own region.
     for f in files
@@ -189,8 +210,17 @@ pub fn generate_with(
     let mut checked = !reuse;
     for f in &files {
         let key = KeyPair::generate()?;
-        let cert =
-            node_params(&f.node, f.region.as_deref())?.signed_by(&key, &issuer, &issuer_key)?;
+        let hosts: Vec<&str> = opts
+            .hosts
+            .iter()
+            .filter(|(n, _)| *n == f.node)
+            .map(|(_, h)| h.as_str())
+            .collect();
+        let cert = node_params(&f.node, f.region.as_deref(), &hosts)?.signed_by(
+            &key,
+            &issuer,
+            &issuer_key,
+        )?;
         if !checked {
             // The rebuilt issuer only matches ca.pem if that CA was made here.
             verify_against(&ca_cert, cert.der())?;
@@ -210,6 +240,21 @@ pub fn generate_with(
         ca_reused: reuse,
         nodes: files,
     })
+}
+
+/// An IP address, or a DNS name with at least one dot: never a region name.
+fn valid_host(h: &str) -> bool {
+    if h.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    h.contains('.')
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 fn valid_node_name(n: &str) -> bool {
@@ -268,11 +313,16 @@ fn ca_params() -> Result<CertificateParams, CertError> {
 }
 
 /// A node certificate's parameters: it names the node, its region if bound to one,
-/// and loopback.
-fn node_params(node: &str, region: Option<&str>) -> Result<CertificateParams, CertError> {
+/// loopback, and `hosts`.
+fn node_params(
+    node: &str,
+    region: Option<&str>,
+    hosts: &[&str],
+) -> Result<CertificateParams, CertError> {
     let mut names = vec![node.to_string()];
     names.extend(region.filter(|r| *r != node).map(str::to_string));
     names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
+    names.extend(hosts.iter().map(|h| h.to_string()));
     let mut p = CertificateParams::new(names)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, node);
@@ -364,150 +414,5 @@ fn write_file(path: &Path, data: &[u8], mode: u32, overwrite: bool) -> Result<()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn leaf(path: &Path) -> CertificateDer<'static> {
-        tls::load_certs(path).unwrap().remove(0)
-    }
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
-    }
-
-    #[test]
-    fn generates_a_ca_and_node_certs_it_signed() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("certs");
-        let g = generate(&out, &["a", "b-1", "c.example"]).unwrap();
-        assert!(!g.ca_reused);
-        assert_eq!(g.nodes.len(), 3);
-        for f in &g.nodes {
-            verify_against(&g.ca_cert, &leaf(&f.cert)).unwrap();
-            tls::load_key(&f.key).unwrap();
-        }
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            for k in std::iter::once(&g.ca_key).chain(g.nodes.iter().map(|f| &f.key)) {
-                let mode = std::fs::metadata(k).unwrap().permissions().mode() & 0o777;
-                assert_eq!(mode, 0o600, "{}", k.display());
-            }
-        }
-        // No temp files are left behind.
-        let names: Vec<_> = std::fs::read_dir(&out)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert_eq!(names.len(), 8, "{names:?}");
-    }
-
-    #[test]
-    fn a_node_bound_to_a_region_is_named_for_both() {
-        let dir = tempfile::tempdir().unwrap();
-        let g = generate(dir.path(), &["eu-2@eu", "us"]).unwrap();
-        let names = |f: &NodeFiles, name: &str| {
-            let der = leaf(&f.cert);
-            let cert = webpki::EndEntityCert::try_from(&der).unwrap();
-            let n = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
-            cert.verify_is_valid_for_subject_name(&n).is_ok()
-        };
-        let (eu2, us) = (&g.nodes[0], &g.nodes[1]);
-        assert_eq!(
-            (eu2.node.as_str(), eu2.region.as_deref()),
-            ("eu-2", Some("eu"))
-        );
-        assert!(eu2.cert.ends_with("eu-2.pem"), "{}", eu2.cert.display());
-        assert!(names(eu2, "eu-2") && names(eu2, "eu") && names(eu2, "localhost"));
-        assert!(!names(eu2, "us"));
-        assert_eq!(us.region, None);
-        assert!(names(us, "us") && !names(us, "eu"));
-    }
-
-    #[test]
-    fn refuses_to_overwrite_unless_asked() {
-        let dir = tempfile::tempdir().unwrap();
-        let g = generate(dir.path(), &["a"]).unwrap();
-        let before = std::fs::read(&g.nodes[0].key).unwrap();
-        assert!(matches!(
-            generate(dir.path(), &["b", "a"]),
-            Err(CertError::Exists(p)) if p.ends_with("a.pem")
-        ));
-        // The refusal wrote nothing, not even b's files.
-        assert!(!dir.path().join("b.pem").exists());
-        assert_eq!(std::fs::read(&g.nodes[0].key).unwrap(), before);
-
-        let again = generate_with(dir.path(), &["a"], GenerateOptions { overwrite: true }).unwrap();
-        assert!(!again.ca_reused);
-        assert_ne!(std::fs::read(&again.nodes[0].key).unwrap(), before);
-        verify_against(&again.ca_cert, &leaf(&again.nodes[0].cert)).unwrap();
-    }
-
-    #[test]
-    fn adds_nodes_with_the_existing_ca() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = generate(dir.path(), &["a"]).unwrap();
-        let ca_before = std::fs::read(&first.ca_cert).unwrap();
-        let second = generate(dir.path(), &["d"]).unwrap();
-        assert!(second.ca_reused);
-        assert_eq!(std::fs::read(&second.ca_cert).unwrap(), ca_before);
-        verify_against(&second.ca_cert, &leaf(&second.nodes[0].cert)).unwrap();
-    }
-
-    #[test]
-    fn a_foreign_ca_is_not_reused() {
-        let dir = tempfile::tempdir().unwrap();
-        // A CA pair whose key does not belong to the certificate.
-        let other = tempfile::tempdir().unwrap();
-        let a = generate(dir.path(), &[]).unwrap();
-        let b = generate(other.path(), &[]).unwrap();
-        std::fs::copy(&b.ca_key, &a.ca_key).unwrap();
-        assert!(matches!(
-            generate(dir.path(), &["x"]),
-            Err(CertError::ForeignCa(_))
-        ));
-        assert!(!dir.path().join("x.key").exists());
-    }
-
-    #[test]
-    fn bad_names_and_half_cas_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        for bad in ["", "ca", "../x", "a/b", "-a", "a b"] {
-            assert!(
-                matches!(generate(dir.path(), &[bad]), Err(CertError::NodeName(_))),
-                "{bad:?}"
-            );
-        }
-        for bad in ["a@", "a@EU", "a@eu-west", "a@x y", "@eu"] {
-            assert!(
-                matches!(
-                    generate(dir.path(), &[bad]),
-                    Err(CertError::NodeName(_) | CertError::RegionName { .. })
-                ),
-                "{bad:?}"
-            );
-        }
-        assert!(matches!(
-            generate(dir.path(), &["a", "a@eu"]),
-            Err(CertError::Duplicate(_))
-        ));
-        // A node named after another entry's region.
-        assert!(matches!(
-            generate(dir.path(), &["us@eu", "us-1@us"]),
-            Err(CertError::NodeIsRegion(n)) if n == "us"
-        ));
-        assert!(!dir.path().join("us.pem").exists());
-        // A region's own certificate beside a node bound to that region is fine.
-        let fine = tempfile::tempdir().unwrap();
-        generate(fine.path(), &["eu", "eu-2@eu", "ap@ap"]).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), "x").unwrap();
-        assert!(matches!(
-            generate(dir.path(), &["a"]),
-            Err(CertError::HalfCa { .. })
-        ));
-    }
-}
+#[path = "certs_tests.rs"]
+mod tests;

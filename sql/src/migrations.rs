@@ -74,6 +74,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "node_relay",
         sql: include_str!("../migrations/0012_node_relay.sql"),
     },
+    Migration {
+        version: 13,
+        name: "forget_local",
+        sql: include_str!("../migrations/0013_forget_local.sql"),
+    },
 ];
 
 /// The newest catalog version this binary knows.

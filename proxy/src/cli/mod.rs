@@ -63,6 +63,11 @@ pub enum Command {
         /// certificate that names the region it pulls for.
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<String>,
+        /// A host name peers dial a node by (`--peer NAME=HOST:PORT`), as NODE=HOST:
+        /// a DNS name with a dot, or an IP address. Repeatable, or comma separated.
+        /// Every certificate names `localhost` and `127.0.0.1` already.
+        #[arg(long = "host", value_name = "NODE=HOST", value_delimiter = ',')]
+        hosts: Vec<String>,
     },
 }
 
@@ -253,7 +258,15 @@ impl RunArgs {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let validated = args.to_config()?.validate()?;
     let grace = Duration::from_secs(validated.config.shutdown_grace_secs);
-    let node = crate::node::start(validated).await?;
+    // Starting waits for an unreachable database; a signal meanwhile just exits.
+    let node = tokio::select! {
+        node = crate::node::start(validated) => node?,
+        signal = wait_for_signal() => {
+            signal?;
+            info!("shutdown requested before the node started");
+            return Ok(());
+        }
+    };
     wait_for_signal().await?;
     info!(grace_secs = grace.as_secs(), "shutdown requested, draining");
     tokio::select! {
@@ -314,9 +327,16 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 }
 
 /// `pgmesh certs`.
-pub fn certs(out: &std::path::Path, nodes: &[String]) -> anyhow::Result<()> {
+pub fn certs(out: &std::path::Path, nodes: &[String], hosts: &[String]) -> anyhow::Result<()> {
     let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
-    let g = pgmesh_replicator::certs::generate(out, &names)?;
+    let mut opts = pgmesh_replicator::certs::GenerateOptions::default();
+    for h in hosts {
+        let (node, host) = h
+            .split_once('=')
+            .with_context(|| format!("--host {h:?}: expected NODE=HOST"))?;
+        opts.hosts.push((node.to_string(), host.to_string()));
+    }
+    let g = pgmesh_replicator::certs::generate_with(out, &names, opts.clone())?;
     let ca = if g.ca_reused {
         "reused the CA"
     } else {
@@ -331,6 +351,9 @@ pub fn certs(out: &std::path::Path, nodes: &[String]) -> anyhow::Result<()> {
                 f.node
             ),
             None => println!("  {}: {}", f.cert.display(), f.node),
+        }
+        for (_, host) in opts.hosts.iter().filter(|(n, _)| *n == f.node) {
+            println!("    also names host {host}");
         }
     }
     println!("private keys (*.key) are secrets: never commit them");

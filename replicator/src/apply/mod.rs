@@ -388,12 +388,13 @@ impl Applier {
                     .map_err(ApplyError::from)
                 }
                 Err(e) if e.is_data_error() => {
+                    let (sqlstate, msg) = records::letter_error(&e);
                     let note = async {
                         tx.batch_execute("ROLLBACK TO SAVEPOINT retry").await?;
                         tx.execute(
                             "UPDATE mesh.dead_letters SET status = 'pending', attempts = attempts + 1,
-                                    error = $2, updated_at = now() WHERE id = $1",
-                            &[&id, &e.to_string()],
+                                    error = $2, sqlstate = $3, updated_at = now() WHERE id = $1",
+                            &[&id, &msg, &sqlstate],
                         )
                         .await
                     };

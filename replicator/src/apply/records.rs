@@ -109,28 +109,32 @@ pub(super) async fn record_conflicts(
     Ok(())
 }
 
+/// What a dead letter records of the error that stopped its event: the SQLSTATE
+/// (database errors only) and the message.
+pub(super) fn letter_error(err: &ApplyError) -> (Option<String>, String) {
+    match err {
+        ApplyError::Db(d) => (
+            d.code().map(|c| c.code().to_string()),
+            d.as_db_error()
+                .map_or_else(|| d.to_string(), |db| db.message().to_string()),
+        ),
+        other => (None, other.to_string()),
+    }
+}
+
 pub(super) async fn dead_letter(
     tx: &Client,
     peer: &str,
     e: &ChangeEvent,
     err: &ApplyError,
 ) -> Result<(), ApplyError> {
-    let sqlstate = match err {
-        ApplyError::Db(d) => d.code().map(|c| c.code().to_string()),
-        _ => None,
-    };
-    let msg = match err {
-        ApplyError::Db(d) => d
-            .as_db_error()
-            .map_or_else(|| d.to_string(), |db| db.message().to_string()),
-        other => other.to_string(),
-    };
+    let (sqlstate, msg) = letter_error(err);
     warn!(peer, origin = %e.origin, hlc = %e.hlc, error = %msg, "event sent to dead letters");
     tx.execute(
         "INSERT INTO mesh.dead_letters (peer, origin, hlc, event, error, sqlstate)
          VALUES ($1, $2, $3, $4::text::jsonb, $5, $6)
          ON CONFLICT (origin, hlc) DO UPDATE SET attempts = mesh.dead_letters.attempts + 1,
-             error = excluded.error, updated_at = now()",
+             error = excluded.error, sqlstate = excluded.sqlstate, updated_at = now()",
         &[
             &peer,
             &e.origin,

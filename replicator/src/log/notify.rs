@@ -154,12 +154,10 @@ async fn listen(url: &str, filter: &Filter, tail: &Tail, backoff: &mut Backoff) 
         Ok(c) => c,
         Err(e) => return NotifyError::Url(e),
     };
-    // A half-open connection would otherwise swallow wake-ups forever.
-    config
-        .application_name("pgmesh-notify")
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(30))
-        .connect_timeout(Duration::from_secs(10));
+    // Keepalives and the connect timeout are the shared ones (`pg_config`, from the
+    // URL or pgmesh's defaults): a half-open connection would otherwise swallow
+    // wake-ups forever.
+    config.application_name("pgmesh-notify");
     let (client, mut conn) = match config.connect(tls).await {
         Ok(c) => c,
         Err(e) => return NotifyError::Connect(e),

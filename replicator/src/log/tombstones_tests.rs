@@ -164,6 +164,22 @@ async fn regions_heard_of_count_until_forgotten() {
         .unwrap()
         .get(0);
     assert!(!unknown);
+    // This region's own name is refused, and changes nothing.
+    catalog::register_region(&c, "s1").await.unwrap();
+    let err = c
+        .query_one("SELECT mesh.forget_peer('s1')", &[])
+        .await
+        .expect_err("the local region cannot be forgotten");
+    assert_eq!(err.code().map(|s| s.code()), Some("22023"), "{err:?}");
+    let forgotten: bool = c
+        .query_one(
+            "SELECT forgotten FROM mesh.mesh_regions WHERE name = 's1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!forgotten);
     let p = prune(&c, "s1", &hub, Duration::ZERO).await.unwrap();
     assert_eq!(p.deleted, 1);
     assert!(p.waiting_for.is_empty());

@@ -5,14 +5,18 @@
 //! replication, naming the setting to change, before it creates anything.
 //! `log tail` must print one readable line per captured change with its hlc,
 //! origin, table, op and key, and, when following, print new events as they
-//! arrive. This module owns those command-line checks.
+//! arrive. `run` started before its database must wait for it and then capture.
+//! This module owns those command-line checks.
 
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use pgmesh_tests::mesh::{hlc_text, LogEvent, Region};
-use pgmesh_tests::{pgmesh_bin, pgmesh_output, ClusterOptions, DEFAULT_TIMEOUT};
+use pgmesh_tests::{
+    connect, pgmesh_bin, pgmesh_output, wait_for, wait_until, ClusterOptions, PgmeshProcess,
+    DEFAULT_TIMEOUT,
+};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[tokio::test]
@@ -265,5 +269,71 @@ async fn log_tail_prints_one_line_per_change() -> Result<()> {
     expect_line(&line, e, 0)?;
     assert!(line.contains("pk=(id=4)"), "{line}");
     child.kill().await?;
+    Ok(())
+}
+
+/// A node started while its database is down waits for it, then captures: it must
+/// not settle for being a proxy only until someone restarts it.
+#[tokio::test]
+async fn run_started_before_its_database_captures_once_it_is_up() -> Result<()> {
+    let region = Region::start_initialized("late").await?;
+    region
+        .admin
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await?;
+    region.cluster.stop()?;
+    let url = region.url();
+    let mut node = PgmeshProcess::spawn(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &url,
+        "--region",
+        "late",
+        "--node",
+        "late-1",
+    ])?;
+    wait_until(
+        DEFAULT_TIMEOUT,
+        "the node to report the database down",
+        || {
+            let log = node.log();
+            async move { log.contains("cannot reach the regional database") }
+        },
+    )
+    .await?;
+    assert!(
+        node.try_wait()?.is_none(),
+        "the node exited instead of waiting:\n{}",
+        node.log()
+    );
+    region.cluster.start_again()?;
+    let client = connect(&node.conn_string().await?).await?;
+    client
+        .batch_execute("INSERT INTO t VALUES (1, 'written after the wait')")
+        .await?;
+    let direct = region.cluster.connect().await?;
+    let logged: i64 = wait_for(DEFAULT_TIMEOUT, "the write to be captured", || {
+        let direct = &direct;
+        async move {
+            let n: i64 = direct
+                .query_one(
+                    "SELECT count(*) FROM mesh.changelog
+                     WHERE changes::text LIKE '%written after the wait%'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            Ok((n > 0).then_some(n))
+        }
+    })
+    .await?;
+    assert_eq!(logged, 1, "{}", node.log());
+    assert!(
+        node.log().contains("reached the regional database"),
+        "{}",
+        node.log()
+    );
     Ok(())
 }

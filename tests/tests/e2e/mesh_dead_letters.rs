@@ -135,9 +135,34 @@ async fn dead_letters_skip_and_retry_and_a_paused_link_catches_up() -> Result<()
         "a skipped dead letter cannot be skipped again: {again:?}"
     );
 
-    // Fix the cause and retry the other.
-    b.batch_execute("ALTER TABLE accounts DROP CONSTRAINT balance_nonneg")
+    // A retry that fails again records the new error and its SQLSTATE.
+    b.batch_execute(
+        "ALTER TABLE accounts DROP CONSTRAINT balance_nonneg;
+         CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN RAISE EXCEPTION 'refused by a trigger' USING ERRCODE = '22023'; END $$;
+         CREATE TRIGGER refuse BEFORE INSERT ON accounts FOR EACH ROW EXECUTE FUNCTION refuse();
+         ALTER TABLE accounts ENABLE ALWAYS TRIGGER refuse",
+    )
+    .await?;
+    b.execute("SELECT mesh.retry_dead_letter($1)", &[&retry_id])
         .await?;
+    let (error, sqlstate) = wait_for(CONVERGE_TIMEOUT, "the retry to fail again", || async {
+        let r = b
+            .query_one(
+                "SELECT status, attempts, error, sqlstate FROM mesh.dead_letters WHERE id = $1",
+                &[&retry_id],
+            )
+            .await?;
+        let (status, attempts): (String, i32) = (r.get(0), r.get(1));
+        Ok((status == "pending" && attempts >= 2)
+            .then(|| (r.get::<_, String>(2), r.get::<_, Option<String>>(3))))
+    })
+    .await?;
+    assert_eq!(sqlstate.as_deref(), Some("22023"), "error: {error}");
+    assert!(error.contains("refused by a trigger"), "error: {error}");
+
+    // Fix the cause and retry again.
+    b.batch_execute("DROP TRIGGER refuse ON accounts").await?;
     b.execute("SELECT mesh.retry_dead_letter($1)", &[&retry_id])
         .await?;
     wait_account(b, 3).await?;
@@ -152,7 +177,7 @@ async fn dead_letters_skip_and_retry_and_a_paused_link_catches_up() -> Result<()
         (r.get(0), r.get(1), r.get(2))
     };
     assert_eq!((status.as_str(), balance), ("applied", -7), "after a retry");
-    assert!(attempts >= 2, "attempts {attempts}");
+    assert!(attempts >= 3, "attempts {attempts}");
     assert_eq!(ids(b).await?, [2, 3], "the skipped account stays skipped");
 
     // Pause dl_b's link from dl_a.

@@ -115,3 +115,43 @@ async fn mtls_links_replicate_and_a_foreign_certificate_is_refused() -> Result<(
     mesh.shutdown().await;
     Ok(())
 }
+
+/// `pgmesh certs --host NODE=HOST` names the host in that node's certificate (so a
+/// peer can dial it by that name), and refuses a host that could pass for a region.
+#[tokio::test]
+async fn certs_name_the_hosts_peers_dial() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("mesh");
+    let out_s = out.to_string_lossy().into_owned();
+    let ok = pgmesh_tests::pgmesh_output(&[
+        "certs",
+        "--out",
+        &out_s,
+        "--nodes",
+        "eu,us",
+        "--host",
+        "eu=db-eu.example.com",
+        "--host",
+        "us=10.0.0.7",
+    ])
+    .await?;
+    assert!(ok.status.success(), "{}", ok.stderr);
+    assert!(
+        ok.stdout.contains("also names host db-eu.example.com"),
+        "{}",
+        ok.stdout
+    );
+    let der = pgmesh_replicator::link::tls::load_certs(&out.join("eu.pem"))?.remove(0);
+    let cert = webpki::EndEntityCert::try_from(&der)?;
+    let host = rustls::pki_types::ServerName::try_from("db-eu.example.com")?;
+    assert!(cert.verify_is_valid_for_subject_name(&host).is_ok());
+
+    let bad = pgmesh_tests::pgmesh_output(&[
+        "certs", "--out", &out_s, "--nodes", "ap", "--host", "ap=us",
+    ])
+    .await?;
+    assert!(!bad.status.success());
+    assert!(bad.stderr.contains("invalid host \"us\""), "{}", bad.stderr);
+    assert!(!out.join("ap.pem").exists());
+    Ok(())
+}
