@@ -188,6 +188,16 @@ impl PgmeshProcess {
             .join("\n")
     }
 
+    /// Whether the log says this node became its region's capture leader (the
+    /// standby's "waiting for the capture leader lock" does not count).
+    pub fn logged_capture_leader(&self) -> bool {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|l| l.contains("capture leader") && !l.contains("standby"))
+    }
+
     /// The address from the "proxy listening" log line, waiting for it; fails
     /// early if the process exits first.
     pub async fn listen_addr(&mut self) -> Result<SocketAddr> {

@@ -394,7 +394,7 @@ impl Mesh {
             Some(Node::Process(p)) => {
                 let slot = catalog::slot_name(&r.name);
                 wait_until(READY_TIMEOUT, &what, || async {
-                    p.log().contains("capture leader")
+                    p.logged_capture_leader()
                         && r.admin
                             .query_opt(
                                 "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",

@@ -51,13 +51,6 @@ impl LogNotifier {
         Self::start_with(url, None, Backoff::default())
     }
 
-    /// [`LogNotifier::start`], but only appends of events from `origin` (the
-    /// notification payload) tick the counter; reconnects still do. For a server that
-    /// ships only its own region's events: applying a peer's batch then wakes no one.
-    pub fn start_for_origin(url: &str, origin: &str) -> (watch::Receiver<u64>, JoinHandle<()>) {
-        Self::start_with(url, Some(origin.to_string()), Backoff::default())
-    }
-
     /// [`LogNotifier::start`] with an origin filter and a given reconnect backoff.
     pub fn start_with(
         url: &str,
@@ -201,6 +194,9 @@ async fn listen(url: &str, filter: &Filter, tail: &Tail, backoff: &mut Backoff) 
         match messages.next().await {
             Some(Ok(AsyncMessage::Notification(n))) => {
                 if wakes(n.payload(), filter, tail).await {
+                    if let (_, Some(seq)) = parse_payload(n.payload()) {
+                        tail.note(seq);
+                    }
                     tail.wake()
                 }
             }

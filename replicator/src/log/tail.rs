@@ -130,6 +130,11 @@ impl Tail {
         self.noted.fetch_max(seq, Ordering::SeqCst);
     }
 
+    /// The highest sequence number noted (0 before any).
+    pub fn noted(&self) -> i64 {
+        self.noted.load(Ordering::SeqCst)
+    }
+
     /// Whether the row with sequence number `seq` was published here (it may have
     /// been dropped since; readers then read it from the table).
     pub fn published(&self, seq: i64) -> bool {

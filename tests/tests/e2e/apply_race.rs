@@ -1,10 +1,11 @@
 //! The capture race (DESIGN.md §4): a local write that committed but is not yet
 //! captured must still count when a remote change to the same row is applied.
 //!
-//! Capture is kept down while a local row is written, so the race window is held
-//! open on purpose. A remote update with an older HLC is then applied. With the
-//! protocol (apply waits until capture has logged every local commit below the WAL
-//! position it read after locking), the local write wins. The control applies the
+//! Capture is kept down (standby behind a leader lock this test holds) while a local
+//! row is written, so the race window is held open on purpose. A remote update with
+//! an older HLC is then applied. With the protocol (apply waits until capture has
+//! logged every local commit below the WAL position it read after locking), apply
+//! is seen waiting until capture comes up, and the local write wins. The control applies the
 //! same kind of event without waiting and shows the race would otherwise be lost.
 
 use std::time::Duration;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use anyhow::Result;
 use pgmesh_proxy::node;
 use pgmesh_replicator::apply::Applier;
+use pgmesh_replicator::capture::leader::leader_key;
 use pgmesh_replicator::capture::{CaptureConfig, Role};
 use pgmesh_replicator::catalog::{self, TableSelection};
 use pgmesh_replicator::event::{Change, ChangeEvent, Op};
@@ -90,22 +92,48 @@ async fn local_write_not_yet_captured_wins_against_an_older_remote_change() -> R
     );
     drop(blind);
 
-    // The protocol: capture is down while the local write commits...
+    // The protocol: capture is down while the local write commits (a session of
+    // ours holds the leader lock, so the node waits as standby)...
+    let lock = cluster.connect().await?;
+    let key = leader_key("near");
+    lock.execute("SELECT pg_advisory_lock($1)", &[&key]).await?;
     admin
         .execute("INSERT INTO t VALUES (2, 'local')", &[])
         .await?;
-    // ...and comes up only after apply has started waiting for it.
     let capture = node::spawn(CaptureConfig::new(&url, "near", "n1"));
     let mut applier =
         Applier::connect(&url, "near", "far2", &regions, Some(capture.progress())).await?;
-    let outcome = applier
-        .apply_batch(
-            "far2",
-            &[remote_update(2, "remote", old.saturating_next())],
-            2,
-            2,
-        )
+    let apply = tokio::spawn(async move {
+        let batch = [remote_update(2, "remote", old.saturating_next())];
+        let outcome = applier.apply_batch("far2", &batch, 2, 2).await;
+        (applier, outcome)
+    });
+    // ...apply finds the row written since its known version and waits for capture,
+    // inside its transaction, after reading the WAL position to wait for...
+    wait_until(
+        Duration::from_secs(30),
+        "apply to wait for capture",
+        || async {
+            admin
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_activity WHERE application_name = 'pgmesh-apply-far2'
+                   AND state = 'idle in transaction' AND query LIKE '%pg_current_wal_flush_lsn%'",
+                    &[],
+                )
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        },
+    )
+    .await?;
+    assert_ne!(capture.role(), Role::Leader, "capture is still down");
+    assert!(!apply.is_finished(), "apply did not wait for capture");
+    // ...and capture comes up only then.
+    lock.execute("SELECT pg_advisory_unlock($1)", &[&key])
         .await?;
+    let (_applier, outcome) = apply.await?;
+    let outcome = outcome?;
     assert_eq!(capture.role(), Role::Leader);
     assert_eq!(value(&admin, 2).await?, "local", "the local write must win");
     assert_eq!(outcome.conflicts, 1, "and the conflict is recorded");

@@ -4,6 +4,7 @@
 //! capture stay index probes under cached generic plans (as plain joins they had
 //! become full scans, 8-9 ms per batch in the replication benchmark).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -12,9 +13,11 @@ use pgmesh_replicator::catalog;
 use pgmesh_replicator::event::{Change, ChangeEvent, Op};
 use pgmesh_replicator::hlc::Hlc;
 use pgmesh_replicator::log::notify::LogNotifier;
+use pgmesh_replicator::log::tail::Tail;
 use pgmesh_replicator::log::versions::LOAD;
 use pgmesh_replicator::log::{ChangeLog, ShipFilter, TableLog};
 use pgmesh_tests::mesh::Region;
+use pgmesh_tests::wait_until;
 
 fn event(origin: &str, n: u64, local_only: bool) -> ChangeEvent {
     ChangeEvent {
@@ -87,15 +90,31 @@ async fn serve_filter_in_sql_matches_the_ship_rule() -> Result<()> {
 async fn origin_notifier_ignores_other_origins() -> Result<()> {
     let region = Region::start_initialized("lr_n").await?;
     let mut log = TableLog::new(catalog::connect(&region.url()).await?).await?;
-    let (mut rx, task) = LogNotifier::start_for_origin(&region.url(), "lr_n");
+    // A node's notifier, as a server that ships only its own events runs it.
+    let tail = Arc::new(Tail::new(0));
+    let mut rx = tail.subscribe();
+    let task = LogNotifier::start_on(&region.url(), "lr_n", false, tail.clone());
     // The bump after connecting.
     tokio::time::timeout(Duration::from_secs(20), rx.changed()).await??;
     let before = *rx.borrow_and_update();
-    // Notifications arrive in commit order: had the peer's append counted, the
-    // counter would be two ahead once the local one is seen.
+    // Notifications arrive in commit order, so once the local append is noted the
+    // peer's before it was handled too: it must not have woken anyone.
     log.append(&[event("lr_peer", 1, false)]).await?;
     log.append(&[event("lr_n", 2, false)]).await?;
-    tokio::time::timeout(Duration::from_secs(20), rx.changed()).await??;
+    let local: i64 = region
+        .admin
+        .query_one("SELECT max(seq) FROM mesh.changelog", &[])
+        .await?
+        .get(0);
+    wait_until(
+        Duration::from_secs(20),
+        "the local append to be noted",
+        || {
+            let noted = tail.noted();
+            async move { noted >= local }
+        },
+    )
+    .await?;
     assert_eq!(*rx.borrow_and_update(), before + 1);
     task.abort();
     Ok(())

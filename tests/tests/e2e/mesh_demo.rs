@@ -213,9 +213,9 @@ async fn the_demo_replicates_and_leaves_nothing_behind() -> Result<()> {
         !printed.lines().any(|l| l.contains(" INFO ")),
         "node info logs in the demo's output:\n{printed}"
     );
-    let stopping = printed
+    let (_, stopping) = printed
         .split_once("stopping nodes and clusters")
-        .map_or("", |(_, after)| after);
+        .with_context(|| format!("no `stopping nodes and clusters` line:\n{printed}"))?;
     assert!(
         !stopping.contains("link session ended"),
         "a link warned while the demo stopped:\n{printed}"

@@ -209,6 +209,14 @@ async fn a_link_whose_peer_is_down_shows_a_growing_lag() -> Result<()> {
     let (_, body) = http_get(addr, "/metrics").await?;
     let lag = sample(&body, series)?;
     assert!(lag >= 2.0, "lag metric {lag} s with d_b down");
+    // And it grows while d_b stays down.
+    wait_until(CONVERGE_TIMEOUT, "the lag metric to grow", || async {
+        match http_get(addr, "/metrics").await {
+            Ok((_, body)) => sample(&body, series).is_ok_and(|now| now >= lag + 1.0),
+            Err(_) => false,
+        }
+    })
+    .await?;
 
     mesh.restart_node(1).await?;
     wait_until(CONVERGE_TIMEOUT, "d_a to see d_b back", || async {

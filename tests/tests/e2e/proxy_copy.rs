@@ -59,7 +59,8 @@ async fn setup(stamping: bool) -> Result<(PgCluster, ProxyNode)> {
     Ok((cluster, proxy))
 }
 
-// The bug the ignored `_with_stamping` variants hit: tokio-postgres sends
+// The bug the `_with_stamping` variants guard against (fixed; they were once
+// ignored for it): tokio-postgres sends
 // `Bind, Execute, Sync` for `COPY ... FROM STDIN` and only then the CopyData (a
 // server in copy-in mode ignores that Sync, as the protocol allows). The proxy
 // takes that first Sync for the end of an implicit write transaction and

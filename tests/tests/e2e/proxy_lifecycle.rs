@@ -123,7 +123,8 @@ async fn run_reads_a_config_file_and_flags_override_it() -> Result<()> {
     Ok(())
 }
 
-// The proxy bug the ignored `..._promptly` tests hit: while draining, a
+// The proxy bug the `..._promptly` tests guard against (fixed; they were once
+// ignored for it): while draining, a
 // session is closed only when it is idle *and* nothing is queued for its
 // client, checked right after each event. The ReadyForQuery that ends the
 // session's last transaction is still queued at that check, and no event

@@ -5,7 +5,7 @@
 //! through the proxy's key mapping, notifications that arrive while the client
 //! is idle, notices raised mid-statement, and ParameterStatus after `SET`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use pgmesh_tests::{connect, wait_until, ClusterOptions, DEFAULT_TIMEOUT};
@@ -31,7 +31,6 @@ async fn cancel_reaches_the_right_backend() -> Result<()> {
     let token = sleeper.cancel_token();
     let bystander_token = bystander.cancel_token();
 
-    let started = Instant::now();
     let sleeping = tokio::spawn(async move {
         let result = sleeper.simple_query("SELECT pg_sleep(30)").await;
         (sleeper, result)
@@ -57,10 +56,10 @@ async fn cancel_reaches_the_right_backend() -> Result<()> {
     .await?;
     token.cancel_query(NoTls).await?;
 
+    // Well before pg_sleep(30) would end by itself.
     let (sleeper, result) = tokio::time::timeout(CANCEL_DEADLINE, sleeping).await??;
     let err = result.expect_err("the sleep must be cancelled");
     assert_eq!(sqlstate(&err), Some("57014"), "{err}");
-    assert!(started.elapsed() < CANCEL_DEADLINE);
     // The other session's query was not the one cancelled.
     let (bystander, result) = tokio::time::timeout(DEFAULT_TIMEOUT, bystander_sleep).await??;
     assert_eq!(result?[0].get::<_, &str>(1), "bystander");
