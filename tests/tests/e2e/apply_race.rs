@@ -19,7 +19,7 @@ use pgmesh_replicator::catalog::{self, TableSelection};
 use pgmesh_replicator::event::{Change, ChangeEvent, Op};
 use pgmesh_replicator::hlc::Hlc;
 use pgmesh_replicator::log::Logged;
-use pgmesh_tests::{wait_until, ClusterOptions, PgCluster};
+use pgmesh_tests::{wait_row, wait_until, ClusterOptions, PgCluster};
 
 fn remote_update(id: i32, value: &str, hlc: Hlc) -> Logged {
     let row = vec![
@@ -110,21 +110,13 @@ async fn local_write_not_yet_captured_wins_against_an_older_remote_change() -> R
     });
     // ...apply finds the row written since its known version and waits for capture,
     // inside its transaction, after reading the WAL position to wait for...
-    wait_until(
+    wait_row(
+        &admin,
         Duration::from_secs(30),
         "apply to wait for capture",
-        || async {
-            admin
-                .query_opt(
-                    "SELECT 1 FROM pg_stat_activity WHERE application_name = 'pgmesh-apply-far2'
-                   AND state = 'idle in transaction' AND query LIKE '%pg_current_wal_flush_lsn%'",
-                    &[],
-                )
-                .await
-                .ok()
-                .flatten()
-                .is_some()
-        },
+        "SELECT 1 FROM pg_stat_activity WHERE application_name = 'pgmesh-apply-far2'
+           AND state = 'idle in transaction' AND query LIKE '%pg_current_wal_flush_lsn%'",
+        &[],
     )
     .await?;
     assert_ne!(capture.role(), Role::Leader, "capture is still down");
