@@ -176,13 +176,15 @@ pub struct Validated {
 }
 
 impl Config {
-    /// The node name: `node`, else the host name, else `pgmesh`.
+    /// The node name: `node`, else the host name (the kernel's, which containers set,
+    /// else `/etc/hostname`), else `pgmesh`.
     pub fn node_name(&self) -> String {
         self.node.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
+            ["/proc/sys/kernel/hostname", "/etc/hostname"]
+                .iter()
+                .filter_map(|p| std::fs::read_to_string(p).ok())
                 .map(|h| h.trim().to_string())
-                .filter(|h| !h.is_empty())
+                .find(|h| !h.is_empty())
                 .unwrap_or_else(|| "pgmesh".into())
         })
     }
