@@ -111,9 +111,20 @@ async fn installed_catalog(url: &str) -> Option<tokio_postgres::Client> {
     let mut backoff = Backoff::new(base, cap);
     let started = Instant::now();
     let mut logged: Option<Instant> = None;
-    let c = loop {
-        match pgmesh_replicator::catalog::connect(url).await {
-            Ok(c) => break c,
+    let (c, installed) = loop {
+        let checked = match pgmesh_replicator::catalog::connect(url).await {
+            Ok(c) => match c.query_one(CATALOG_INSTALLED, &[]).await {
+                Ok(r) => Ok((c, r.get::<_, bool>(0))),
+                // Reached, then lost (a server shutting down): wait, as below.
+                Err(source) => Err(pgmesh_replicator::catalog::CatalogError::Connect {
+                    url: pgmesh_replicator::catalog::redact(url),
+                    source,
+                }),
+            },
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(found) => break found,
             Err(e) if e.is_unreachable() => {
                 if logged.is_none_or(|t| t.elapsed() >= REACH_LOG_EVERY) {
                     warn!(
@@ -137,11 +148,11 @@ async fn installed_catalog(url: &str) -> Option<tokio_postgres::Client> {
             "reached the regional database"
         );
     }
-    c.query_one("SELECT to_regclass('mesh.changelog') IS NOT NULL", &[])
-        .await
-        .is_ok_and(|r| r.get::<_, bool>(0))
-        .then_some(c)
+    installed.then_some(c)
 }
+
+/// Whether the mesh catalog is installed.
+const CATALOG_INSTALLED: &str = "SELECT to_regclass('mesh.changelog') IS NOT NULL";
 
 /// Starts capture on `rt` if enabled and the catalog is installed.
 /// Logged rows are published to `tail` when given.

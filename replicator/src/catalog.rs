@@ -34,7 +34,7 @@ pub enum CatalogError {
         "catalog version {found} is newer than this binary supports ({supported}); upgrade pgmesh"
     )]
     TooNew { found: i32, supported: i32 },
-    #[error("invalid region name {0:?}: use letters, digits and underscores")]
+    #[error("invalid region name {0:?}: use lowercase letters, digits and underscores (not \"localhost\")")]
     RegionName(String),
     #[error("{0} is in schema mesh, pgmesh's own catalog, which never replicates (capture logs into it): leave it out of --schemas and --tables")]
     MeshSelected(String),
@@ -43,20 +43,43 @@ pub enum CatalogError {
 }
 
 impl CatalogError {
-    /// Whether the database could not be reached at all (down, starting up, shutting
-    /// down, out of connection slots, or the network), as opposed to refusing this
-    /// client (authentication, a missing database, TLS settings) or failing later.
+    /// Whether the database could not be reached at all: the server answered that it
+    /// is starting up, shutting down or out of connection slots, or the connection
+    /// was refused, reset, cut or timed out. Anything else (authentication, a missing
+    /// password or database, TLS) is the server or this client refusing, and waiting
+    /// would not change it.
     pub fn is_unreachable(&self) -> bool {
         let CatalogError::Connect { source, .. } = self else {
             return false;
         };
-        match source.as_db_error() {
-            None => true,
-            Some(db) => {
-                let code = db.code().code();
-                code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
-            }
+        if let Some(db) = source.as_db_error() {
+            let code = db.code().code();
+            return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300");
         }
+        if source.is_closed() {
+            return true;
+        }
+        use std::io::ErrorKind::*;
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                return matches!(
+                    io.kind(),
+                    ConnectionRefused
+                        | ConnectionReset
+                        | ConnectionAborted
+                        | NotConnected
+                        | TimedOut
+                        | HostUnreachable
+                        | NetworkUnreachable
+                        | AddrNotAvailable
+                        | BrokenPipe
+                        | UnexpectedEof
+                );
+            }
+            cause = e.source();
+        }
+        false
     }
 }
 
@@ -121,7 +144,9 @@ pub fn origin_id_for(region: &str) -> i16 {
 
 /// Checks a region name: it becomes part of slot and topic names.
 pub fn validate_region(region: &str) -> Result<(), CatalogError> {
+    // `localhost` is a name every development certificate carries for loopback.
     let ok = !region.is_empty()
+        && region != "localhost"
         && region.len() <= 40
         && region
             .bytes()

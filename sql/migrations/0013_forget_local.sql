@@ -3,7 +3,7 @@
 -- Forgetting the local region marked it gone in mesh.mesh_regions, so this region
 -- stopped passing its own floor to its peers, and nothing (no reconnect) undid it.
 -- It now raises 22023 (invalid_parameter_value) and changes nothing. Otherwise it
--- is the function of version 10.
+-- is the function of version 10. A local region already forgotten is restored.
 CREATE OR REPLACE FUNCTION mesh.forget_peer(name text) RETURNS boolean
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -30,6 +30,11 @@ BEGIN
     RETURN known;
 END
 $$;
+
+-- A region that forgot itself under version 10 remembers itself again.
+UPDATE mesh.mesh_regions m SET forgotten = false, updated_at = now()
+FROM mesh.regions r
+WHERE r.is_local AND m.name = r.name AND m.forgotten;
 
 INSERT INTO mesh.schema_versions (version, description)
 VALUES (13, 'mesh.forget_peer refuses the local region')

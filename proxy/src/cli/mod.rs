@@ -77,7 +77,7 @@ pub struct InitArgs {
     /// Regional PostgreSQL URL; the role needs REPLICATION (or superuser).
     #[arg(long)]
     pub upstream: String,
-    /// Region name (lowercase letters, digits, underscores).
+    /// Region name (lowercase letters, digits, underscores; not `localhost`).
     #[arg(long)]
     pub region: String,
     /// Replicate every table of these schemas, including future ones [default: public].
@@ -258,22 +258,47 @@ impl RunArgs {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let validated = args.to_config()?.validate()?;
     let grace = Duration::from_secs(validated.config.shutdown_grace_secs);
+    // One listener for the whole run, so no signal falls between two of them.
+    let mut signals = Signals::new()?;
     // Starting waits for an unreachable database; a signal meanwhile just exits.
     let node = tokio::select! {
         node = crate::node::start(validated) => node?,
-        signal = wait_for_signal() => {
-            signal?;
+        _ = signals.recv() => {
             info!("shutdown requested before the node started");
             return Ok(());
         }
     };
-    wait_for_signal().await?;
+    signals.recv().await;
     info!(grace_secs = grace.as_secs(), "shutdown requested, draining");
     tokio::select! {
         _ = node.shutdown(grace) => {}
-        _ = wait_for_signal() => info!("second signal, exiting now"),
+        _ = signals.recv() => info!("second signal, exiting now"),
     }
     Ok(())
+}
+
+/// SIGTERM and SIGINT (Ctrl-C), listened for from creation on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    /// The next signal.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 /// `pgmesh init`.
@@ -313,16 +338,6 @@ pub async fn init(args: InitArgs) -> anyhow::Result<()> {
         "region {} is ready; start it with: pgmesh run --region {} --upstream ...",
         args.region, args.region
     );
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
-    }
     Ok(())
 }
 

@@ -115,8 +115,18 @@ pub(super) fn letter_error(err: &ApplyError) -> (Option<String>, String) {
     match err {
         ApplyError::Db(d) => (
             d.code().map(|c| c.code().to_string()),
-            d.as_db_error()
-                .map_or_else(|| d.to_string(), |db| db.message().to_string()),
+            d.as_db_error().map_or_else(
+                || d.to_string(),
+                |db| {
+                    let mut m = db.message().to_string();
+                    for (label, part) in [("DETAIL", db.detail()), ("HINT", db.hint())] {
+                        if let Some(p) = part {
+                            m.push_str(&format!("; {label}: {p}"));
+                        }
+                    }
+                    m
+                },
+            ),
         ),
         other => (None, other.to_string()),
     }

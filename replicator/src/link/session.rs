@@ -172,6 +172,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         if h.region.is_empty() || h.node.is_empty() {
             return Err("hello must name the pulling region and node".into());
         }
+        // Only a real region name: certificates also name hosts (`localhost`, IP
+        // addresses, DNS names with dots), which no region can be called.
+        if crate::catalog::validate_region(&h.region).is_err() {
+            return Err(format!("{:?} is not a region name", h.region));
+        }
         if h.region == cfg.region {
             return Err(format!(
                 "peer claims this server's own region {:?}",

@@ -194,9 +194,6 @@ async fn listen(url: &str, filter: &Filter, tail: &Tail, backoff: &mut Backoff) 
         match messages.next().await {
             Some(Ok(AsyncMessage::Notification(n))) => {
                 if wakes(n.payload(), filter, tail).await {
-                    if let (_, Some(seq)) = parse_payload(n.payload()) {
-                        tail.note(seq);
-                    }
                     tail.wake()
                 }
             }

@@ -164,8 +164,20 @@ async fn regions_heard_of_count_until_forgotten() {
         .unwrap()
         .get(0);
     assert!(!unknown);
-    // This region's own name is refused, and changes nothing.
+    // A region that forgot itself under version 10 is restored by version 13...
     catalog::register_region(&c, "s1").await.unwrap();
+    c.execute(
+        "UPDATE mesh.mesh_regions SET forgotten = true WHERE name = 's1'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let v13 = pgmesh_sql::migrations::MIGRATIONS
+        .iter()
+        .find(|m| m.version == 13)
+        .unwrap();
+    c.batch_execute(v13.sql).await.unwrap();
+    // ...and its own name is refused from then on, changing nothing.
     let err = c
         .query_one("SELECT mesh.forget_peer('s1')", &[])
         .await

@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use pgmesh_tests::mesh::{hlc_text, LogEvent, Region};
 use pgmesh_tests::{
-    connect, pgmesh_bin, pgmesh_output, wait_for, wait_until, ClusterOptions, PgmeshProcess,
-    DEFAULT_TIMEOUT,
+    connect, pgmesh_bin, pgmesh_output, wait_for, wait_until, AuthMethod, ClusterOptions,
+    PgmeshProcess, DEFAULT_TIMEOUT,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -283,17 +283,7 @@ async fn run_started_before_its_database_captures_once_it_is_up() -> Result<()> 
         .await?;
     region.cluster.stop()?;
     let url = region.url();
-    let mut node = PgmeshProcess::spawn(&[
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &url,
-        "--region",
-        "late",
-        "--node",
-        "late-1",
-    ])?;
+    let mut node = spawn_run(&url, "late")?;
     wait_until(
         DEFAULT_TIMEOUT,
         "the node to report the database down",
@@ -336,4 +326,46 @@ async fn run_started_before_its_database_captures_once_it_is_up() -> Result<()> 
         node.log()
     );
     Ok(())
+}
+
+/// A database that refuses the node's own session (here: a password the URL does
+/// not carry) is not waited for: the node runs as a proxy only, and says why.
+#[tokio::test]
+async fn run_refused_by_its_database_runs_as_a_proxy_only() -> Result<()> {
+    let opts = ClusterOptions::default().password_user("app", "s3cret", AuthMethod::ScramSha256);
+    let region = Region::start_with("refused", opts).await?;
+    region.init().await?.ok()?;
+    // Clients bring their own password; the node's URL has none.
+    let port = region.cluster.port();
+    let url = format!("postgres://app@127.0.0.1:{port}/postgres");
+    let mut node = spawn_run(&url, "refused")?;
+    let addr = node.listen_addr().await?;
+    let conn = format!(
+        "host={} port={} user=app password=s3cret dbname=postgres",
+        addr.ip(),
+        addr.port()
+    );
+    let client = connect(&conn).await?;
+    let who: String = client.query_one("SELECT current_user", &[]).await?.get(0);
+    assert_eq!(who, "app");
+    let log = node.log();
+    assert!(log.contains("refused this node's session"), "{log}");
+    assert!(!log.contains("cannot reach the regional database"), "{log}");
+    Ok(())
+}
+
+/// `pgmesh run` for `region` (node `<region>-1`) on `url`, not waited for.
+fn spawn_run(url: &str, region: &str) -> Result<PgmeshProcess> {
+    let node = format!("{region}-1");
+    PgmeshProcess::spawn(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        url,
+        "--region",
+        region,
+        "--node",
+        &node,
+    ])
 }

@@ -85,6 +85,13 @@ async fn other_mesh_own_region_and_future_checkpoint_are_refused() {
     let e = LinkClient::connect(h.addr, client("eu")).await.unwrap_err();
     assert!(e.to_string().contains("own region"), "{e}");
 
+    // Names that certificates carry for hosts are no regions.
+    for name in ["localhost", "10.0.0.7", "db-eu.example.com"] {
+        let e = LinkClient::connect(h.addr, client(name)).await.unwrap_err();
+        assert!(e.is_refusal(), "{name}: {e}");
+        assert!(e.to_string().contains("not a region name"), "{e}");
+    }
+
     let mut ahead = client("us");
     ahead.after = 2;
     let e = LinkClient::connect(h.addr, ahead).await.unwrap_err();

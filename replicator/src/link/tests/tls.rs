@@ -162,9 +162,14 @@ async fn mutual_tls_refuses_a_peer_whose_certificate_does_not_name_its_region() 
     cfg.node = "ap-1".into();
     refused(LinkClient::connect(h.addr, cfg).await.unwrap_err(), "ap");
 
-    // The certificate names the region it claims (bound with `@`, or named after the
-    // region itself): accepted, whatever node it says it is.
-    for (region, node) in [("us", "us-1"), ("us", "us-2"), ("us-1", "other")] {
+    // The certificate names the region it claims (bound with `@`): accepted, whatever
+    // node it says it is. A node name is no region name, though its certificate names
+    // it: "us-1" is refused as a region.
+    let e = LinkClient::connect(h.addr, claim("us-1", "other"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not a region name"), "{e}");
+    for (region, node) in [("us", "us-1"), ("us", "us-2"), ("us", "other")] {
         let (mut c, _) = LinkClient::connect(h.addr, claim(region, node))
             .await
             .unwrap();
