@@ -285,10 +285,38 @@ pub async fn check_prerequisites(c: &Client, region: &str) -> Result<(), Catalog
 }
 
 /// Applies the migrations the database lacks; returns the versions applied.
+///
+/// Each migration commits on its own, under the migration lock, so a long upgrade
+/// releases each migration's table locks as it goes instead of holding them all to
+/// the end; one that fails leaves the versions before it applied, and the next run
+/// goes on from there.
 pub async fn migrate(c: &mut Client) -> Result<Vec<i32>, CatalogError> {
-    let tx = c.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .await?;
+    let mut applied = Vec::new();
+    loop {
+        let tx = c.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        let current = catalog_version(&tx).await?;
+        if current > migrations::latest() {
+            return Err(CatalogError::TooNew {
+                found: current,
+                supported: migrations::latest(),
+            });
+        }
+        // Past what this loop applied too, so a file that failed to record its
+        // version cannot make it loop.
+        let done = current.max(applied.last().copied().unwrap_or(0));
+        let Some(m) = MIGRATIONS.iter().find(|m| m.version > done) else {
+            return Ok(applied);
+        };
+        tx.batch_execute(m.sql).await?;
+        tx.commit().await?;
+        applied.push(m.version);
+    }
+}
+
+/// The catalog's version: the highest in `mesh.schema_versions`, 0 without one.
+async fn catalog_version(tx: &tokio_postgres::Transaction<'_>) -> Result<i32, CatalogError> {
     let exists: bool = tx
         .query_one(
             "SELECT to_regclass('mesh.schema_versions') IS NOT NULL",
@@ -296,29 +324,16 @@ pub async fn migrate(c: &mut Client) -> Result<Vec<i32>, CatalogError> {
         )
         .await?
         .get(0);
-    let current: i32 = if exists {
-        tx.query_one(
+    if !exists {
+        return Ok(0);
+    }
+    Ok(tx
+        .query_one(
             "SELECT coalesce(max(version), 0) FROM mesh.schema_versions",
             &[],
         )
         .await?
-        .get(0)
-    } else {
-        0
-    };
-    if current > migrations::latest() {
-        return Err(CatalogError::TooNew {
-            found: current,
-            supported: migrations::latest(),
-        });
-    }
-    let mut applied = Vec::new();
-    for m in MIGRATIONS.iter().filter(|m| m.version > current) {
-        tx.batch_execute(m.sql).await?;
-        applied.push(m.version);
-    }
-    tx.commit().await?;
-    Ok(applied)
+        .get(0))
 }
 
 /// Registers the local region (idempotent).

@@ -79,6 +79,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "forget_local",
         sql: include_str!("../migrations/0013_forget_local.sql"),
     },
+    Migration {
+        version: 14,
+        name: "view_clocks",
+        sql: include_str!("../migrations/0014_view_clocks.sql"),
+    },
 ];
 
 /// The newest catalog version this binary knows.

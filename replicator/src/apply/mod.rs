@@ -355,7 +355,7 @@ impl Applier {
         let rows = self
             .client
             .query(
-                "SELECT id, event::text FROM mesh.dead_letters WHERE status = 'retry' AND peer = $1 ORDER BY id",
+                "SELECT id FROM mesh.dead_letters WHERE status = 'retry' AND peer = $1 ORDER BY id",
                 &[&self.peer],
             )
             .await?;
@@ -366,11 +366,29 @@ impl Applier {
         let st = &self.st;
         for r in rows {
             let id: i64 = r.get(0);
-            let Ok(event) = serde_json::from_str::<ChangeEvent>(r.get(1)) else {
+            let tx = &self.client;
+            tx.batch_execute("BEGIN").await?;
+            // Locked, and still marked for retry: a skip that committed since the list
+            // was read wins, and one that comes later waits for this transaction and
+            // then finds the letter settled.
+            let locked = tx
+                .query_opt(
+                    "SELECT event::text FROM mesh.dead_letters WHERE id = $1 AND status = 'retry' FOR UPDATE",
+                    &[&id],
+                )
+                .await;
+            let event = match locked {
+                Ok(row) => row.and_then(|r| serde_json::from_str::<ChangeEvent>(r.get(0)).ok()),
+                Err(e) => {
+                    let _ = tx.batch_execute("ROLLBACK").await;
+                    return Err(e.into());
+                }
+            };
+            let Some(event) = event else {
+                tx.batch_execute("COMMIT").await?;
                 continue;
             };
-            let tx = &self.client;
-            tx.batch_execute("BEGIN; SAVEPOINT retry").await?;
+            tx.batch_execute("SAVEPOINT retry").await?;
             let one = std::slice::from_ref(&event);
             let applied = match plan_events(tx, &mut self.cache, one, progress.as_mut(), wait).await
             {

@@ -87,3 +87,127 @@ async fn batch_statements_are_planned_once() {
     drop((a, plain));
     scratch::drop_database(&url).await;
 }
+
+/// A dead letter skipped while its retry is under way stays skipped: the retry locks
+/// the letter and applies it only if it is still marked for retry.
+#[tokio::test]
+async fn a_skip_that_commits_during_a_retry_wins() {
+    let Some(url) = scratch::database("pgmesh_skip_race").await else {
+        return;
+    };
+    let mut a = Applier::connect(&url, "r1", "r2", &["r2".into()], None)
+        .await
+        .unwrap();
+    let admin = catalog::connect(&url).await.unwrap();
+    admin
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let row = vec![
+        ("id".to_string(), Some("1".to_string())),
+        ("v".to_string(), Some("x".to_string())),
+    ];
+    let mut event = scratch::event("r2", 1, false);
+    event.changes = vec![crate::event::Change {
+        table: "public.t".into(),
+        op: crate::event::Op::Insert,
+        pk: vec![row[0].clone()],
+        old: None,
+        new: Some(row),
+        unchanged: Vec::new(),
+        types: vec![23, 25],
+        prev: None,
+    }];
+    let id: i64 = admin
+        .query_one(
+            "INSERT INTO mesh.dead_letters (peer, origin, hlc, event, error, status)
+             VALUES ('r2', 'r2', $1, $2::text::jsonb, 'a constraint here', 'retry') RETURNING id",
+            &[
+                &(event.hlc.as_u64() as i64),
+                &serde_json::to_string(&event).unwrap(),
+            ],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // The skip is made, not yet committed, when the retry reads its list.
+    let skipper = catalog::connect(&url).await.unwrap();
+    skipper
+        .batch_execute(&format!("BEGIN; SELECT mesh.skip_dead_letter({id})"))
+        .await
+        .unwrap();
+    let pid: i32 = a
+        .client()
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let retry = tokio::spawn(async move { a.retry_dead_letters().await });
+    scratch::until_waiting_on_lock(&admin, pid).await;
+    skipper.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(retry.await.unwrap().unwrap(), 0, "nothing retried");
+    let status: String = admin
+        .query_one("SELECT status FROM mesh.dead_letters WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "skipped");
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "the skipped event was applied");
+    drop((admin, skipper));
+    scratch::drop_database(&url).await;
+}
+
+/// The admin views read the clock: a link whose peer's clock runs ahead shows no
+/// negative lag, and a node whose heartbeat ages past 10 s inside a reading
+/// transaction is no longer alive there.
+#[tokio::test]
+async fn admin_views_read_the_clock() {
+    let Some(url) = scratch::database("pgmesh_view_clocks").await else {
+        return;
+    };
+    let a = Applier::connect(&url, "r1", "r2", &["r2".into()], None)
+        .await
+        .unwrap();
+    let c = a.client();
+    c.execute(
+        "UPDATE mesh.link_state SET checkpoint = 5, peer_head = 10,
+                last_commit_ts = clock_timestamp() + interval '1 hour' WHERE peer = 'r2'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let lag: i64 = c
+        .query_one("SELECT lag_ms FROM mesh.links WHERE name = 'r2'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(lag, 0);
+    // A deliberate gap inside one transaction: now() stays, the clock moves on.
+    let rows = c
+        .simple_query(
+            "BEGIN;
+             INSERT INTO mesh.node_state (node, region, role, heartbeat)
+             VALUES ('n1', 'r1', 'leader', clock_timestamp() - interval '9900 milliseconds');
+             SELECT pg_sleep(0.3);
+             SELECT alive::text FROM mesh.nodes WHERE node = 'n1';
+             COMMIT",
+        )
+        .await
+        .unwrap();
+    let alive: Vec<_> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .filter(|v| v == "true" || v == "false")
+        .collect();
+    assert_eq!(alive, ["false"]);
+    drop(a);
+    scratch::drop_database(&url).await;
+}
