@@ -58,7 +58,7 @@ static ORIGIN_SETUP: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// Advances the link checkpoint, in the batch's transaction.
-const CHECKPOINT: &str = "UPDATE mesh.link_state SET checkpoint = $2::int8,
+const CHECKPOINT: &str = "UPDATE mesh.link_state SET checkpoint = greatest(checkpoint, $2::int8),
         peer_head = greatest($3::int8, $2::int8),
         applied_hlc = greatest(applied_hlc, $4::int8),
         last_commit_ts = coalesce(timestamptz 'epoch' + $5::int8 * interval '1 microsecond', last_commit_ts),
@@ -133,8 +133,10 @@ impl ApplyError {
         match self {
             ApplyError::Db(e) => e.code().is_some_and(|c| {
                 let c = c.code();
-                // 22 data exception, 23 integrity, 42 syntax/undefined object, 2B, 44
-                ["22", "23", "42", "2B", "44"]
+                // 22 data exception, 23 integrity, 42 syntax/undefined object, 2B, 44,
+                // P0 raised by a trigger (one that fires when apply may not set
+                // session_replication_role)
+                ["22", "23", "42", "2B", "44", "P0"]
                     .iter()
                     .any(|p| c.starts_with(p))
                     && c != "40001"

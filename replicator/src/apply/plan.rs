@@ -347,8 +347,10 @@ pub(super) async fn plan_locked(
         });
         debug!(stale, rows = keys.len(), "capture race check");
         if stale {
+            // The insert position, not the flush: a local transaction committed
+            // asynchronously is visible before its commit record is flushed.
             let lsn: String = tx
-                .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+                .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
                 .await?
                 .get(0);
             let lsn: Lsn = lsn.parse().unwrap_or(Lsn(u64::MAX));

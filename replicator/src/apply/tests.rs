@@ -89,13 +89,14 @@ async fn batch_statements_are_planned_once() {
 }
 
 /// A dead letter skipped while its retry is under way stays skipped: the retry locks
-/// the letter and applies it only if it is still marked for retry.
+/// the letter and applies it only if it is still marked for retry. (Each test here
+/// pulls from a peer of its own: replication origins are cluster-wide.)
 #[tokio::test]
 async fn a_skip_that_commits_during_a_retry_wins() {
     let Some(url) = scratch::database("pgmesh_skip_race").await else {
         return;
     };
-    let mut a = Applier::connect(&url, "r1", "r2", &["r2".into()], None)
+    let mut a = Applier::connect(&url, "r1", "r7", &["r7".into()], None)
         .await
         .unwrap();
     let admin = catalog::connect(&url).await.unwrap();
@@ -107,7 +108,7 @@ async fn a_skip_that_commits_during_a_retry_wins() {
         ("id".to_string(), Some("1".to_string())),
         ("v".to_string(), Some("x".to_string())),
     ];
-    let mut event = scratch::event("r2", 1, false);
+    let mut event = scratch::event("r7", 1, false);
     event.changes = vec![crate::event::Change {
         table: "public.t".into(),
         op: crate::event::Op::Insert,
@@ -121,7 +122,7 @@ async fn a_skip_that_commits_during_a_retry_wins() {
     let id: i64 = admin
         .query_one(
             "INSERT INTO mesh.dead_letters (peer, origin, hlc, event, error, status)
-             VALUES ('r2', 'r2', $1, $2::text::jsonb, 'a constraint here', 'retry') RETURNING id",
+             VALUES ('r7', 'r7', $1, $2::text::jsonb, 'a constraint here', 'retry') RETURNING id",
             &[
                 &(event.hlc.as_u64() as i64),
                 &serde_json::to_string(&event).unwrap(),
@@ -170,19 +171,19 @@ async fn admin_views_read_the_clock() {
     let Some(url) = scratch::database("pgmesh_view_clocks").await else {
         return;
     };
-    let a = Applier::connect(&url, "r1", "r2", &["r2".into()], None)
+    let a = Applier::connect(&url, "r1", "r8", &["r8".into()], None)
         .await
         .unwrap();
     let c = a.client();
     c.execute(
         "UPDATE mesh.link_state SET checkpoint = 5, peer_head = 10,
-                last_commit_ts = clock_timestamp() + interval '1 hour' WHERE peer = 'r2'",
+                last_commit_ts = clock_timestamp() + interval '1 hour' WHERE peer = 'r8'",
         &[],
     )
     .await
     .unwrap();
     let lag: i64 = c
-        .query_one("SELECT lag_ms FROM mesh.links WHERE name = 'r2'", &[])
+        .query_one("SELECT lag_ms FROM mesh.links WHERE name = 'r8'", &[])
         .await
         .unwrap()
         .get(0);

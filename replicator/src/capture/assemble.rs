@@ -85,6 +85,12 @@ impl Assembler {
         }
     }
 
+    /// A remote HLC applied here before this assembler started (the logical messages
+    /// that told the previous leader are not decoded again): `previous` rises to it.
+    pub fn observe_applied(&mut self, hlc: Hlc) {
+        self.previous = self.previous.max(hlc);
+    }
+
     /// Whether a transaction is being assembled.
     pub fn in_transaction(&self) -> bool {
         self.open.is_some()

@@ -252,6 +252,19 @@ async fn lead(
     if let Some(floor) = floors::stored(log.client(), &cfg.region).await? {
         asm.raise_floor(floor);
     }
+    // So does the highest HLC apply has recorded: the messages that told a previous
+    // leader lie below the slot's confirmed position and are not decoded again, and a
+    // local write must still win against a remote one applied before it.
+    let applied: i64 = log
+        .client()
+        .query_one(
+            "SELECT coalesce(max(applied_hlc), 0) FROM mesh.link_state",
+            &[],
+        )
+        .await
+        .map_err(LogError::from)?
+        .get(0);
+    asm.observe_applied(Hlc::from_u64(applied as u64));
     let _ = role.send(Role::Leader);
     let _publishing = cfg.tail.as_ref().map(|t| Publishing::start(t.clone()));
     let mut pump = Pump {

@@ -115,7 +115,7 @@ async fn local_write_not_yet_captured_wins_against_an_older_remote_change() -> R
         Duration::from_secs(30),
         "apply to wait for capture",
         "SELECT 1 FROM pg_stat_activity WHERE application_name = 'pgmesh-apply-far2'
-           AND state = 'idle in transaction' AND query LIKE '%pg_current_wal_flush_lsn%'",
+           AND state = 'idle in transaction' AND query LIKE '%pg_current_wal_insert_lsn%'",
         &[],
     )
     .await?;

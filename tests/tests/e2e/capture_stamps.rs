@@ -264,3 +264,47 @@ async fn reset_turns_replication_back_on() -> Result<()> {
     assert!(wrong.is_empty(), "still local-only after {wrong:?}");
     Ok(())
 }
+
+/// A capture leader starts above the highest HLC apply has recorded: a local write
+/// after a restart still wins against a remote write applied before it (the
+/// messages that told the previous leader are not decoded again).
+#[tokio::test]
+async fn a_new_leader_starts_above_what_apply_recorded() -> Result<()> {
+    let region = Region::start("hwm").await?;
+    region
+        .admin
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await?;
+    region.init().await?.ok()?;
+    // A remote event applied here with an HLC an hour ahead of this clock.
+    let ahead: i64 = region
+        .admin
+        .query_one(
+            "INSERT INTO mesh.link_state (peer, applied_hlc)
+             VALUES ('far', ((extract(epoch FROM clock_timestamp()) * 1000)::int8 + 3600000) << 16)
+             RETURNING applied_hlc",
+            &[],
+        )
+        .await?
+        .get(0);
+    let x = region.capture("x");
+    x.wait_role(pgmesh_replicator::capture::Role::Leader)
+        .await?;
+    region
+        .admin
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await?;
+    region.wait_caught_up().await?;
+    let log = region.changelog().await?;
+    let local = log
+        .iter()
+        .find(|e| e.changes.iter().any(|c| c.table == "public.t"))
+        .context("the local insert is logged")?;
+    assert!(
+        local.hlc > ahead as u64,
+        "local HLC {} is not above the applied {ahead}",
+        local.hlc
+    );
+    x.stop().await;
+    Ok(())
+}
