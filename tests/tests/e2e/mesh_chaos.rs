@@ -143,6 +143,69 @@ fn dump_logs(mesh: &Mesh) {
     }
 }
 
+/// For a divergence: each region's `kv` row, version and conflicts, for every key
+/// whose row differs between regions (what the next look at a failure starts from).
+async fn dump_kv(mesh: &Mesh) {
+    let rows = "SELECT k.id::text, coalesce(t.val, '<none>'), coalesce(v.hlc::text, '-'),
+                       coalesce(v.origin::text, '-'), coalesce(v.deleted::text, '-')
+                FROM generate_series(0, 99) k(id)
+                LEFT JOIN kv t ON t.id = k.id
+                LEFT JOIN mesh.row_versions v
+                       ON v.tbl = 'public.kv' AND v.pk = '[[\"id\", \"' || k.id || '\"]]'
+                WHERE t.id IS NOT NULL OR v.hlc IS NOT NULL ORDER BY k.id";
+    let mut seen: Vec<(String, Vec<Vec<String>>)> = Vec::new();
+    for r in &mesh.regions {
+        let got = match r.admin.query(rows, &[]).await {
+            Ok(rows) => rows
+                .iter()
+                .map(|row| (0..5).map(|i| row.get::<_, String>(i)).collect())
+                .collect(),
+            Err(e) => {
+                eprintln!("--- {}: cannot read kv: {e}", r.name);
+                continue;
+            }
+        };
+        seen.push((r.name.clone(), got));
+    }
+    let key_row = |rows: &[Vec<String>], id: &str| rows.iter().find(|r| r[0] == id).cloned();
+    let mut ids: Vec<String> = seen
+        .iter()
+        .flat_map(|(_, rows)| rows.iter().map(|r| r[0].clone()))
+        .collect();
+    ids.sort_by_key(|id| id.parse::<i64>().unwrap_or(0));
+    ids.dedup();
+    for id in ids {
+        let each: Vec<_> = seen
+            .iter()
+            .map(|(_, rows)| key_row(rows, &id).map(|r| r[1].clone()))
+            .collect();
+        if each.windows(2).all(|w| w[0] == w[1]) {
+            continue;
+        }
+        eprintln!("--- kv key {id} differs (value, version hlc, origin id, deleted):");
+        for (name, rows) in &seen {
+            eprintln!("  {name}: {:?}", key_row(rows, &id));
+        }
+        for r in &mesh.regions {
+            let conflicts = r
+                .admin
+                .query(
+                    "SELECT local_origin, local_hlc::text, local_op, remote_origin, remote_hlc::text,
+                            remote_op, winner FROM mesh.conflicts
+                     WHERE tbl = 'public.kv' AND pk = jsonb_build_array(jsonb_build_array('id', $1::text))
+                     ORDER BY id",
+                    &[&id],
+                )
+                .await
+                .unwrap_or_default();
+            for c in conflicts {
+                let f: Vec<Option<String>> = (0..7).map(|i| c.get(i)).collect();
+                eprintln!("  {} conflict: {f:?}", r.name);
+            }
+        }
+    }
+}
+
 /// How many faults (`short`, or `long` with `PGMESH_CHAOS=1`) and their seed
 /// (`PGMESH_CHAOS_SEED`, else random), printed so a failure can be replayed.
 pub(crate) fn plan(short: usize, long: usize) -> Result<(usize, u64)> {
@@ -260,6 +323,7 @@ async fn the_mesh_converges_and_loses_nothing_through_a_run_of_faults() -> Resul
     );
     if sums.is_err() {
         dump_logs(&mesh);
+        dump_kv(&mesh).await;
     }
     sums?;
     nothing_lost_or_repeated(&mesh, &acked).await?;
