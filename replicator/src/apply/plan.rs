@@ -221,6 +221,9 @@ pub(super) async fn lock_rows(
     events: &[ChangeEvent],
 ) -> Result<Locked, ApplyError> {
     let req = LockRequest::new(events);
+    let keys = cache.get(tx, KEY_LOCKS).await?;
+    let [tbls, pks] = versions::key_arrays(&req.vkeys);
+    tx.query_one(&keys, &[&tbls, &pks]).await?;
     let lock_stmts = exec::prepare_all(tx, cache, &req.ops).await?;
     let load = cache.get(tx, versions::LOAD).await?;
     // The locks run first, so the versions read are the locked rows'.
@@ -231,6 +234,16 @@ pub(super) async fn lock_rows(
     .await?;
     req.finish(locked, current)
 }
+
+/// Transaction advisory locks on every (table, key) of `$1`, `$2` (as
+/// [`versions::LOAD`] takes them), in one order. Row locks cover only rows that
+/// exist; these also cover absent ones, so two apply sessions (two links) never decide
+/// on the same key at once: one inserting a row the other has already read as absent
+/// would leave a row under the other's tombstone. Two-key advisory locks, apart from
+/// pgmesh's one-key ones (leader, append).
+pub const KEY_LOCKS: &str = "SELECT count(pg_advisory_xact_lock(1885826416, k))
+     FROM (SELECT DISTINCT hashtext(t || chr(31) || p) AS k
+           FROM unnest($1::text[], $2::text[]) AS u(t, p) ORDER BY 1) s";
 
 /// [`lock_rows`] as statements of a script, read back by [`ScriptedLocks::finish`].
 pub(super) struct ScriptedLocks {
@@ -249,6 +262,8 @@ impl ScriptedLocks {
         events: &[ChangeEvent],
     ) -> Result<Self, ApplyError> {
         let req = LockRequest::new(events);
+        let name = named.get(tx, KEY_LOCKS).await?;
+        script.execute(&name, &versions::load_literals(&req.vkeys));
         let mut at = Vec::with_capacity(req.ops.len());
         for op in &req.ops {
             let name = named.get(tx, &op.sql).await?;

@@ -1,6 +1,7 @@
 //! Apply against a real database: what [`Applier::durable_checkpoint`] promises.
 
 use super::*;
+use crate::event::Op;
 use crate::scratch;
 
 /// The checkpoint it returns is flushed: the WAL is on disk past a batch that
@@ -111,7 +112,7 @@ async fn a_skip_that_commits_during_a_retry_wins() {
     let mut event = scratch::event("r7", 1, false);
     event.changes = vec![crate::event::Change {
         table: "public.t".into(),
-        op: crate::event::Op::Insert,
+        op: Op::Insert,
         pk: vec![row[0].clone()],
         old: None,
         new: Some(row),
@@ -210,5 +211,102 @@ async fn admin_views_read_the_clock() {
         .collect();
     assert_eq!(alive, ["false"]);
     drop(a);
+    scratch::drop_database(&url).await;
+}
+
+/// Two links racing on a key with no row: one inserts it, the other deletes it with a
+/// newer HLC, and each read "no row" before the other wrote. The key locks make the
+/// second wait for the first; without them the insert stayed under the delete's
+/// tombstone (a row no other region has, once the tombstone is pruned).
+#[tokio::test]
+async fn two_links_on_an_absent_key_decide_one_after_the_other() {
+    let Some(url) = scratch::database("pgmesh_absent_key").await else {
+        return;
+    };
+    let admin = catalog::connect(&url).await.unwrap();
+    admin
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let change = |op: Op, new: Option<&str>| crate::event::Change {
+        table: "public.t".into(),
+        op,
+        pk: vec![("id".to_string(), Some("1".to_string()))],
+        old: None,
+        new: new.map(|v| {
+            vec![
+                ("id".to_string(), Some("1".to_string())),
+                ("v".to_string(), Some(v.to_string())),
+            ]
+        }),
+        unchanged: Vec::new(),
+        types: vec![23, 25],
+        prev: None,
+    };
+    let logged = |origin: &str, n: u64, c| {
+        let mut event = scratch::event(origin, n, false);
+        event.changes = vec![c];
+        Logged { seq: 1, event }
+    };
+    let insert = logged("r5", 1, change(Op::Insert, Some("x")));
+    let delete = logged("r6", 2, change(Op::Delete, None));
+    // Connecting takes the change log's append lock once, so both connect first.
+    let mut appliers = Vec::new();
+    for (peer, batch) in [("r6", delete), ("r5", insert)] {
+        let a = Applier::connect(&url, "r1", peer, &[peer.into()], None)
+            .await
+            .unwrap();
+        appliers.push((peer, batch, a));
+    }
+    // Both batches stop at the append lock, held here, once decided.
+    admin
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&crate::log::table::APPEND_LOCK],
+        )
+        .await
+        .unwrap();
+    let mut spawned = Vec::new();
+    for (peer, batch, mut a) in appliers {
+        let pid: i32 = a
+            .client()
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        spawned.push(tokio::spawn(async move {
+            a.apply_batch(peer, &[batch], 1, 1).await.map(|_| ())
+        }));
+        scratch::until_waiting_on_lock(&admin, pid).await;
+    }
+    admin
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&crate::log::table::APPEND_LOCK],
+        )
+        .await
+        .unwrap();
+    for s in spawned {
+        s.await.unwrap().unwrap();
+    }
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let deleted: bool = admin
+        .query_one(
+            "SELECT deleted FROM mesh.row_versions WHERE tbl = 'public.t' AND pk = '[[\"id\", \"1\"]]'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        (rows, deleted),
+        (0, true),
+        "the newer delete wins everywhere"
+    );
+    drop(admin);
     scratch::drop_database(&url).await;
 }

@@ -90,6 +90,14 @@ fn entry(
     )
 }
 
+/// The tables and keys of `keys` as the two arrays [`LOAD`] takes.
+pub fn key_arrays(keys: &[(String, String)]) -> [Vec<&str>; 2] {
+    [
+        keys.iter().map(|k| k.0.as_str()).collect(),
+        keys.iter().map(|k| k.1.as_str()).collect(),
+    ]
+}
+
 /// The values of [`LOAD`] for `keys`, as SQL literals for an `EXECUTE` (see
 /// `crate::script`).
 pub fn load_literals(keys: &[(String, String)]) -> [String; 2] {
