@@ -101,8 +101,7 @@ pub fn key_arrays(keys: &[(String, String)]) -> [Vec<&str>; 2] {
 /// The values of [`LOAD`] for `keys`, as SQL literals for an `EXECUTE` (see
 /// `crate::script`).
 pub fn load_literals(keys: &[(String, String)]) -> [String; 2] {
-    let tbls: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
-    let pks: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+    let [tbls, pks] = key_arrays(keys);
     [quote_array(&tbls), quote_array(&pks)]
 }
 
