@@ -20,7 +20,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio_rustls::TlsConnector;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::Framed;
 
 use super::protocol::{self, ClientMsg, Hello, ProtocolError, ServerMsg, Welcome, PROTO_VERSION};
 use crate::log::floors::FloorMap;
@@ -153,7 +153,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// An open link to one peer.
 pub struct LinkClient {
-    framed: Framed<Box<dyn Io>, LengthDelimitedCodec>,
+    framed: Framed<Box<dyn Io>, protocol::LinkCodec>,
     /// `upto` of the last batch received.
     received: i64,
     idle_timeout: Duration,
@@ -209,7 +209,7 @@ impl LinkClient {
             None => Box::new(sock),
         };
         let mut client = LinkClient {
-            framed: Framed::new(io, protocol::codec()),
+            framed: Framed::new(io, protocol::LinkCodec::client()),
             received: cfg.after,
             idle_timeout: IDLE_TIMEOUT,
             last_frame: tokio::time::Instant::now(),

@@ -1,7 +1,9 @@
 //! The peer-link wire protocol: message types, framing and the versioned handshake.
 //!
 //! Every frame is a big-endian `u32` length followed by that many bytes of JSON (one
-//! [`ClientMsg`] or [`ServerMsg`]), at most [`MAX_FRAME`] bytes. The puller (client)
+//! [`ClientMsg`] or [`ServerMsg`]), at most [`MAX_FRAME`] bytes, except a batch of one
+//! event, which may take up to [`MAX_EVENT_FRAME`]: one source transaction is one event,
+//! and a large one must not stop its link. The puller (client)
 //! opens with [`Hello`], the server answers [`Welcome`] or [`ServerMsg::Refused`], then
 //! streams [`Batch`]es and heartbeats while the client sends cumulative acks.
 //!
@@ -10,10 +12,10 @@
 //! server's job. Message shapes may only grow by optional fields within one
 //! [`PROTO_VERSION`]; anything else needs a new version.
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio_util::codec::LengthDelimitedCodec;
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
 use crate::log::floors::FloorMap;
 use crate::log::Logged;
@@ -21,8 +23,15 @@ use crate::log::Logged;
 /// The protocol version this build speaks. A server refuses any other.
 pub const PROTO_VERSION: u32 = 1;
 
-/// Largest frame either side sends or accepts: 64 MiB.
+/// Largest frame either side sends, but for a batch of one event: 64 MiB. A batch of
+/// several events is cut to fit it.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// Largest batch of one event: 1 GiB, PostgreSQL's own limit on a value. The change log
+/// keeps an event in one `jsonb` value (at most 255 MiB), so any event it holds fits,
+/// escaped as JSON. Only the puller accepts frames this large, from the server it
+/// dialled; a server accepts no client frame above [`MAX_FRAME`].
+pub const MAX_EVENT_FRAME: usize = 1024 * 1024 * 1024;
 
 /// TLS ALPN identifier of the link protocol.
 pub const ALPN: &[u8] = b"pgmesh-link/1";
@@ -40,8 +49,12 @@ pub enum ProtocolError {
         what: &'static str,
         source: serde_json::Error,
     },
-    #[error("encoded {what} is {bytes} bytes, above the {MAX_FRAME}-byte frame limit")]
-    TooLarge { what: &'static str, bytes: usize },
+    #[error("encoded {what} is {bytes} bytes, above its {limit}-byte frame limit")]
+    TooLarge {
+        what: &'static str,
+        bytes: usize,
+        limit: usize,
+    },
 }
 
 /// First message of a link: who is pulling and from where.
@@ -149,21 +162,77 @@ impl ServerMsg {
     }
 }
 
-/// The frame codec both ends use: big-endian `u32` length prefix, [`MAX_FRAME`] cap.
-pub fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .big_endian()
-        .length_field_length(4)
-        .max_frame_length(MAX_FRAME)
-        .new_codec()
+/// The frame codec of one end of a link: big-endian `u32` length prefixes, with a cap
+/// on the frames it reads and another on those it writes.
+#[derive(Debug)]
+pub struct LinkCodec {
+    read: LengthDelimitedCodec,
+    write_max: usize,
 }
 
-fn encode_json<T: Serialize>(what: &'static str, msg: &T) -> Result<Bytes, ProtocolError> {
+impl LinkCodec {
+    fn new(read_max: usize, write_max: usize) -> Self {
+        let read = LengthDelimitedCodec::builder()
+            .big_endian()
+            .length_field_length(4)
+            .max_frame_length(read_max)
+            .new_codec();
+        Self { read, write_max }
+    }
+
+    /// A server's: client frames up to [`MAX_FRAME`], batches up to [`MAX_EVENT_FRAME`].
+    pub fn server() -> Self {
+        Self::new(MAX_FRAME, MAX_EVENT_FRAME)
+    }
+
+    /// A puller's: the mirror of [`LinkCodec::server`].
+    pub fn client() -> Self {
+        Self::new(MAX_EVENT_FRAME, MAX_FRAME)
+    }
+}
+
+impl Decoder for LinkCodec {
+    type Item = BytesMut;
+    type Error = std::io::Error;
+
+    /// A length prefix above the read cap is refused before its payload is buffered.
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, std::io::Error> {
+        self.read.decode(src)
+    }
+}
+
+impl Encoder<Bytes> for LinkCodec {
+    type Error = std::io::Error;
+
+    fn encode(&mut self, frame: Bytes, dst: &mut BytesMut) -> Result<(), std::io::Error> {
+        if frame.len() > self.write_max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "a {}-byte frame is above the {}-byte cap",
+                    frame.len(),
+                    self.write_max
+                ),
+            ));
+        }
+        dst.reserve(4 + frame.len());
+        dst.put_u32(frame.len() as u32);
+        dst.extend_from_slice(&frame);
+        Ok(())
+    }
+}
+
+fn encode_json<T: Serialize>(
+    what: &'static str,
+    msg: &T,
+    limit: usize,
+) -> Result<Bytes, ProtocolError> {
     let v = serde_json::to_vec(msg).map_err(|source| ProtocolError::Encode { what, source })?;
-    if v.len() > MAX_FRAME {
+    if v.len() > limit {
         return Err(ProtocolError::TooLarge {
             what,
             bytes: v.len(),
+            limit,
         });
     }
     Ok(Bytes::from(v))
@@ -171,12 +240,17 @@ fn encode_json<T: Serialize>(what: &'static str, msg: &T) -> Result<Bytes, Proto
 
 /// Encodes a client message as one frame payload.
 pub fn encode_client(msg: &ClientMsg) -> Result<Bytes, ProtocolError> {
-    encode_json(msg.kind(), msg)
+    encode_json(msg.kind(), msg, MAX_FRAME)
 }
 
-/// Encodes a server message as one frame payload.
+/// Encodes a server message as one frame payload: up to [`MAX_EVENT_FRAME`] bytes for
+/// a batch of one event, [`MAX_FRAME`] for anything else.
 pub fn encode_server(msg: &ServerMsg) -> Result<Bytes, ProtocolError> {
-    encode_json(msg.kind(), msg)
+    let limit = match msg {
+        ServerMsg::Batch(b) if b.events.len() <= 1 => MAX_EVENT_FRAME,
+        _ => MAX_FRAME,
+    };
+    encode_json(msg.kind(), msg, limit)
 }
 
 /// Decodes one frame payload sent by a client.
@@ -443,17 +517,30 @@ mod tests {
 
     #[test]
     fn codec_frames_are_big_endian_u32_and_capped() {
-        use bytes::BytesMut;
         use tokio_util::codec::{Decoder, Encoder};
-        let mut c = codec();
+        let prefix = |n: usize| BytesMut::from(&(n as u32).to_be_bytes()[..]);
+        let mut server = LinkCodec::server();
+        let mut client = LinkCodec::client();
         let mut buf = BytesMut::new();
-        c.encode(Bytes::from_static(b"abc"), &mut buf).unwrap();
+        server.encode(Bytes::from_static(b"abc"), &mut buf).unwrap();
         assert_eq!(&buf[..], b"\x00\x00\x00\x03abc");
-        // A length prefix above the cap is refused before any payload is buffered.
-        let mut big = BytesMut::from(&((MAX_FRAME as u32) + 1).to_be_bytes()[..]);
-        assert!(c.decode(&mut big).is_err());
+        assert_eq!(&client.decode(&mut buf).unwrap().unwrap()[..], b"abc");
+        // A length prefix above the reader's cap is refused before any payload is
+        // buffered: a server reads no client frame above MAX_FRAME, a puller reads
+        // batches up to MAX_EVENT_FRAME.
+        assert!(server.decode(&mut prefix(MAX_FRAME + 1)).is_err());
+        assert!(client.decode(&mut prefix(MAX_FRAME + 1)).unwrap().is_none());
+        assert!(LinkCodec::client()
+            .decode(&mut prefix(MAX_EVENT_FRAME + 1))
+            .is_err());
+        // Nor does either write above its own cap.
+        let over = Bytes::from(vec![b' '; MAX_FRAME + 1]);
+        assert!(LinkCodec::client()
+            .encode(over.clone(), &mut BytesMut::new())
+            .is_err());
+        server.encode(over, &mut BytesMut::new()).unwrap();
         // An incomplete frame is "not yet", not an error.
         let mut part = BytesMut::from(&b"\x00\x00\x00\x05ab"[..]);
-        assert!(c.decode(&mut part).unwrap().is_none());
+        assert!(server.decode(&mut part).unwrap().is_none());
     }
 }

@@ -58,7 +58,9 @@ pub enum ServeError {
     Log(#[from] LogError),
     #[error("cannot encode a batch: {0}")]
     Encode(ProtocolError),
-    #[error("event at log seq {seq} encodes to {bytes} bytes, above the frame limit")]
+    #[error(
+        "event at log seq {seq} encodes to {bytes} bytes, above the limit of a batch of one event"
+    )]
     EventTooLarge { seq: i64, bytes: usize },
 }
 

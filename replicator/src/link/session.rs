@@ -21,7 +21,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::Framed;
 use tracing::{debug, info, warn};
 
 use super::protocol::{
@@ -33,7 +33,7 @@ use crate::log::{Logged, ShipFilter};
 
 pub(super) struct Session<'a, S> {
     server: &'a LinkServer,
-    framed: Framed<S, LengthDelimitedCodec>,
+    framed: Framed<S, protocol::LinkCodec>,
     wake: watch::Receiver<u64>,
     /// The certificate the peer presented (mutual TLS), already verified against
     /// the mesh CA: it must name the region or the node the peer claims.
@@ -75,7 +75,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     ) -> Self {
         Self {
             server,
-            framed: Framed::new(io, protocol::codec()),
+            framed: Framed::new(io, protocol::LinkCodec::server()),
             wake: server.wake.clone(),
             identity,
         }

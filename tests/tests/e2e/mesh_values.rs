@@ -10,6 +10,9 @@
 //! conflicts are recorded with the keys. After each step both regions hold
 //! byte-identical rows, and each region's conflict records name exactly the keys
 //! written in both.
+//!
+//! A transaction larger than a link frame (64 MiB) replicates too: it travels alone in
+//! a larger frame instead of stopping its link.
 
 use std::collections::BTreeSet;
 
@@ -108,6 +111,41 @@ async fn awkward_values_and_keys_replicate_bit_for_bit() -> Result<()> {
             mesh.region(i).name
         );
     }
+    mesh.shutdown().await;
+    Ok(())
+}
+
+/// One source transaction is one event; this one is above the link's 64 MiB frame.
+#[tokio::test]
+async fn a_transaction_larger_than_a_link_frame_replicates() -> Result<()> {
+    let mut mesh = Mesh::start(&["wa", "wb"]).await?;
+    mesh.exec_all("CREATE TABLE big (id int PRIMARY KEY, body text)")
+        .await?;
+    mesh.init_all().await?;
+    mesh.start_nodes(|_| NodeSpec::default()).await?;
+    let a = mesh.connect_proxy(0).await?;
+    // 5 rows of 14 MiB: 70 MiB in one event, then a small event after it.
+    a.batch_execute(
+        "INSERT INTO big SELECT g, repeat(md5(g::text), 14 * 1024 * 1024 / 32)
+           FROM generate_series(1, 5) g;
+         INSERT INTO big VALUES (6, 'after')",
+    )
+    .await?;
+    let sums = mesh.wait_converged(CONVERGE_TIMEOUT).await?;
+    ensure!(
+        sums["public.big"].starts_with("6:"),
+        "not every row arrived: {sums:?}"
+    );
+    let bytes: i64 = mesh
+        .region(1)
+        .admin
+        .query_one("SELECT sum(length(body))::int8 FROM big", &[])
+        .await?
+        .get(0);
+    ensure!(
+        bytes == 5 * 14 * 1024 * 1024 + 5,
+        "wb holds {bytes} bytes of bodies"
+    );
     mesh.shutdown().await;
     Ok(())
 }

@@ -36,12 +36,21 @@ pub(super) struct MemLog {
 impl MemLog {
     /// Appends one event and returns its seq.
     pub(super) fn push(&self, origin: &str, local_only: bool) -> i64 {
+        self.push_with(origin, local_only, |_| {})
+    }
+
+    /// Appends one event that `shape` changes first; returns its seq.
+    pub(super) fn push_with(
+        &self,
+        origin: &str,
+        local_only: bool,
+        shape: impl FnOnce(&mut crate::event::ChangeEvent),
+    ) -> i64 {
         let mut rows = self.rows.lock().unwrap();
         let seq = rows.len() as i64 + 1;
-        rows.push(Logged {
-            seq,
-            event: event(origin, seq as u64, local_only),
-        });
+        let mut event = event(origin, seq as u64, local_only);
+        shape(&mut event);
+        rows.push(Logged { seq, event });
         seq
     }
 
@@ -148,9 +157,9 @@ impl Harness {
 
     pub(super) async fn raw(
         &self,
-    ) -> tokio_util::codec::Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec> {
+    ) -> tokio_util::codec::Framed<TcpStream, super::protocol::LinkCodec> {
         let sock = TcpStream::connect(self.addr).await.unwrap();
-        tokio_util::codec::Framed::new(sock, super::protocol::codec())
+        tokio_util::codec::Framed::new(sock, super::protocol::LinkCodec::client())
     }
 }
 
