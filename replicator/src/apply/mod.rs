@@ -31,7 +31,7 @@ use thiserror::Error;
 use tokio_postgres::{Client, Statement};
 use tracing::{debug, warn};
 
-use crate::capture::Progress;
+use crate::capture::{Progress, APPLIED_PREFIX};
 use crate::catalog::{self, origin_id_for};
 use crate::event::ChangeEvent;
 use crate::log::table::{APPEND_LOCKED_INSERT, APPEND_NOTIFY, APPEND_ROWS};
@@ -107,6 +107,17 @@ impl Statements {
         })
     }
 }
+
+/// Settles a retried dead letter (`$1`) as applied and, like a batch, tells capture the
+/// HLC it applied (`$2`): in the link's `applied_hlc` (for a new capture leader) and in a
+/// transactional logical message (prefix `$4`) for the running one. Otherwise a local
+/// write right after the retry could get a lower HLC than the change it overwrote, and
+/// lose to it in every other region while it stands here.
+const RETRIED: &str = "WITH letter AS (
+         UPDATE mesh.dead_letters SET status = 'applied', attempts = attempts + 1, updated_at = now()
+          WHERE id = $1),
+     link AS (UPDATE mesh.link_state SET applied_hlc = greatest(applied_hlc, $2::int8) WHERE peer = $3)
+     SELECT pg_logical_emit_message(true, $4, $2::int8::text)";
 
 /// Errors of apply. `Retry` errors leave the batch for the next attempt.
 #[derive(Debug, Error)]
@@ -400,12 +411,10 @@ impl Applier {
             let settled = match applied {
                 Ok(_) => {
                     done += 1;
-                    tx.execute(
-                        "UPDATE mesh.dead_letters SET status = 'applied', attempts = attempts + 1, updated_at = now() WHERE id = $1",
-                        &[&id],
-                    )
-                    .await
-                    .map_err(ApplyError::from)
+                    let hlc = event.hlc.as_u64() as i64;
+                    tx.execute(RETRIED, &[&id, &hlc, &self.peer, &APPLIED_PREFIX])
+                        .await
+                        .map_err(ApplyError::from)
                 }
                 Err(e) if e.is_data_error() => {
                     let (sqlstate, msg) = records::letter_error(&e);

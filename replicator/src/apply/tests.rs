@@ -89,18 +89,9 @@ async fn batch_statements_are_planned_once() {
     scratch::drop_database(&url).await;
 }
 
-/// A dead letter skipped while its retry is under way stays skipped: the retry locks
-/// the letter and applies it only if it is still marked for retry. (Each test here
-/// pulls from a peer of its own: replication origins are cluster-wide.)
-#[tokio::test]
-async fn a_skip_that_commits_during_a_retry_wins() {
-    let Some(url) = scratch::database("pgmesh_skip_race").await else {
-        return;
-    };
-    let mut a = Applier::connect(&url, "r1", "r7", &["r7".into()], None)
-        .await
-        .unwrap();
-    let admin = catalog::connect(&url).await.unwrap();
+/// Table `t (id int PRIMARY KEY, v text)` and a dead letter from `peer`, marked for
+/// retry, of an event inserting row 1 into it; returns the event and the letter's id.
+async fn retry_letter(admin: &Client, peer: &str) -> (ChangeEvent, i64) {
     admin
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
         .await
@@ -109,7 +100,7 @@ async fn a_skip_that_commits_during_a_retry_wins() {
         ("id".to_string(), Some("1".to_string())),
         ("v".to_string(), Some("x".to_string())),
     ];
-    let mut event = scratch::event("r7", 1, false);
+    let mut event = scratch::event(peer, 1, false);
     event.changes = vec![crate::event::Change {
         table: "public.t".into(),
         op: Op::Insert,
@@ -123,8 +114,9 @@ async fn a_skip_that_commits_during_a_retry_wins() {
     let id: i64 = admin
         .query_one(
             "INSERT INTO mesh.dead_letters (peer, origin, hlc, event, error, status)
-             VALUES ('r7', 'r7', $1, $2::text::jsonb, 'a constraint here', 'retry') RETURNING id",
+             VALUES ($1, $1, $2, $3::text::jsonb, 'a constraint here', 'retry') RETURNING id",
             &[
+                &peer,
                 &(event.hlc.as_u64() as i64),
                 &serde_json::to_string(&event).unwrap(),
             ],
@@ -132,6 +124,91 @@ async fn a_skip_that_commits_during_a_retry_wins() {
         .await
         .unwrap()
         .get(0);
+    (event, id)
+}
+
+/// A retried dead letter tells capture the HLC it applied, as a batch does: in a
+/// transactional logical message and in the link's `applied_hlc`. A local write after
+/// it then gets a higher HLC than the change it overwrites.
+#[tokio::test]
+async fn a_retried_dead_letter_tells_capture_its_hlc() {
+    let Some(url) = scratch::database("pgmesh_retry_hlc").await else {
+        return;
+    };
+    let mut a = Applier::connect(&url, "r1", "r4", &["r4".into()], None)
+        .await
+        .unwrap();
+    let admin = catalog::connect(&url).await.unwrap();
+    let (event, id) = retry_letter(&admin, "r4").await;
+    let slot = format!("pgmesh_retry_hlc_{}", std::process::id());
+    admin
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'test_decoding')",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.retry_dead_letters().await.unwrap(), 1);
+    // Apply commits asynchronously, and a slot decodes flushed WAL only: a synchronous
+    // commit that wrote WAL flushes the retry's.
+    admin
+        .batch_execute("CREATE TABLE flushed ()")
+        .await
+        .unwrap();
+    let messages: Vec<String> = admin
+        .query(
+            "SELECT data FROM pg_logical_slot_peek_changes($1, NULL, NULL) WHERE data LIKE 'message:%'",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    admin
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
+    let hlc = event.hlc.as_u64() as i64;
+    let content = format!(
+        "prefix: {APPLIED_PREFIX}, sz: {} content:{hlc}",
+        hlc.to_string().len()
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("transactional: 1") && m.contains(&content)),
+        "no applied-HLC message {content:?} in {messages:?}"
+    );
+    let row = admin
+        .query_one(
+            "SELECT (SELECT status FROM mesh.dead_letters WHERE id = $1),
+                    (SELECT applied_hlc FROM mesh.link_state WHERE peer = 'r4'),
+                    (SELECT count(*) FROM t)",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "applied");
+    assert_eq!(row.get::<_, i64>(1), hlc);
+    assert_eq!(row.get::<_, i64>(2), 1);
+    drop(admin);
+    scratch::drop_database(&url).await;
+}
+
+/// A dead letter skipped while its retry is under way stays skipped: the retry locks
+/// the letter and applies it only if it is still marked for retry. (Each test here
+/// pulls from a peer of its own: replication origins are cluster-wide.)
+#[tokio::test]
+async fn a_skip_that_commits_during_a_retry_wins() {
+    let Some(url) = scratch::database("pgmesh_skip_race").await else {
+        return;
+    };
+    let mut a = Applier::connect(&url, "r1", "r7", &["r7".into()], None)
+        .await
+        .unwrap();
+    let admin = catalog::connect(&url).await.unwrap();
+    let (_, id) = retry_letter(&admin, "r7").await;
     // The skip is made, not yet committed, when the retry reads its list.
     let skipper = catalog::connect(&url).await.unwrap();
     skipper
