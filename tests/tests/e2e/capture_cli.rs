@@ -303,22 +303,7 @@ async fn run_started_before_its_database_captures_once_it_is_up() -> Result<()> 
     client
         .batch_execute("INSERT INTO t VALUES (1, 'written after the wait')")
         .await?;
-    let direct = region.cluster.connect().await?;
-    let logged: i64 = wait_for(DEFAULT_TIMEOUT, "the write to be captured", || {
-        let direct = &direct;
-        async move {
-            let n: i64 = direct
-                .query_one(
-                    "SELECT count(*) FROM mesh.changelog
-                     WHERE changes::text LIKE '%written after the wait%'",
-                    &[],
-                )
-                .await?
-                .get(0);
-            Ok((n > 0).then_some(n))
-        }
-    })
-    .await?;
+    let logged = wait_logged(&region, "written after the wait").await?;
     assert_eq!(logged, 1, "{}", node.log());
     assert!(
         node.log().contains("reached the regional database"),
@@ -326,6 +311,61 @@ async fn run_started_before_its_database_captures_once_it_is_up() -> Result<()> 
         node.log()
     );
     Ok(())
+}
+
+/// A node started before `pgmesh init` proxies at once, and captures once the catalog
+/// is installed: it must not stay a proxy only until someone restarts it.
+#[tokio::test]
+async fn run_started_before_init_captures_once_init_has_run() -> Result<()> {
+    let region = Region::start("preinit").await?;
+    region
+        .admin
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await?;
+    let mut node = spawn_run(&region.url(), "preinit")?;
+    let client = connect(&node.conn_string().await?).await?;
+    client
+        .batch_execute("INSERT INTO t VALUES (1, 'proxied before init')")
+        .await?;
+    assert!(
+        node.log().contains("mesh catalog not installed"),
+        "{}",
+        node.log()
+    );
+    region.init().await?.ok()?;
+    client
+        .batch_execute("INSERT INTO t VALUES (2, 'written after init')")
+        .await?;
+    let logged = wait_logged(&region, "written after init").await?;
+    assert_eq!(logged, 1, "{}", node.log());
+    assert!(
+        node.log().contains("the mesh catalog is installed now"),
+        "{}",
+        node.log()
+    );
+    assert!(node.try_wait()?.is_none(), "{}", node.log());
+    Ok(())
+}
+
+/// Waits until the change log holds an event whose changes mention `marker`; returns
+/// how many do.
+async fn wait_logged(region: &Region, marker: &str) -> Result<i64> {
+    let direct = region.cluster.connect().await?;
+    let pattern = format!("%{marker}%");
+    wait_for(DEFAULT_TIMEOUT, "the write to be captured", || {
+        let (direct, pattern) = (&direct, &pattern);
+        async move {
+            let n: i64 = direct
+                .query_one(
+                    "SELECT count(*) FROM mesh.changelog WHERE changes::text LIKE $1",
+                    &[pattern],
+                )
+                .await?
+                .get(0);
+            Ok((n > 0).then_some(n))
+        }
+    })
+    .await
 }
 
 /// A database that refuses the node's own session (here: a password the URL does
