@@ -213,6 +213,14 @@ async fn read_db(url: &str) -> DbStats {
     let Ok(c) = pgmesh_replicator::catalog::connect(url).await else {
         return out;
     };
+    // A node waiting for `pgmesh init` reads nothing yet (and fills no server log
+    // with errors about missing relations).
+    let installed = c
+        .query_one("SELECT to_regclass('mesh.log_prune') IS NOT NULL", &[])
+        .await;
+    if !installed.is_ok_and(|r| r.get::<_, bool>(0)) {
+        return out;
+    }
     if let Ok(rows) = c.query("SELECT name, lag_ms FROM mesh.links", &[]).await {
         out.lag = rows
             .iter()

@@ -70,6 +70,25 @@ mod tests {
         assert!(!text.contains('$'));
         assert_eq!(Stamp::decode(text.as_bytes()).unwrap(), s);
     }
+
+    #[test]
+    fn value_bytes_count_keys_and_both_images() {
+        let col = |k: &str, v: Option<&str>| (k.to_string(), v.map(str::to_string));
+        let mut e = crate::scratch::event("eu", 1, false);
+        assert_eq!(e.value_bytes(), 0);
+        e.changes.push(Change {
+            table: "public.t".into(),
+            op: Op::Update,
+            pk: vec![col("id", Some("12"))],
+            old: Some(vec![col("id", Some("12")), col("v", None)]),
+            new: Some(vec![col("id", Some("12")), col("v", Some("abcd"))]),
+            unchanged: vec![],
+            types: vec![],
+            prev: None,
+        });
+        // "id12" three times, "v" twice, "abcd" once.
+        assert_eq!(e.value_bytes(), 4 * 3 + 2 + 4);
+    }
 }
 
 /// Operation of one change.
@@ -156,4 +175,20 @@ pub struct ChangeEvent {
     /// Never shipped to peers (`SET pgmesh.replicate = off`).
     pub local_only: bool,
     pub changes: Vec<Change>,
+}
+
+impl ChangeEvent {
+    /// Bytes of the values it carries (keys, old and new images): about what applying
+    /// it sends, to keep what one apply transaction takes in bounds.
+    pub fn value_bytes(&self) -> usize {
+        let sum = |cols: &[(String, Value)]| -> usize {
+            cols.iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len))
+                .sum()
+        };
+        self.changes
+            .iter()
+            .map(|c| sum(&c.pk) + c.old.as_deref().map_or(0, sum) + c.new.as_deref().map_or(0, sum))
+            .sum()
+    }
 }

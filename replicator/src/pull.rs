@@ -55,6 +55,11 @@ pub enum PullError {
 /// How often a link makes its checkpoint durable and reports it to the peer.
 const DURABLE_EVERY: Duration = Duration::from_secs(2);
 
+/// Batches that queued up are folded into one apply transaction until their values
+/// come to this much: PostgreSQL takes at most 1 GiB in one message, and apply sends a
+/// transaction's values in one.
+const FOLD_BYTES: usize = 64 * 1024 * 1024;
+
 /// What `mesh.links.error` says while a link is paused and disconnected.
 pub const PAUSED: &str = "paused: disconnected until mesh.resume_link";
 
@@ -283,9 +288,11 @@ async fn session(
                     // transaction for all of them keeps the queue (and the lag) short.
                     let mut beat = None;
                     let mut folded = 1;
-                    while events.len() < cfg.max_batch as usize {
+                    let mut bytes: usize = events.iter().map(|l| l.event.value_bytes()).sum();
+                    while events.len() < cfg.max_batch as usize && bytes < FOLD_BYTES {
                         match client.try_next() {
                             Some(Ok(LinkEvent::Batch { events: more, upto: u, head: h })) => {
+                                bytes += more.iter().map(|l| l.event.value_bytes()).sum::<usize>();
                                 events.extend(more);
                                 upto = u;
                                 head = h;

@@ -20,27 +20,34 @@ pub const INIT_POLL: Duration = Duration::from_secs(2);
 /// Whether the mesh catalog is installed.
 const CATALOG_INSTALLED: &str = "SELECT to_regclass('mesh.changelog') IS NOT NULL";
 
+/// Whether `pgmesh init` has finished for region `$1`: the catalog and the region's
+/// slot, which init creates last.
+const INIT_DONE: &str = "SELECT to_regclass('mesh.changelog') IS NOT NULL
+     AND EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)";
+
 /// What a node found in its regional database.
 pub enum Found {
     /// The catalog, with a connection to upgrade it on.
     Catalog(Client),
     /// A database without the catalog: capture waits for `pgmesh init`.
     NoCatalog,
-    /// A database that refused this node's session (logged): no capture.
-    Refused,
+    /// A database that refused this node's session: no capture.
+    Refused(CatalogError),
 }
 
-/// Connects and looks for the catalog; `Err` only when the database cannot be reached.
-async fn look(url: &str) -> Result<Found, CatalogError> {
+/// Connects and runs `check` (one boolean); `Err` only when the database cannot be
+/// reached.
+async fn look(
+    url: &str,
+    check: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Found, CatalogError> {
     let c = match catalog::connect(url).await {
         Ok(c) => c,
         Err(e) if e.is_unreachable() => return Err(e),
-        Err(e) => {
-            warn!(error = %e, "the regional database refused this node's session; running as a proxy only");
-            return Ok(Found::Refused);
-        }
+        Err(e) => return Ok(Found::Refused(e)),
     };
-    match c.query_one(CATALOG_INSTALLED, &[]).await {
+    match c.query_one(check, params).await {
         Ok(r) if r.get::<_, bool>(0) => Ok(Found::Catalog(c)),
         Ok(_) => Ok(Found::NoCatalog),
         // Reached, then lost (a server shutting down): wait, as for a database that
@@ -64,7 +71,11 @@ pub async fn find(url: &str) -> Found {
     let started = Instant::now();
     let mut logged: Option<Instant> = None;
     let found = loop {
-        match look(url).await {
+        match look(url, CATALOG_INSTALLED, &[]).await {
+            Ok(Found::Refused(e)) => {
+                warn!(error = %e, "the regional database refused this node's session; running as a proxy only");
+                break Found::Refused(e);
+            }
             Ok(found) => break found,
             Err(e) => {
                 if logged.is_none_or(|t| t.elapsed() >= REACH_LOG_EVERY) {
@@ -88,11 +99,15 @@ pub async fn find(url: &str) -> Found {
     found
 }
 
-/// Waits until `pgmesh init` has installed the catalog (looking every [`INIT_POLL`]),
-/// and returns a connection to it; `None` when `stop` turns true first or the
-/// database starts refusing this node. A database that cannot be reached meanwhile is
-/// only looked at again.
-pub async fn wait_for_init(url: &str, stop: &mut watch::Receiver<bool>) -> Option<Client> {
+/// Waits until `pgmesh init` has run for `region` (looking every [`INIT_POLL`]), and
+/// returns a connection to its catalog; `None` once `stop` turns true. A database
+/// that cannot be reached, or refuses this node, meanwhile is only looked at again.
+pub async fn wait_for_init(
+    url: &str,
+    region: &str,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Client> {
+    let slot = catalog::slot_name(region);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(INIT_POLL) => {}
@@ -101,13 +116,12 @@ pub async fn wait_for_init(url: &str, stop: &mut watch::Receiver<bool>) -> Optio
         if *stop.borrow() {
             return None;
         }
-        match look(url).await {
-            Ok(Found::Catalog(c)) => {
-                info!("the mesh catalog is installed now; starting capture");
-                return Some(c);
-            }
+        match look(url, INIT_DONE, &[&slot]).await {
+            Ok(Found::Catalog(c)) => return Some(c),
             Ok(Found::NoCatalog) => {}
-            Ok(Found::Refused) => return None,
+            Ok(Found::Refused(e)) => {
+                debug!(error = %e, "the regional database refused this node's session; looking again")
+            }
             Err(e) => debug!(error = %e, "cannot reach the regional database; looking again"),
         }
     }

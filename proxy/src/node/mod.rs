@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgmesh_replicator::capture::{self, CaptureConfig, Progress, Role};
+use pgmesh_replicator::link::backoff::Backoff;
 use pgmesh_replicator::link::server::{LinkServer, ServeConfig, SharedTableLog, TailedLog};
 use pgmesh_replicator::log::notify::LogNotifier;
 use pgmesh_replicator::log::tail::{self, Tail};
@@ -30,7 +31,7 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::config::Validated;
 use crate::metrics::{self, Metrics};
@@ -176,9 +177,9 @@ pub struct NodeHandle {
     /// The pull links' supervisor, stopped by `links_stop` before anything else.
     links: Option<JoinHandle<()>>,
     links_stop: watch::Sender<bool>,
-    /// A node whose database had no catalog at start: the task that waits for `pgmesh
-    /// init`, then starts what [`Self::capture`] and the rest would have held.
-    late: Option<JoinHandle<Option<Replication>>>,
+    /// A node whose database had no catalog at start: what waits for `pgmesh init`,
+    /// then starts what [`Self::capture`] and the rest would have held.
+    late: Option<Late>,
     /// Declared last: shut down after everything running on it has stopped.
     _replication: ReplicationRuntime,
 }
@@ -193,6 +194,17 @@ impl NodeHandle {
         if let Some(t) = self.links.take() {
             let _ = t.await;
         }
+        if let Some(late) = &self.late {
+            let links = late
+                .started
+                .lock()
+                .await
+                .as_mut()
+                .and_then(|r| r.links.take());
+            if let Some(t) = links {
+                let _ = t.await;
+            }
+        }
     }
 
     /// Stops links, peer server, capture, then drains the proxy within `grace`.
@@ -206,13 +218,24 @@ impl NodeHandle {
         if let Some(c) = self.capture {
             c.stop().await;
         }
-        if let Some(t) = self.late {
-            if let Ok(Some(r)) = t.await {
+        if let Some(late) = self.late {
+            // It stops waiting at once; what it started by now is in `started`.
+            let _ = late.task.await;
+            let started = late.started.lock().await.take();
+            if let Some(r) = started {
                 r.stop().await;
             }
         }
         self.proxy.shutdown(grace).await;
     }
+}
+
+/// The late start of a node whose database had no catalog: the task that waits for
+/// `pgmesh init`, and what it started once it had run.
+#[derive(Debug)]
+struct Late {
+    task: JoinHandle<()>,
+    started: Arc<tokio::sync::Mutex<Option<Replication>>>,
 }
 
 /// Capture and what runs with it: the peer server, its notifier and the pull links'
@@ -256,28 +279,15 @@ struct Parts {
 /// `--peer-listen`) and the links' supervisor (with peers).
 async fn start_replication(p: Parts, mut c: tokio_postgres::Client) -> anyhow::Result<Replication> {
     let v = &p.v;
-    pgmesh_replicator::catalog::validate_region(&v.config.region)?;
+    p.check()?;
     catalog::upgrade(&mut c).await?;
-    let mut cfg = CaptureConfig::new(&p.url, &v.config.region, &v.config.node_name());
-    cfg.tail = p.tail.clone();
-    cfg.relay = v.config.relay;
-    let capture = spawn_on(cfg, &p.rt);
-    let mut out = Replication {
-        peer_addr: None,
-        tasks: Vec::new(),
-        links: None,
-        capture,
-    };
-    if let (Some(listen), Some(tail)) = (&v.config.peer_listen, p.tail) {
+    // What can fail comes before capture starts, so a failure leaves nothing running.
+    let mut served = None;
+    if let (Some(listen), Some(tail)) = (&v.config.peer_listen, &p.tail) {
         let tls = links::peer_server_tls(v)?;
         let log = TailedLog::new(tail.clone(), SharedTableLog::reconnecting(&p.url));
         // A hub relays every origin; any other node ships only its own events.
         let wake = tail.subscribe();
-        p.metrics.watch_tail(tail.clone());
-        let notifier = {
-            let _on = p.rt.enter();
-            LogNotifier::start_on(&p.url, &v.config.region, v.config.relay, tail)
-        };
         let mut cfg = ServeConfig::new(
             listen.parse()?,
             &v.config.mesh,
@@ -289,20 +299,79 @@ async fn start_replication(p: Parts, mut c: tokio_postgres::Client) -> anyhow::R
         let server = LinkServer::start(cfg, Arc::new(log), wake, tls, p.cancel.clone());
         let (addr, task) = p.rt.spawn(server).await??;
         info!(peer_listen = %addr, relay = v.config.relay, "serving the change log to peers");
-        out.peer_addr = Some(addr);
-        out.tasks.extend([task, notifier]);
+        p.metrics.watch_tail(tail.clone());
+        let notifier = {
+            let _on = p.rt.enter();
+            LogNotifier::start_on(&p.url, &v.config.region, v.config.relay, tail.clone())
+        };
+        served = Some((addr, [task, notifier]));
     }
-    if !v.peers.is_empty() {
-        out.links = Some(p.rt.spawn(links::supervise_links(
+    let mut cfg = CaptureConfig::new(&p.url, &v.config.region, &v.config.node_name());
+    cfg.tail = p.tail.clone();
+    cfg.relay = v.config.relay;
+    let capture = spawn_on(cfg, &p.rt);
+    let links = (!v.peers.is_empty()).then(|| {
+        p.rt.spawn(links::supervise_links(
             v.clone(),
             p.url.clone(),
-            out.capture.watch_role(),
-            out.capture.progress(),
+            capture.watch_role(),
+            capture.progress(),
             p.metrics.clone(),
-            p.links_stop,
-        )));
+            p.links_stop.clone(),
+        ))
+    });
+    Ok(Replication {
+        peer_addr: served.as_ref().map(|(addr, _)| *addr),
+        tasks: served.map_or_else(Vec::new, |(_, t)| t.into()),
+        links,
+        capture,
+    })
+}
+
+impl Parts {
+    /// What would stop [`start_replication`] whatever the database holds: the region's
+    /// name, the peer TLS files and the `--peer-listen` address. A node that waits
+    /// for `pgmesh init` checks them at start, so it fails then, not later.
+    fn check(&self) -> anyhow::Result<()> {
+        let v = &self.v;
+        pgmesh_replicator::catalog::validate_region(&v.config.region)?;
+        if let Some(listen) = &v.config.peer_listen {
+            listen.parse::<SocketAddr>()?;
+            links::peer_server_tls(v)?;
+        }
+        Ok(())
     }
-    Ok(out)
+}
+
+/// Waits for `pgmesh init`, then starts replication into `started`; a failure to start
+/// (the database lost meanwhile, the peer port taken) is logged and tried again.
+async fn start_late(
+    p: Parts,
+    mut stop: watch::Receiver<bool>,
+    started: Arc<tokio::sync::Mutex<Option<Replication>>>,
+) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        let region = &p.v.config.region;
+        let Some(c) = catalog::wait_for_init(&p.url, region, &mut stop).await else {
+            return;
+        };
+        info!("the mesh catalog is installed now; starting capture");
+        match start_replication(p.clone(), c).await {
+            Ok(r) => {
+                *started.lock().await = Some(r);
+                return;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_ms = delay.as_millis() as u64, "cannot start capture; running as a proxy only meanwhile");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
 }
 
 /// Starts every part of a node that its configuration and database allow.
@@ -331,26 +400,22 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
         links_stop: links_stop_rx,
     };
     let found = match v.config.capture {
-        true => catalog::find(&url).await,
-        false => catalog::Found::Refused,
+        true => Some(catalog::find(&url).await),
+        false => None,
     };
     let (mut now, mut late) = (None, None);
     match found {
-        catalog::Found::Catalog(c) => now = Some(start_replication(parts, c).await?),
-        catalog::Found::NoCatalog => {
+        Some(catalog::Found::Catalog(c)) => now = Some(start_replication(parts, c).await?),
+        Some(catalog::Found::NoCatalog) => {
+            parts.check()?;
             info!("mesh catalog not installed; running as a proxy only until `pgmesh init` installs it");
-            let mut stop = stop_rx.clone();
-            late = Some(repl.handle.spawn(async move {
-                let c = catalog::wait_for_init(&parts.url, &mut stop).await?;
-                start_replication(parts, c)
-                    .await
-                    .inspect_err(
-                        |e| error!(error = %e, "cannot start capture; running as a proxy only"),
-                    )
-                    .ok()
-            }));
+            let started = Arc::new(tokio::sync::Mutex::new(None));
+            let task = repl
+                .handle
+                .spawn(start_late(parts, stop_rx.clone(), started.clone()));
+            late = Some(Late { task, started });
         }
-        catalog::Found::Refused => {}
+        Some(catalog::Found::Refused(_)) | None => {}
     }
     let replicating = now.is_some() || late.is_some();
     if !replicating && (v.config.peer_listen.is_some() || !v.peers.is_empty()) {

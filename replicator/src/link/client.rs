@@ -161,6 +161,8 @@ pub struct LinkClient {
     /// from here, not from each call, so a caller that re-polls `next` in a
     /// `select!` with other timers still notices a silent peer.
     last_frame: tokio::time::Instant,
+    /// Bytes of an unfinished frame buffered when the idle deadline last passed.
+    partial: usize,
 }
 
 impl std::fmt::Debug for LinkClient {
@@ -213,6 +215,7 @@ impl LinkClient {
             received: cfg.after,
             idle_timeout: IDLE_TIMEOUT,
             last_frame: tokio::time::Instant::now(),
+            partial: 0,
         };
         client
             .send(&ClientMsg::Hello(Hello {
@@ -245,13 +248,23 @@ impl LinkClient {
 
     /// The next frame, decoded. Cancel-safe: a frame is only taken off the stream
     /// when it is complete.
+    ///
+    /// Bytes of a frame still arriving count as life: the idle timeout is for a
+    /// silent peer, and a batch of one large event may take longer to arrive.
     async fn recv(&mut self) -> Result<ServerMsg, LinkError> {
-        let deadline = self.last_frame + self.idle_timeout;
-        let frame = match tokio::time::timeout_at(deadline, self.framed.next()).await {
-            Err(_) => return Err(LinkError::Idle(self.idle_timeout)),
-            Ok(None) => return Err(LinkError::Closed),
-            Ok(Some(r)) => r.map_err(io_error)?,
+        let frame = loop {
+            let deadline = self.last_frame + self.idle_timeout;
+            match tokio::time::timeout_at(deadline, self.framed.next()).await {
+                Err(_) if self.framed.read_buffer().len() > self.partial => {
+                    self.partial = self.framed.read_buffer().len();
+                    self.last_frame = tokio::time::Instant::now();
+                }
+                Err(_) => return Err(LinkError::Idle(self.idle_timeout)),
+                Ok(None) => return Err(LinkError::Closed),
+                Ok(Some(r)) => break r.map_err(io_error)?,
+            }
         };
+        self.partial = 0;
         self.last_frame = tokio::time::Instant::now();
         Ok(protocol::decode_server(&frame)?)
     }

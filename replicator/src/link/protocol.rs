@@ -27,10 +27,13 @@ pub const PROTO_VERSION: u32 = 1;
 /// several events is cut to fit it.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
+/// Largest frame a server reads from a client (a hello or an ack): 1 MiB.
+pub const MAX_CLIENT_FRAME: usize = 1024 * 1024;
+
 /// Largest batch of one event: 1 GiB, PostgreSQL's own limit on a value. The change log
 /// keeps an event in one `jsonb` value (at most 255 MiB), so any event it holds fits,
 /// escaped as JSON. Only the puller accepts frames this large, from the server it
-/// dialled; a server accepts no client frame above [`MAX_FRAME`].
+/// dialled; a server accepts no client frame above [`MAX_CLIENT_FRAME`].
 pub const MAX_EVENT_FRAME: usize = 1024 * 1024 * 1024;
 
 /// TLS ALPN identifier of the link protocol.
@@ -180,14 +183,16 @@ impl LinkCodec {
         Self { read, write_max }
     }
 
-    /// A server's: client frames up to [`MAX_FRAME`], batches up to [`MAX_EVENT_FRAME`].
+    /// A server's: client frames up to [`MAX_CLIENT_FRAME`], batches up to
+    /// [`MAX_EVENT_FRAME`].
     pub fn server() -> Self {
-        Self::new(MAX_FRAME, MAX_EVENT_FRAME)
+        Self::new(MAX_CLIENT_FRAME, MAX_EVENT_FRAME)
     }
 
-    /// A puller's: the mirror of [`LinkCodec::server`].
+    /// A puller's: batches up to [`MAX_EVENT_FRAME`], its own frames up to
+    /// [`MAX_CLIENT_FRAME`].
     pub fn client() -> Self {
-        Self::new(MAX_EVENT_FRAME, MAX_FRAME)
+        Self::new(MAX_EVENT_FRAME, MAX_CLIENT_FRAME)
     }
 }
 
@@ -240,7 +245,7 @@ fn encode_json<T: Serialize>(
 
 /// Encodes a client message as one frame payload.
 pub fn encode_client(msg: &ClientMsg) -> Result<Bytes, ProtocolError> {
-    encode_json(msg.kind(), msg, MAX_FRAME)
+    encode_json(msg.kind(), msg, MAX_CLIENT_FRAME)
 }
 
 /// Encodes a server message as one frame payload: up to [`MAX_EVENT_FRAME`] bytes for
@@ -259,6 +264,35 @@ pub fn decode_client(frame: &[u8]) -> Result<ClientMsg, ProtocolError> {
         what: "client",
         source,
     })
+}
+
+/// One event encoded for [`batch_frame`].
+pub fn encode_event(l: &Logged) -> Result<Vec<u8>, ProtocolError> {
+    serde_json::to_vec(l).map_err(|source| ProtocolError::Encode {
+        what: "event",
+        source,
+    })
+}
+
+/// Bytes a batch frame adds to its events: the tag, the field names, two numbers.
+pub const BATCH_OVERHEAD: usize = 128;
+
+/// A batch frame of events encoded one by one ([`encode_event`]), byte for byte what
+/// [`encode_server`] writes for the same [`ServerMsg::Batch`]; so the server encodes
+/// each event once while it fits a batch to a frame. Checking the size is the caller's.
+pub fn batch_frame(events: &[Vec<u8>], upto: i64, head: i64) -> Bytes {
+    let len: usize = events.iter().map(|e| e.len() + 1).sum();
+    let mut out = Vec::with_capacity(len + BATCH_OVERHEAD);
+    out.extend_from_slice(BATCH_TAG);
+    out.extend_from_slice(br#""events":["#);
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(e);
+    }
+    out.extend_from_slice(format!(r#"],"upto":{upto},"head":{head}}}"#).as_bytes());
+    Bytes::from(out)
 }
 
 /// How [`encode_server`] starts a batch frame: the tag first.
@@ -526,15 +560,15 @@ mod tests {
         assert_eq!(&buf[..], b"\x00\x00\x00\x03abc");
         assert_eq!(&client.decode(&mut buf).unwrap().unwrap()[..], b"abc");
         // A length prefix above the reader's cap is refused before any payload is
-        // buffered: a server reads no client frame above MAX_FRAME, a puller reads
-        // batches up to MAX_EVENT_FRAME.
-        assert!(server.decode(&mut prefix(MAX_FRAME + 1)).is_err());
+        // buffered: a server reads no client frame above MAX_CLIENT_FRAME, a puller
+        // reads batches up to MAX_EVENT_FRAME.
+        assert!(server.decode(&mut prefix(MAX_CLIENT_FRAME + 1)).is_err());
         assert!(client.decode(&mut prefix(MAX_FRAME + 1)).unwrap().is_none());
         assert!(LinkCodec::client()
             .decode(&mut prefix(MAX_EVENT_FRAME + 1))
             .is_err());
         // Nor does either write above its own cap.
-        let over = Bytes::from(vec![b' '; MAX_FRAME + 1]);
+        let over = Bytes::from(vec![b' '; MAX_CLIENT_FRAME + 1]);
         assert!(LinkCodec::client()
             .encode(over.clone(), &mut BytesMut::new())
             .is_err());
@@ -542,5 +576,25 @@ mod tests {
         // An incomplete frame is "not yet", not an error.
         let mut part = BytesMut::from(&b"\x00\x00\x00\x05ab"[..]);
         assert!(server.decode(&mut part).unwrap().is_none());
+    }
+
+    #[test]
+    fn batch_frames_are_what_encode_server_writes() {
+        let mut events: Vec<Logged> = (1..=3)
+            .map(|n| Logged {
+                seq: n,
+                event: crate::scratch::event("us", n as u64, n == 2),
+            })
+            .collect();
+        events[0].event.stamp = None;
+        for evs in [vec![], events] {
+            let encoded: Vec<Vec<u8>> = evs.iter().map(|l| encode_event(l).unwrap()).collect();
+            let msg = ServerMsg::Batch(Batch {
+                events: evs,
+                upto: 7,
+                head: -1,
+            });
+            assert_eq!(batch_frame(&encoded, 7, -1), encode_server(&msg).unwrap());
+        }
     }
 }

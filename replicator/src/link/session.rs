@@ -24,9 +24,7 @@ use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tracing::{debug, info, warn};
 
-use super::protocol::{
-    self, Batch, ClientMsg, Hello, ProtocolError, ServerMsg, Welcome, PROTO_VERSION,
-};
+use super::protocol::{self, ClientMsg, Hello, ServerMsg, Welcome, PROTO_VERSION};
 use super::server::{LinkServer, ServeError};
 use crate::log::floors::Floors;
 use crate::log::{Logged, ShipFilter};
@@ -214,11 +212,24 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     }
 
     /// Writes one frame; a write blocked for the peer timeout ends the session.
+    /// Queues a frame and writes it out. The peer has the peer timeout to take each
+    /// part of it, not the whole: a frame may be up to 1 GiB.
     async fn send_bytes(&mut self, bytes: Bytes) -> Result<(), ServeError> {
         let limit = self.server.cfg.peer_timeout();
-        match tokio::time::timeout(limit, self.framed.send(bytes)).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(ServeError::Stalled(limit)),
+        match tokio::time::timeout(limit, self.framed.feed(bytes)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(ServeError::Stalled(limit)),
+        }
+        let mut left = self.framed.write_buffer().len();
+        loop {
+            match tokio::time::timeout(limit, self.framed.flush()).await {
+                Ok(r) => return Ok(r?),
+                // Flushing is cancel-safe: what is not written stays in the buffer.
+                Err(_) if self.framed.write_buffer().len() < left => {
+                    left = self.framed.write_buffer().len();
+                }
+                Err(_) => return Err(ServeError::Stalled(limit)),
+            }
         }
     }
 
@@ -349,33 +360,34 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     }
 }
 
-/// Encodes a batch, halving it (and lowering `upto` to its last event) until it fits in
-/// one frame. The events left out are read again for the next batch.
+/// Encodes a batch, each event once, cut short (with `upto` lowered to its last event)
+/// where the next event would take it over [`protocol::MAX_FRAME`]. The first event
+/// always goes, alone if need be, up to [`protocol::MAX_EVENT_FRAME`]. The events left
+/// out are read again for the next batch.
 fn encode_batch(
-    mut events: Vec<Logged>,
+    events: Vec<Logged>,
     read_upto: i64,
     head: i64,
 ) -> Result<(Bytes, i64), ServeError> {
+    let mut encoded: Vec<Vec<u8>> = Vec::new();
+    let mut size = protocol::BATCH_OVERHEAD;
     let mut upto = read_upto;
-    loop {
-        let msg = ServerMsg::Batch(Batch { events, upto, head });
-        match protocol::encode_server(&msg) {
-            Ok(b) => return Ok((b, upto)),
-            Err(ProtocolError::TooLarge { bytes, .. }) => {
-                let ServerMsg::Batch(b) = msg else {
-                    unreachable!("built as a batch above")
-                };
-                events = b.events;
-                if events.len() <= 1 {
-                    let seq = events.first().map_or(upto, |l| l.seq);
-                    return Err(ServeError::EventTooLarge { seq, bytes });
-                }
-                events.truncate(events.len() / 2);
-                upto = events.last().map_or(upto, |l| l.seq);
-            }
-            Err(e) => return Err(ServeError::Encode(e)),
+    for (i, l) in events.iter().enumerate() {
+        let e = protocol::encode_event(l).map_err(ServeError::Encode)?;
+        if i == 0 && size + e.len() > protocol::MAX_EVENT_FRAME {
+            return Err(ServeError::EventTooLarge {
+                seq: l.seq,
+                bytes: e.len(),
+            });
         }
+        if i > 0 && size + e.len() + 1 > protocol::MAX_FRAME {
+            upto = events[i - 1].seq;
+            break;
+        }
+        size += e.len() + 1;
+        encoded.push(e);
     }
+    Ok((protocol::batch_frame(&encoded, upto, head), upto))
 }
 
 fn now_ms() -> u64 {

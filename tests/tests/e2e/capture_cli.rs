@@ -313,8 +313,9 @@ async fn run_started_before_its_database_captures_once_it_is_up() -> Result<()> 
     Ok(())
 }
 
-/// A node started before `pgmesh init` proxies at once, and captures once the catalog
-/// is installed: it must not stay a proxy only until someone restarts it.
+/// A node started before `pgmesh init` proxies at once, and captures (and serves its
+/// log to peers) once init has run: it must not stay a proxy only until someone
+/// restarts it.
 #[tokio::test]
 async fn run_started_before_init_captures_once_init_has_run() -> Result<()> {
     let region = Region::start("preinit").await?;
@@ -322,7 +323,20 @@ async fn run_started_before_init_captures_once_init_has_run() -> Result<()> {
         .admin
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
         .await?;
-    let mut node = spawn_run(&region.url(), "preinit")?;
+    let url = region.url();
+    let mut node = PgmeshProcess::spawn(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &url,
+        "--region",
+        "preinit",
+        "--node",
+        "preinit-1",
+        "--peer-listen",
+        "127.0.0.1:0",
+    ])?;
     let client = connect(&node.conn_string().await?).await?;
     client
         .batch_execute("INSERT INTO t VALUES (1, 'proxied before init')")
@@ -338,11 +352,13 @@ async fn run_started_before_init_captures_once_init_has_run() -> Result<()> {
         .await?;
     let logged = wait_logged(&region, "written after init").await?;
     assert_eq!(logged, 1, "{}", node.log());
-    assert!(
-        node.log().contains("the mesh catalog is installed now"),
-        "{}",
-        node.log()
-    );
+    let log = node.log();
+    for line in [
+        "the mesh catalog is installed now",
+        "serving the change log to peers",
+    ] {
+        assert!(log.contains(line), "no {line:?} in\n{log}");
+    }
     assert!(node.try_wait()?.is_none(), "{}", node.log());
     Ok(())
 }

@@ -124,13 +124,14 @@ async fn a_transaction_larger_than_a_link_frame_replicates() -> Result<()> {
     mesh.init_all().await?;
     mesh.start_nodes(|_| NodeSpec::default()).await?;
     let a = mesh.connect_proxy(0).await?;
-    // 5 rows of 14 MiB: 70 MiB in one event, then a small event after it.
+    // 5 rows of 14 MiB: 70 MiB in one event; then a small event after it.
     a.batch_execute(
         "INSERT INTO big SELECT g, repeat(md5(g::text), 14 * 1024 * 1024 / 32)
-           FROM generate_series(1, 5) g;
-         INSERT INTO big VALUES (6, 'after')",
+           FROM generate_series(1, 5) g",
     )
     .await?;
+    a.batch_execute("INSERT INTO big VALUES (6, 'after')")
+        .await?;
     let sums = mesh.wait_converged(CONVERGE_TIMEOUT).await?;
     ensure!(
         sums["public.big"].starts_with("6:"),

@@ -4,6 +4,7 @@
 //!
 //! Test code only; it never touches the network beyond loopback.
 
+mod large;
 mod pg;
 mod stream;
 mod tls;

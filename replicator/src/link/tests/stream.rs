@@ -162,48 +162,6 @@ async fn a_relay_serves_other_origins_but_never_the_pullers_own() {
     h.stop().await;
 }
 
-/// One source transaction is one event: one larger than a frame must still reach the
-/// peer (alone in its batch), not stop the link at its sequence number for good.
-#[tokio::test]
-async fn an_event_larger_than_a_frame_travels_alone_in_its_batch() {
-    use crate::event::{Change, Op};
-    let h = Harness::start(|_| {}, None).await;
-    let value = "x".repeat(protocol::MAX_FRAME);
-    h.log.push("eu", false);
-    h.log.push_with("eu", false, |e| {
-        e.changes = vec![Change {
-            table: "public.big".into(),
-            op: Op::Insert,
-            pk: vec![("id".into(), Some("1".into()))],
-            old: None,
-            new: Some(vec![("body".into(), Some(value.clone()))]),
-            unchanged: vec![],
-            types: vec![25],
-            prev: None,
-        }]
-    });
-    h.log.push("eu", false);
-    let (mut c, _) = LinkClient::connect(h.addr, client("us")).await.unwrap();
-    let mut got = Vec::new();
-    while got.last().is_none_or(|(_, upto)| *upto < 3) {
-        let ev = next_batch(&mut c).await;
-        if let LinkEvent::Batch { events, .. } = &ev {
-            if let Some(big) = events.iter().find(|l| l.seq == 2) {
-                let new = big.event.changes[0].new.as_ref().unwrap();
-                assert!(
-                    new[0].1.as_deref() == Some(value.as_str()),
-                    "the event arrives whole"
-                );
-            }
-        }
-        let (seqs, upto) = seqs(&ev);
-        c.ack(upto).await.unwrap();
-        got.push((seqs, upto));
-    }
-    assert_eq!(got, vec![(vec![1], 1), (vec![2], 2), (vec![3], 3)]);
-    h.stop().await;
-}
-
 /// Collects frames until `for_` of (paused) time passes; panics on a batch.
 async fn only_heartbeats(c: &mut LinkClient, for_: Duration) -> usize {
     let deadline = Instant::now() + for_;
