@@ -10,6 +10,7 @@
 #   SOAK_LOOPS=2    loops running at once
 #   SOAK_LOAD=1     busy CPU hogs running beside them (slows the nodes down)
 #   SOAK_OUT=DIR    where each failed run's output is kept [a new temporary directory]
+#   SOAK_TIMEOUT=S  a run still going after S seconds is killed and counts as failed [600]
 # Prints one line per run; exits 1 if any run failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +53,7 @@ loop() {
   while n=$(claim) && [ -n "$n" ]; do
     log="$out/run-$n.log"
     start=$(date +%s)
-    PGMESH_BIN="$out/pgmesh" "$out/e2e" --exact "$test_name" >"$log" 2>&1 || true
+    PGMESH_BIN="$out/pgmesh" timeout "${SOAK_TIMEOUT:-600}" "$out/e2e" --exact "$test_name" >"$log" 2>&1 || true
     if grep -q "test result: ok. 1 passed" "$log"; then
       echo "run $n: ok ($(($(date +%s) - start)) s)"
       rm -f "$log"
@@ -67,6 +68,6 @@ for _ in $(seq 1 "$loops"); do
   workers+=($!)
 done
 wait "${workers[@]}"
-failed=$(ls "$out"/run-*.log 2>/dev/null | wc -l)
+failed=$(find "$out" -name "run-*.log" | wc -l)
 echo "soak: $runs runs, $failed failed" >&2
 [ "$failed" = 0 ]

@@ -185,6 +185,15 @@ impl Expectations {
                 settled: false,
             };
         }
+        if tag == b'Z' {
+            // Requests before the Sync this answers that are still unanswered were
+            // skipped by the server after an error (it discards everything up to the
+            // next Sync): they never get an answer. Such as a stamp injected at the
+            // Sync of a COPY whose error arrived before the client's CopyDone.
+            while self.front().is_some_and(|e| !e.what.ends_with_ready()) {
+                self.queue.pop_front();
+            }
+        }
         let Some(front) = self.front() else {
             return Verdict {
                 swallow: false,
@@ -216,6 +225,38 @@ impl Expectations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The order that hung a session: a COPY's error arrives before the client ends
+    /// the copy, so the stamp injected at its Sync goes to a server that skips it.
+    /// The ReadyForQuery still reaches the client and settles the session.
+    #[test]
+    fn requests_skipped_after_an_error_end_at_the_ready_for_query() {
+        let mut e = Expectations::default();
+        e.push(Awaiting::Bind, false);
+        e.push(Awaiting::Execute, false);
+        assert!(!e.on_server(b'2').swallow);
+        assert!(!e.on_server(b'E').swallow, "the COPY's error");
+        for w in [
+            Awaiting::Parse,
+            Awaiting::Bind,
+            Awaiting::Execute,
+            Awaiting::Close,
+        ] {
+            e.push(w, true);
+        }
+        e.push(Awaiting::Sync, false);
+        e.push(Awaiting::Parse, false);
+        e.push(Awaiting::Sync, false);
+        let v = e.on_server(b'Z');
+        assert!(
+            !v.swallow && !v.settled,
+            "the client's ReadyForQuery, one Sync left"
+        );
+        assert!(!e.on_server(b'1').swallow);
+        let v = e.on_server(b'Z');
+        assert!(!v.swallow && v.settled);
+        assert!(e.is_empty());
+    }
 
     #[test]
     fn autocommit_and_blocks() {
