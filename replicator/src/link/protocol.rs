@@ -31,7 +31,7 @@ pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 pub const MAX_CLIENT_FRAME: usize = 1024 * 1024;
 
 /// Largest batch of one event: 1 GiB, PostgreSQL's own limit on a value. The change log
-/// keeps an event in one `jsonb` value (at most 255 MiB), so any event it holds fits,
+/// keeps an event in one `jsonb` value (just under 256 MiB at most), so any event it holds fits,
 /// escaped as JSON. Only the puller accepts frames this large, from the server it
 /// dialled; a server accepts no client frame above [`MAX_CLIENT_FRAME`].
 pub const MAX_EVENT_FRAME: usize = 1024 * 1024 * 1024;
