@@ -31,8 +31,8 @@ pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 pub const MAX_CLIENT_FRAME: usize = 1024 * 1024;
 
 /// Largest batch of one event: 1 GiB, PostgreSQL's own limit on a value. The change log
-/// keeps an event in one `jsonb` value (just under 256 MiB at most), so any event it holds fits,
-/// escaped as JSON. Only the puller accepts frames this large, from the server it
+/// keeps an event in one `jsonb` value (just under 256 MiB at most), so an event it holds
+/// fits as JSON text unless most of its characters are ones JSON escapes. Only the puller accepts frames this large, from the server it
 /// dialled; a server accepts no client frame above [`MAX_CLIENT_FRAME`].
 pub const MAX_EVENT_FRAME: usize = 1024 * 1024 * 1024;
 
