@@ -346,7 +346,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         } else {
             f.head.max(read_upto)
         };
-        let (bytes, upto) = encode_batch(scan.events, read_upto, f.head)?;
+        let (bytes, upto) = encode_batch(&scan.events, read_upto, f.head)?;
         // A batch cut short to fit a frame left rows behind.
         f.caught_up = scan.drained && upto == read_upto;
         self.send_bytes(bytes).await?;
@@ -364,30 +364,26 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
 /// where the next event would take it over [`protocol::MAX_FRAME`]. The first event
 /// always goes, alone if need be, up to [`protocol::MAX_EVENT_FRAME`]. The events left
 /// out are read again for the next batch.
-fn encode_batch(
-    events: Vec<Logged>,
-    read_upto: i64,
-    head: i64,
-) -> Result<(Bytes, i64), ServeError> {
-    let mut encoded: Vec<Vec<u8>> = Vec::new();
-    let mut size = protocol::BATCH_OVERHEAD;
+fn encode_batch(events: &[Logged], read_upto: i64, head: i64) -> Result<(Bytes, i64), ServeError> {
+    let mut w = protocol::BatchWriter::new();
     let mut upto = read_upto;
     for (i, l) in events.iter().enumerate() {
-        let e = protocol::encode_event(l).map_err(ServeError::Encode)?;
-        if i == 0 && size + e.len() > protocol::MAX_EVENT_FRAME {
+        let before = w.bytes();
+        w.push(l).map_err(ServeError::Encode)?;
+        let size = w.bytes() + protocol::BATCH_TAIL;
+        if i == 0 && size > protocol::MAX_EVENT_FRAME {
             return Err(ServeError::EventTooLarge {
                 seq: l.seq,
-                bytes: e.len(),
+                bytes: size,
             });
         }
-        if i > 0 && size + e.len() + 1 > protocol::MAX_FRAME {
+        if i > 0 && size > protocol::MAX_FRAME {
+            w.truncate(before);
             upto = events[i - 1].seq;
             break;
         }
-        size += e.len() + 1;
-        encoded.push(e);
     }
-    Ok((protocol::batch_frame(&encoded, upto, head), upto))
+    Ok((w.finish(upto, head), upto))
 }
 
 fn now_ms() -> u64 {
