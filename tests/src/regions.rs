@@ -382,8 +382,7 @@ impl Mesh {
         match &r.node {
             Some(Node::InProcess(h)) => {
                 let mut role = h
-                    .capture
-                    .as_ref()
+                    .capture()
                     .context("the node runs no capture")?
                     .watch_role();
                 tokio::time::timeout(READY_TIMEOUT, role.wait_for(|r| *r == Role::Leader))

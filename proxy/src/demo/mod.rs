@@ -195,7 +195,7 @@ async fn start_and_show(demo: &mut Demo, n: usize, base: u16) -> anyhow::Result<
 async fn wait_leaders(nodes: &[NodeHandle]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     for n in nodes {
-        let Some(c) = &n.capture else {
+        let Some(c) = n.capture() else {
             bail!("a node has no capture")
         };
         let mut role = c.watch_role();

@@ -165,33 +165,40 @@ impl Drop for ReplicationRuntime {
 #[derive(Debug)]
 pub struct NodeHandle {
     pub proxy: ProxyHandle,
-    pub capture: Option<CaptureHandle>,
-    /// Where peers pull from, when serving.
-    pub peer_addr: Option<SocketAddr>,
     /// Where `/metrics` is served.
     pub metrics_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     cancel: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
-    /// The pull links' supervisor, stopped by `links_stop` before anything else.
-    links: Option<JoinHandle<()>>,
+    /// Stops the pull links before anything else.
     links_stop: watch::Sender<bool>,
+    /// Capture and what runs with it, when the catalog was there at start.
+    started: Option<Replication>,
     /// A node whose database had no catalog at start: what waits for `pgmesh init`,
-    /// then starts what [`Self::capture`] and the rest would have held.
+    /// then starts what `started` would have held.
     late: Option<Late>,
     /// Declared last: shut down after everything running on it has stopped.
     _replication: ReplicationRuntime,
 }
 
 impl NodeHandle {
+    /// Capture, when it started with the node (not after a late `pgmesh init`).
+    pub fn capture(&self) -> Option<&CaptureHandle> {
+        self.started.as_ref().map(|r| &r.capture)
+    }
+
+    /// Where peers pull from, when serving (and started with the node).
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.started.as_ref().and_then(|r| r.peer_addr)
+    }
+
     /// Stops pulling from peers and waits until every link has ended; the node goes
     /// on serving its own log. [`Self::shutdown`] starts with this. Whoever stops
     /// several nodes of one mesh (the demo) calls it on each before shutting any
     /// down, so no link sees its peer go away and warns about it.
     pub async fn stop_links(&mut self) {
         let _ = self.links_stop.send(true);
-        if let Some(t) = self.links.take() {
+        if let Some(t) = self.started.as_mut().and_then(|r| r.links.take()) {
             let _ = t.await;
         }
         if let Some(late) = &self.late {
@@ -212,11 +219,8 @@ impl NodeHandle {
         self.stop_links().await;
         let _ = self.stop.send(true);
         self.cancel.cancel();
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        if let Some(c) = self.capture {
-            c.stop().await;
+        if let Some(r) = self.started {
+            r.stop().await;
         }
         if let Some(late) = self.late {
             // It stops waiting at once; what it started by now is in `started`.
@@ -249,8 +253,8 @@ struct Replication {
 }
 
 impl Replication {
-    /// Waits for the links (told to stop by `links_stop`), then for the tasks (told by
-    /// the cancellation token), then stops capture.
+    /// Waits for the links (told to stop by `links_stop`, unless already awaited),
+    /// then for the tasks (told by the cancellation token), then stops capture.
     async fn stop(self) {
         if let Some(l) = self.links {
             let _ = l.await;
@@ -434,21 +438,14 @@ pub async fn start(v: Validated) -> anyhow::Result<NodeHandle> {
         None => None,
     };
     let proxy = server::start_counting(v, metrics.session_counter()).await?;
-    let (capture, peer_addr, tasks, links) = match now {
-        Some(r) => (Some(r.capture), r.peer_addr, r.tasks, r.links),
-        None => (None, None, Vec::new(), None),
-    };
     Ok(NodeHandle {
         proxy,
-        capture,
-        peer_addr,
         metrics_addr,
         metrics,
         stop,
         cancel,
-        tasks,
-        links,
         links_stop,
+        started: now,
         late,
         _replication: repl,
     })

@@ -47,7 +47,7 @@ async fn peers_pull_from_the_node_that_took_over_its_region() -> Result<()> {
     let second = mesh
         .start_second_node(0, "fo1-second", second_port, |_| {})
         .await?;
-    let mut role = second.capture.as_ref().context("no capture")?.watch_role();
+    let mut role = second.capture().context("no capture")?.watch_role();
     tokio::time::timeout(READY_TIMEOUT, role.wait_for(|r| *r == Role::Standby))
         .await
         .context("the second node never waited as standby")??;
@@ -146,7 +146,7 @@ async fn a_node_that_disagrees_on_relay_neither_captures_nor_serves() -> Result<
     let second = mesh
         .start_second_node(0, "rl1-second", second_port, |c| c.relay = false)
         .await?;
-    let role = second.capture.as_ref().context("no capture")?.watch_role();
+    let role = second.capture().context("no capture")?.watch_role();
     // rl2 pulls from the second node only.
     let second_addr = SocketAddr::from(([127, 0, 0, 1], second_port));
     let spec = NodeSpec {
