@@ -84,6 +84,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "view_clocks",
         sql: include_str!("../migrations/0014_view_clocks.sql"),
     },
+    Migration {
+        version: 15,
+        name: "version_check",
+        sql: include_str!("../migrations/0015_version_check.sql"),
+    },
 ];
 
 /// The newest catalog version this binary knows.

@@ -3,18 +3,19 @@
 //! The usual one ([`Applier::scripted_body`]) takes two round trips, each one simple
 //! query (see `script`): BEGIN, the origin setup, the applied-events check, the row
 //! locks and the versions; then, once the changes are resolved, the writes, the
-//! conflict records, the change log, versions and checkpoint, and COMMIT. The
-//! isolating one ([`Applier::isolated_body`]), used after a batch failed on data,
-//! runs each event in a savepoint of its own and sends the ones that fail to dead
-//! letters.
+//! conflict records, the check of the versions resolved against (under the append
+//! lock), the change log, versions and checkpoint, and COMMIT. The isolating one
+//! ([`Applier::isolated_body`]), used after a batch failed on data, runs each event
+//! as a batch of its own and sends the ones that fail to dead letters.
 
-use futures::future::{try_join_all, BoxFuture};
 use tokio_postgres::types::ToSql;
+use tracing::debug;
 
-use super::plan::{plan_events, plan_locked, Plan, ScriptedLocks, Xids};
+use super::locks::ScriptedLocks;
+use super::plan::{plan_locked, ExpectedParams, Plan, Xids, VERSIONS_UNCHANGED};
 use super::records::{conflict_literals, dead_letter, logged_params, not_logged};
 use super::sql::{quote, quote_array};
-use super::{run_plan, Applier, ApplyError, BatchOutcome, ORIGIN_SETUP};
+use super::{Applier, ApplyError, BatchOutcome, ORIGIN_SETUP};
 use crate::capture::APPLIED_PREFIX;
 use crate::event::ChangeEvent;
 use crate::hlc::Hlc;
@@ -143,6 +144,13 @@ impl Applier {
             quote(Some(&book.max_hlc.to_string())),
             quote(book.max_commit_ts_us.map(|t| t.to_string()).as_deref()),
         ];
+        // After the writes, which may wait on a local transaction: the check takes the
+        // append lock, which capture needs, and holds it to the commit.
+        let expected = ExpectedParams::new(&planned);
+        if !expected.is_empty() {
+            let name = self.named.get(tx, VERSIONS_UNCHANGED).await?;
+            second.execute(&name, &expected.literals());
+        }
         if fresh.is_empty() {
             let name = self.named.get(tx, super::CHECKPOINT).await?;
             second.execute(&name, &checkpoint);
@@ -165,9 +173,10 @@ impl Applier {
         Ok(out)
     }
 
-    /// One batch with each event in a savepoint of its own: an event that fails on
-    /// data goes to dead letters and the rest apply. On an error the transaction may
-    /// be open: the caller rolls it back.
+    /// One batch, each event in a transaction of its own (with the checkpoint up to
+    /// it): an event that fails on data goes to dead letters, in a transaction that
+    /// logs it and moves the checkpoint past it, and the rest apply. Each event goes
+    /// through [`Self::scripted_body`], so it is resolved and checked as in a batch.
     pub(super) async fn isolated_body(
         &mut self,
         peer: &str,
@@ -175,93 +184,105 @@ impl Applier {
         upto: i64,
         head: i64,
     ) -> Result<BatchOutcome, ApplyError> {
-        let remote = self.remote(events);
-        let names = self.names.clone();
-        let wait = self.capture_wait;
-        let mut progress = self.progress.clone();
-        let st = &self.st;
-        let tx = &self.client;
-        tx.batch_execute("BEGIN").await?;
-        let logged: Vec<i64> = match remote.last() {
-            Some(last) => {
-                let (origins, hlcs) = logged_params(&remote);
-                tx.query_one(
-                    &st.origin_setup,
-                    &[
-                        &Lsn(last.source_lsn).to_string(),
-                        &last.commit_ts_us,
-                        &origins,
-                        &hlcs,
-                    ],
-                )
-                .await?
-                .get(3)
-            }
-            None => Vec::new(),
-        };
-        let fresh = not_logged(&remote, &logged);
-        let mut out = BatchOutcome {
-            duplicates: events.len() - fresh.len(),
-            ..BatchOutcome::default()
-        };
-        for (i, e) in fresh.iter().enumerate() {
-            tx.batch_execute(&format!("SAVEPOINT ev{i}")).await?;
-            let one = std::slice::from_ref(e);
-            let r = match plan_events(tx, &mut self.cache, one, progress.as_mut(), wait).await {
-                Ok(p) => run_plan(tx, st, &mut self.cache, &p, &names)
-                    .await
-                    .map(|()| p.conflicts.len()),
-                Err(e) => Err(e),
-            };
-            match r {
-                Ok(conflicts) => {
-                    tx.batch_execute(&format!("RELEASE SAVEPOINT ev{i}"))
-                        .await?;
-                    out.applied += 1;
-                    out.conflicts += conflicts;
+        let mut out = BatchOutcome::default();
+        for l in events {
+            let one = std::slice::from_ref(l);
+            let upto_here = l.seq.min(upto);
+            match self.retrying(peer, one, upto_here, head).await {
+                Ok(o) => {
+                    out.applied += o.applied;
+                    out.duplicates += o.duplicates;
+                    out.conflicts += o.conflicts;
+                    out.max_commit_ts_us = out.max_commit_ts_us.max(o.max_commit_ts_us);
                 }
                 Err(err) if err.is_data_error() => {
-                    tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT ev{i}"))
+                    self.dead_letter_body(peer, l, upto_here, head, &err)
                         .await?;
-                    dead_letter(tx, peer, e, &err).await?;
                     out.dead_letters += 1;
                 }
                 Err(err) => return Err(err),
             }
         }
-        let book = Bookkeeping::new(events, &fresh);
-        out.max_commit_ts_us = book.max_commit_ts_us;
-        let params = append_params(&fresh);
-        // Versions were stored with each event's writes.
-        let none = versions::VersionMap::new();
-        let store = versions::StoreParams::new(&none);
-        let notify = self.notify_appends;
-        let cp_params: [&(dyn ToSql + Sync); 8] = [
-            &peer,
-            &upto,
-            &head,
-            &book.max_hlc,
-            &out.max_commit_ts_us,
-            &APPLIED_PREFIX,
-            &book.max_applied,
-            &notify,
-        ];
-        let mut rest: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = Vec::new();
-        if fresh.is_empty() {
-            rest.push(Box::pin(tx.execute(&st.checkpoint, &cp_params[..5])));
-        } else {
+        if events.last().is_none_or(|l| l.seq < upto) {
+            let o = self.retrying(peer, &[], upto, head).await?;
+            out.max_commit_ts_us = out.max_commit_ts_us.max(o.max_commit_ts_us);
+        }
+        Ok(out)
+    }
+
+    /// [`Self::scripted_body`], run again (up to three times) after an error that a
+    /// concurrent local write explains: a unique violation (its insert committed
+    /// while ours waited on it) or a changed row version ([`VERSIONS_UNCHANGED`]).
+    pub(super) async fn retrying(
+        &mut self,
+        peer: &str,
+        events: &[Logged],
+        upto: i64,
+        head: i64,
+    ) -> Result<BatchOutcome, ApplyError> {
+        let mut tries = 0;
+        loop {
+            let r = self.scripted_body(peer, events, upto, head).await;
+            if let Err(e) = &r {
+                // The transaction may still be open (and aborted): end it. If it ended
+                // already, this only draws a warning.
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                if e.raced_a_local_write() && tries < 3 {
+                    debug!(error = %e, "batch raced a local write; resolving it again");
+                    tries += 1;
+                    continue;
+                }
+            }
+            return r;
+        }
+    }
+
+    /// Sends `l` to dead letters for `err`, and logs it (so a replay finds it applied)
+    /// and moves the checkpoint to `upto`, in one transaction.
+    async fn dead_letter_body(
+        &mut self,
+        peer: &str,
+        l: &Logged,
+        upto: i64,
+        head: i64,
+        err: &ApplyError,
+    ) -> Result<(), ApplyError> {
+        let one = std::slice::from_ref(l);
+        let fresh = self.remote(one);
+        let book = Bookkeeping::new(one, &fresh);
+        let st = &self.st;
+        let tx = &self.client;
+        let r = async {
+            tx.batch_execute("BEGIN").await?;
+            dead_letter(tx, peer, &l.event, err).await?;
+            let params = append_params(&fresh);
+            let none = versions::VersionMap::new();
+            let store = versions::StoreParams::new(&none);
+            let notify = self.notify_appends;
+            let cp: [&(dyn ToSql + Sync); 8] = [
+                &peer,
+                &upto,
+                &head,
+                &book.max_hlc,
+                &book.max_commit_ts_us,
+                &APPLIED_PREFIX,
+                &book.max_applied,
+                &notify,
+            ];
             let tail: Vec<&(dyn ToSql + Sync)> = params
                 .refs_locked()
                 .into_iter()
                 .chain(store.refs())
-                .chain(cp_params)
+                .chain(cp)
                 .collect();
-            rest.push(Box::pin(async move { tx.execute(&st.tail, &tail).await }));
+            tx.execute(&st.tail, &tail).await?;
+            tx.batch_execute("COMMIT").await?;
+            Ok(())
         }
-        rest.push(Box::pin(async {
-            tx.batch_execute("COMMIT").await.map(|()| 0)
-        }));
-        try_join_all(rest).await?;
-        Ok(out)
+        .await;
+        if r.is_err() {
+            let _ = tx.batch_execute("ROLLBACK").await;
+        }
+        r
     }
 }

@@ -17,6 +17,7 @@
 
 mod batch;
 pub mod exec;
+mod locks;
 mod plan;
 mod records;
 pub mod sql;
@@ -26,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use futures::future::try_join3;
+use futures::future::try_join;
 use thiserror::Error;
 use tokio_postgres::{Client, Statement};
 use tracing::{debug, warn};
@@ -86,24 +87,23 @@ FROM ins",
     )
 });
 
-/// Statements every batch runs, prepared once per session.
+/// Statements of the paths outside a scripted batch (dead letters, their retries),
+/// prepared once per session.
 #[derive(Debug)]
 struct Statements {
-    origin_setup: Statement,
     tail: Statement,
-    checkpoint: Statement,
     store: Statement,
     conflict: Statement,
+    unchanged: Statement,
 }
 
 impl Statements {
     async fn prepare(c: &Client) -> Result<Self, tokio_postgres::Error> {
         Ok(Self {
-            origin_setup: c.prepare(&ORIGIN_SETUP).await?,
             tail: c.prepare(&TAIL).await?,
-            checkpoint: c.prepare(CHECKPOINT).await?,
             store: c.prepare(versions::STORE).await?,
             conflict: c.prepare(records::CONFLICT).await?,
+            unchanged: c.prepare(plan::VERSIONS_UNCHANGED).await?,
         })
     }
 }
@@ -133,9 +133,13 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
-    /// A unique violation (23505), which a concurrent local insert can cause.
-    pub fn is_unique_violation(&self) -> bool {
-        matches!(self, ApplyError::Db(e) if e.code().is_some_and(|c| c.code() == "23505"))
+    /// An error a concurrent local write explains, after which the batch is resolved
+    /// again: a unique violation (23505: a local insert of a key the batch inserts
+    /// committed while ours waited on it), or a serialization failure (40001: a row
+    /// version the batch resolved against changed before it stored its own, see
+    /// [`plan::VERSIONS_UNCHANGED`]).
+    pub fn raced_a_local_write(&self) -> bool {
+        matches!(self, ApplyError::Db(e) if e.code().is_some_and(|c| ["23505", "40001"].contains(&c.code())))
     }
 
     /// Whether the error is about the data of one event (so it belongs in dead
@@ -312,6 +316,8 @@ impl Applier {
     }
 
     /// Applies one batch in one transaction and advances the checkpoint to `upto`.
+    /// A batch that fails on data is applied again event by event, the failing ones
+    /// going to dead letters.
     pub async fn apply_batch(
         &mut self,
         peer: &str,
@@ -319,47 +325,13 @@ impl Applier {
         upto: i64,
         head: i64,
     ) -> Result<BatchOutcome, ApplyError> {
-        let mut result = self.run_batch(peer, events, upto, head, false).await;
-        // A unique violation usually means a local insert of the same key committed
-        // while we waited on it: run the batch again, and it is resolved by
-        // last-writer-wins against the now-visible row.
-        for _ in 0..3 {
-            match &result {
-                Err(e) if e.is_unique_violation() => {
-                    debug!(error = %e, "batch raced a local insert; retrying");
-                    result = self.run_batch(peer, events, upto, head, false).await;
-                }
-                _ => break,
-            }
-        }
-        match result {
+        match self.retrying(peer, events, upto, head).await {
             Err(e) if e.is_data_error() => {
                 debug!(error = %e, "batch failed on data; isolating events");
-                self.run_batch(peer, events, upto, head, true).await
+                self.isolated_body(peer, events, upto, head).await
             }
             other => other,
         }
-    }
-
-    async fn run_batch(
-        &mut self,
-        peer: &str,
-        events: &[Logged],
-        upto: i64,
-        head: i64,
-        isolate: bool,
-    ) -> Result<BatchOutcome, ApplyError> {
-        let r = if isolate {
-            self.isolated_body(peer, events, upto, head).await
-        } else {
-            self.scripted_body(peer, events, upto, head).await
-        };
-        if r.is_err() {
-            // The transaction may still be open (and aborted): end it. If it ended
-            // already, this only draws a warning.
-            let _ = self.client.batch_execute("ROLLBACK").await;
-        }
-        r
     }
 
     /// Re-applies dead letters marked for retry (`mesh.retry_dead_letter`).
@@ -441,7 +413,10 @@ impl Applier {
     }
 }
 
-/// Runs a plan's writes, versions and conflict records, pipelined.
+/// Runs a plan's writes, then checks (under the append lock, see
+/// [`plan::VERSIONS_UNCHANGED`]) that the versions it resolved against are still
+/// stored, then stores its versions and conflict records, pipelined. The writes come
+/// first: they may wait on a local transaction, and capture must not wait with them.
 async fn run_plan(
     tx: &Client,
     st: &Statements,
@@ -450,12 +425,12 @@ async fn run_plan(
     names: &HashMap<i16, String>,
 ) -> Result<(), ApplyError> {
     let stmts = exec::prepare_all(tx, cache, &p.writes).await?;
-    try_join3(
-        async {
-            exec::run_all(tx, &stmts, &p.writes)
-                .await
-                .map_err(ApplyError::from)
-        },
+    exec::run_all(tx, &stmts, &p.writes).await?;
+    let expected = plan::ExpectedParams::new(p);
+    if !expected.is_empty() {
+        tx.query_one(&st.unchanged, &expected.refs()).await?;
+    }
+    try_join(
         async {
             versions::store(tx, &st.store, &p.touched)
                 .await

@@ -1,32 +1,40 @@
 //! Resolving a set of remote events into the statements that apply them.
 //!
 //! [`plan_events`] locks every keyed row the events touch and reads the rows'
-//! versions in one pipelined round trip, closes the capture race (waits for capture
-//! when a locked row was written since its known version), then decides each change
-//! by last-writer-wins. It returns the writes, the new versions and the conflicts
-//! without running them, so the caller can send them together with the rest of the
-//! batch's bookkeeping in one more round trip. Only a replicated TRUNCATE runs
-//! inline, because the rows it removes depend on the writes before it.
+//! versions in one pipelined round trip (see `locks`), closes the capture race (waits
+//! for capture when a locked row was written since its known version, then locks
+//! again), then decides each change by last-writer-wins. It returns the writes, the
+//! new versions, the versions they were decided against and the conflicts without
+//! running them, so the caller can send them together with the rest of the batch's
+//! bookkeeping in one more round trip. Only a replicated TRUNCATE runs inline,
+//! because the rows it removes depend on the writes before it.
+//!
+//! A key that is absent when locked is not locked against a local insert: the caller
+//! checks under the append lock, before it stores the new versions, that the ones
+//! decided against are still stored ([`VERSIONS_UNCHANGED`]); capture raises a local
+//! write that committed unseen before the batch above the batch's version (see
+//! `versions::advance_local`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures::future::try_join;
-use tokio_postgres::{Client, SimpleQueryRow};
+use tokio_postgres::Client;
 use tracing::debug;
 
 use super::exec::{self, StatementCache};
+use super::locks::{lock_rows, Locked};
 use super::records::ConflictRow;
 use super::truncate::truncate_older;
 use super::{sql, ApplyError};
 use crate::capture::Progress;
 use crate::catalog::origin_id_for;
 use crate::event::{ChangeEvent, Op, Value};
-use crate::log::versions::{self, RowVersion, VersionMap, WATERMARK};
+use crate::log::table::APPEND_LOCK;
+use crate::log::versions::{RowVersion, VersionMap, WATERMARK};
 use crate::pgoutput::Lsn;
 use crate::resolve::{decide, plan, Action, Decision, Version, Winner};
-use crate::script::{self, Named, Script};
 
 /// The columns of [`XIDS`], for a statement that reads them with others (a batch's
 /// origin setup does).
@@ -63,236 +71,95 @@ pub(super) struct Plan {
     pub writes: Vec<exec::Op>,
     /// Versions the rows have afterwards.
     pub touched: VersionMap,
+    /// For each key of `touched`, the stored version its first change was resolved
+    /// against (None: no version), which must still be the stored one when `touched`
+    /// is stored ([`VERSIONS_UNCHANGED`]).
+    pub expected: HashMap<(String, String), Option<Version>>,
     pub conflicts: Vec<ConflictRow>,
 }
 
-/// Lock statements for the rows `events` touch, and the distinct keys.
-struct RowLocks {
-    /// Every distinct keyed row, as (table, key text).
-    keys: Vec<(String, String)>,
-    /// The statements: each returns one row (position, xmin, age(xmin)) per locked
-    /// row that exists.
-    ops: Vec<exec::Op>,
-    /// For each statement, the index in `keys` of each position it may return.
-    targets: Vec<Vec<usize>>,
+/// Takes the change log's append lock (`$1`), then fails with 40001 unless every
+/// key of `$2` tables, `$3` keys has the stored version `$4` hlc, `$5` origin (NULL:
+/// none); see migration 15. Capture stores the versions of local writes under the
+/// same lock, so after this no local write's version can land before the batch's.
+pub const VERSIONS_UNCHANGED: &str =
+    "SELECT mesh.versions_unchanged($1::int8, $2::text[], $3::text[], $4::int8[], $5::int2[])";
+
+/// The parameters of [`VERSIONS_UNCHANGED`] for a plan's expected versions.
+pub(super) struct ExpectedParams<'a> {
+    tbl: Vec<&'a str>,
+    pk: Vec<&'a str>,
+    hlc: Vec<Option<i64>>,
+    origin: Vec<Option<i16>>,
 }
 
-/// Whether a key value can go into an array parameter as one element (arrays and
-/// composite values would need their own literal syntax there).
-fn plain_scalar(v: &Option<String>) -> bool {
-    v.as_deref()
-        .is_some_and(|s| !s.starts_with('{') && !s.starts_with('('))
-}
-
-/// A table, its key columns, and its rows to lock: (index in `keys`, key values).
-type TableRows<'a> = (&'a str, Vec<&'a str>, Vec<(usize, &'a [(String, Value)])>);
-
-/// One statement per table for the rows of a one-column key (`sql::lock_many`),
-/// else one per row.
-fn row_locks(events: &[ChangeEvent]) -> RowLocks {
-    let mut out = RowLocks {
-        keys: Vec::new(),
-        ops: Vec::new(),
-        targets: Vec::new(),
-    };
-    // Per table, in order of first appearance: the key column names and the rows.
-    let mut tables: Vec<TableRows<'_>> = Vec::new();
-    let mut seen: HashSet<(String, String)> = HashSet::new();
-    for c in events.iter().flat_map(|e| &e.changes) {
-        if c.pk.is_empty() || !matches!(c.op, Op::Insert | Op::Update | Op::Delete) {
-            continue;
-        }
-        let key = (c.table.clone(), c.key_json());
-        if !seen.insert(key.clone()) {
-            continue;
-        }
-        let cols: Vec<&str> = c.pk.iter().map(|(k, _)| k.as_str()).collect();
-        let i = match tables.iter().position(|t| t.0 == c.table && t.1 == cols) {
-            Some(i) => i,
-            None => {
-                tables.push((&c.table, cols, Vec::new()));
-                tables.len() - 1
-            }
+impl<'a> ExpectedParams<'a> {
+    pub fn new(p: &'a Plan) -> Self {
+        let mut out = Self {
+            tbl: Vec::new(),
+            pk: Vec::new(),
+            hlc: Vec::new(),
+            origin: Vec::new(),
         };
-        tables[i].2.push((out.keys.len(), &c.pk));
-        out.keys.push(key);
-    }
-    for (tbl, cols, rows) in tables {
-        let many =
-            cols.len() == 1 && rows.len() > 1 && rows.iter().all(|r| plain_scalar(&r.1[0].1));
-        if many {
-            let values: Vec<&Value> = rows.iter().map(|r| &r.1[0].1).collect();
-            out.ops.push(exec::Op {
-                sql: sql::lock_many(tbl, cols[0]),
-                values: vec![Some(sql::array_literal(&values))],
-            });
-            out.targets.push(rows.iter().map(|r| r.0).collect());
-        } else {
-            for (k, pk) in rows {
-                out.ops.push(exec::Op {
-                    sql: sql::lock(tbl, &cols),
-                    values: pk.iter().map(|(_, v)| v.clone()).collect(),
-                });
-                out.targets.push(vec![k]);
-            }
+        for ((t, k), v) in &p.expected {
+            out.tbl.push(t);
+            out.pk.push(k);
+            out.hlc.push(v.map(|v| v.hlc.as_u64() as i64));
+            out.origin.push(v.map(|v| v.origin));
         }
+        out
     }
-    out
+
+    pub fn is_empty(&self) -> bool {
+        self.tbl.is_empty()
+    }
+
+    /// As SQL literals, for an `EXECUTE` (see `crate::script`).
+    pub fn literals(&self) -> [String; 5] {
+        [
+            sql::quote(Some(&APPEND_LOCK.to_string())),
+            sql::quote_array(&self.tbl),
+            sql::quote_array(&self.pk),
+            sql::quote_opt_array(&self.hlc),
+            sql::quote_opt_array(&self.origin),
+        ]
+    }
+
+    /// References in statement order.
+    pub fn refs(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 5] {
+        [&APPEND_LOCK, &self.tbl, &self.pk, &self.hlc, &self.origin]
+    }
 }
 
-/// The rows a set of events touches, locked, with what the database knew of them.
-#[derive(Debug, Default)]
-pub(super) struct Locked {
-    /// Keyed rows, in lock order.
-    keys: Vec<(String, String)>,
-    /// `keys` plus each table's TRUNCATE watermark.
-    vkeys: Vec<(String, String)>,
-    /// key -> (xmin, age(xmin)) of the locked rows that exist.
-    exists: HashMap<(String, String), (i64, i64)>,
-    /// Versions of `vkeys`, read after the locks.
-    current: VersionMap,
-}
+/// How many times [`plan_locked`] waits for capture before it gives the batch up
+/// (to be tried again): each wait is followed by locking the rows again, and local
+/// writers may keep writing them.
+const MAX_CAPTURE_WAITS: usize = 10;
 
-/// What locking the rows of a set of events takes: the statements, and how to read
-/// their answers.
-struct LockRequest {
-    keys: Vec<(String, String)>,
-    /// `keys` plus each table's TRUNCATE watermark.
-    vkeys: Vec<(String, String)>,
-    ops: Vec<exec::Op>,
-    targets: Vec<Vec<usize>>,
-}
-
-impl LockRequest {
-    fn new(events: &[ChangeEvent]) -> Self {
-        let RowLocks { keys, ops, targets } = row_locks(events);
-        let mut vkeys = keys.clone();
-        let mut tables: Vec<&str> = events
-            .iter()
-            .flat_map(|e| &e.changes)
-            .map(|c| c.table.as_str())
-            .collect();
-        tables.sort_unstable();
-        tables.dedup();
-        vkeys.extend(
-            tables
-                .iter()
-                .map(|t| (t.to_string(), WATERMARK.to_string())),
-        );
-        Self {
-            keys,
-            vkeys,
-            ops,
-            targets,
+/// Whether a locked row may have been written by a local transaction that capture has
+/// not logged yet: its xmin is not the xid of its known version, it exists without a
+/// version and was written since `pgmesh init` (`since_init` xids ago), or it is
+/// missing while its version says it lives.
+fn stale(
+    keys: &[(String, String)],
+    exists: &HashMap<(String, String), (i64, i64)>,
+    current: &VersionMap,
+    since_init: Option<i64>,
+) -> bool {
+    keys.iter().any(|k| match (exists.get(k), current.get(k)) {
+        // A row truncated here (its table's watermark is newer) is not stale.
+        (None, Some(v))
+            if current
+                .get(&(k.0.clone(), WATERMARK.to_string()))
+                .is_some_and(|w| w.version > v.version) =>
+        {
+            false
         }
-    }
-
-    /// The locked rows from each lock statement's rows (position, xmin, age), and
-    /// the versions read after them.
-    fn finish(self, locked: Vec<Vec<Vec<i64>>>, current: VersionMap) -> Result<Locked, ApplyError> {
-        let mut exists = HashMap::new();
-        for (rows, target) in locked.into_iter().zip(&self.targets) {
-            for r in rows {
-                // Position 1-based in the statement's array (always 1 for one row).
-                let k = usize::try_from(r[0] - 1)
-                    .ok()
-                    .and_then(|p| target.get(p))
-                    .ok_or_else(|| {
-                        ApplyError::Internal(format!("lock returned position {}", r[0]))
-                    })?;
-                exists.insert(self.keys[*k].clone(), (r[1], r[2]));
-            }
-        }
-        Ok(Locked {
-            keys: self.keys,
-            vkeys: self.vkeys,
-            exists,
-            current,
-        })
-    }
-}
-
-/// Locks every keyed row `events` touch and reads their versions and each table's
-/// TRUNCATE watermark: one round trip, sent on the first poll (after any statements
-/// still to prepare), so it pipelines behind whatever the caller sent before.
-pub(super) async fn lock_rows(
-    tx: &Client,
-    cache: &mut StatementCache,
-    events: &[ChangeEvent],
-) -> Result<Locked, ApplyError> {
-    let req = LockRequest::new(events);
-    let keys = cache.get(tx, KEY_LOCKS).await?;
-    let [tbls, pks] = versions::key_arrays(&req.vkeys);
-    tx.query_one(&keys, &[&tbls, &pks]).await?;
-    let lock_stmts = exec::prepare_all(tx, cache, &req.ops).await?;
-    let load = cache.get(tx, versions::LOAD).await?;
-    // The locks run first, so the versions read are the locked rows'.
-    let (locked, current) = try_join(
-        exec::query_all_run(tx, &lock_stmts, &req.ops),
-        versions::load(tx, &load, &req.vkeys),
-    )
-    .await?;
-    req.finish(locked, current)
-}
-
-/// Transaction advisory locks on every (table, key) of `$1`, `$2` (as
-/// [`versions::LOAD`] takes them), in one order. Row locks cover only rows that
-/// exist; these also cover absent ones, so two apply sessions (two links) never decide
-/// on the same key at once: one inserting a row the other has already read as absent
-/// would leave a row under the other's tombstone. Two-key advisory locks, apart from
-/// pgmesh's one-key ones (leader, append).
-pub const KEY_LOCKS: &str = "SELECT count(pg_advisory_xact_lock(1885826416, k))
-     FROM (SELECT DISTINCT hashtext(t || chr(31) || p) AS k
-           FROM unnest($1::text[], $2::text[]) AS u(t, p) ORDER BY 1) s";
-
-/// [`lock_rows`] as statements of a script, read back by [`ScriptedLocks::finish`].
-pub(super) struct ScriptedLocks {
-    req: LockRequest,
-    /// Position of each lock statement in the script, then of the versions' read.
-    at: Vec<usize>,
-    load: usize,
-}
-
-impl ScriptedLocks {
-    /// Adds the locks and the versions' read to `script` (preparing what is new).
-    pub async fn push(
-        tx: &Client,
-        named: &mut Named,
-        script: &mut Script,
-        events: &[ChangeEvent],
-    ) -> Result<Self, ApplyError> {
-        let req = LockRequest::new(events);
-        let name = named.get(tx, KEY_LOCKS).await?;
-        script.execute(&name, &versions::load_literals(&req.vkeys));
-        let mut at = Vec::with_capacity(req.ops.len());
-        for op in &req.ops {
-            let name = named.get(tx, &op.sql).await?;
-            at.push(script.execute_text(&name, op.values.iter().map(|v| v.as_deref())));
-        }
-        let name = named.get(tx, versions::LOAD).await?;
-        let load = script.execute(&name, &versions::load_literals(&req.vkeys));
-        Ok(Self { req, at, load })
-    }
-
-    /// What the script's statements returned, as [`lock_rows`] would.
-    pub fn finish(self, results: &[Vec<SimpleQueryRow>]) -> Result<Locked, ApplyError> {
-        let rows = |i: usize| {
-            results
-                .get(i)
-                .ok_or_else(|| ApplyError::Internal(format!("script has no statement {i}")))
-        };
-        let mut locked = Vec::with_capacity(self.at.len());
-        for &i in &self.at {
-            locked.push(
-                rows(i)?
-                    .iter()
-                    .map(|r| (0..3).map(|c| script::int(r, c)).collect())
-                    .collect(),
-            );
-        }
-        let current = versions::from_text_rows(rows(self.load)?);
-        self.req.finish(locked, current)
-    }
+        (Some((xmin, _)), Some(v)) => v.xid != Some(*xmin),
+        (Some((_, age)), None) => since_init.is_none_or(|s| *age <= s),
+        (None, Some(v)) => !v.deleted,
+        (None, None) => false,
+    })
 }
 
 /// Locks, waits for capture when it must, and resolves the changes of `events`.
@@ -334,7 +201,6 @@ pub(super) async fn plan_locked(
 ) -> Result<Plan, ApplyError> {
     let Locked {
         keys,
-        vkeys,
         mut exists,
         mut current,
     } = locked;
@@ -346,22 +212,13 @@ pub(super) async fn plan_locked(
     // If every locked row was last written by the version we know of (its xmin
     // matches), or predates capture, nothing is uncaptured and we need not wait.
     if let Some(p) = progress {
-        let stale = keys.iter().any(|k| match (exists.get(k), current.get(k)) {
-            // A row truncated here (its table's watermark is newer) is not stale.
-            (None, Some(v))
-                if current
-                    .get(&(k.0.clone(), WATERMARK.to_string()))
-                    .is_some_and(|w| w.version > v.version) =>
-            {
-                false
+        let mut waits = 0;
+        loop {
+            let stale = stale(&keys, &exists, &current, since_init);
+            debug!(stale, rows = keys.len(), "capture race check");
+            if !stale {
+                break;
             }
-            (Some((xmin, _)), Some(v)) => v.xid != Some(*xmin),
-            (Some((_, age)), None) => since_init.is_none_or(|s| *age <= s),
-            (None, Some(v)) => !v.deleted,
-            (None, None) => false,
-        });
-        debug!(stale, rows = keys.len(), "capture race check");
-        if stale {
             // The insert position, not the flush: a local transaction committed
             // asynchronously is visible before its commit record is flushed.
             let lsn: String = tx
@@ -369,11 +226,16 @@ pub(super) async fn plan_locked(
                 .await?
                 .get(0);
             let lsn: Lsn = lsn.parse().unwrap_or(Lsn(u64::MAX));
-            if !p.wait_for(lsn, wait).await {
+            if waits == MAX_CAPTURE_WAITS || !p.wait_for(lsn, wait).await {
                 return Err(ApplyError::CaptureBehind(lsn));
             }
-            let load = cache.get(tx, versions::LOAD).await?;
-            current = versions::load(tx, &load, &vkeys).await?;
+            waits += 1;
+            // Locked again, not only reloaded: a row inserted since the first lock
+            // (whose version capture may have logged meanwhile) is locked now, and
+            // the changes are resolved against it as it is.
+            let again = lock_rows(tx, cache, events).await?;
+            exists = again.exists;
+            current = again.current;
         }
     }
     let mut out = Plan::default();
@@ -406,6 +268,9 @@ pub(super) async fn plan_locked(
                 exists.retain(|k, _| {
                     k.0 != c.table || current.get(k).is_some_and(|v| v.version > remote)
                 });
+                out.expected
+                    .entry(wm_key.clone())
+                    .or_insert(current.get(&wm_key).map(|v| v.version));
                 current.insert(wm_key.clone(), tomb);
                 out.touched.insert(wm_key, tomb);
                 continue;
@@ -481,6 +346,9 @@ pub(super) async fn plan_locked(
                     deleted: c.op == Op::Delete,
                     xid: Some(own_xid),
                 };
+                out.expected
+                    .entry(key.clone())
+                    .or_insert(current.get(&key).map(|v| v.version));
                 current.insert(key.clone(), v);
                 out.touched.insert(key.clone(), v);
                 written.insert(key);
@@ -495,64 +363,5 @@ fn insert_op(tbl: &str, row: &[(String, Value)]) -> exec::Op {
     exec::Op {
         sql: sql::insert(tbl, &cols),
         values: row.iter().map(|(_, v)| v.clone()).collect(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event::Change;
-    use crate::hlc::Hlc;
-
-    fn change(table: &str, pk: &[(&str, &str)]) -> Change {
-        let pk: Vec<(String, Value)> = pk
-            .iter()
-            .map(|(k, v)| (k.to_string(), Some(v.to_string())))
-            .collect();
-        Change {
-            table: table.into(),
-            op: Op::Update,
-            pk: pk.clone(),
-            old: None,
-            new: Some(pk),
-            unchanged: vec![],
-            types: vec![],
-            prev: None,
-        }
-    }
-
-    #[test]
-    fn one_lock_per_table_with_a_one_column_key_else_one_per_row() {
-        let event = ChangeEvent {
-            origin: "r1".into(),
-            hlc: Hlc::from_u64(1),
-            source_lsn: 1,
-            xid: 1,
-            commit_ts_us: 0,
-            stamp: None,
-            local_only: false,
-            changes: vec![
-                change("a", &[("id", "1")]),
-                change("b", &[("x", "1"), ("y", "2")]),
-                change("a", &[("id", "2")]),
-                change("a", &[("id", "1")]),
-                change("b", &[("x", "3"), ("y", "4")]),
-                change("c", &[("id", "7")]),
-                change("d", &[("id", "{1,2}")]),
-                change("d", &[("id", "{3}")]),
-            ],
-        };
-        let l = row_locks(std::slice::from_ref(&event));
-        let keys: Vec<&str> = l.keys.iter().map(|k| k.0.as_str()).collect();
-        assert_eq!(keys, ["a", "b", "a", "b", "c", "d", "d"], "distinct rows");
-        let sqls: Vec<bool> = l.ops.iter().map(|o| o.sql.contains("ANY")).collect();
-        // a: one statement for both rows; b (two key columns), c (one row) and d
-        // (array values) one per row.
-        assert_eq!(sqls, [true, false, false, false, false, false]);
-        assert_eq!(l.ops[0].values, vec![Some(r#"{"1","2"}"#.to_string())]);
-        assert_eq!(
-            l.targets,
-            vec![vec![0, 2], vec![1], vec![3], vec![4], vec![5], vec![6]]
-        );
     }
 }

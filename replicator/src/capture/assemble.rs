@@ -85,8 +85,10 @@ impl Assembler {
         }
     }
 
-    /// A remote HLC applied here before this assembler started (the logical messages
-    /// that told the previous leader are not decoded again): `previous` rises to it.
+    /// An HLC every later local event must exceed: `previous` rises to it. A remote
+    /// HLC applied here before this assembler started (the logical messages that told
+    /// the previous leader are not decoded again), or a local event's HLC raised when
+    /// it was logged (see `versions::advance_local`).
     pub fn observe_applied(&mut self, hlc: Hlc) {
         self.previous = self.previous.max(hlc);
     }

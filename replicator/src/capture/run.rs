@@ -330,14 +330,14 @@ async fn lead(
                     pump.pending_end = pump.pending_end.max(k.wal_end);
                 }
                 if k.reply_requested {
-                    pump.flush(&mut log, stream).await?;
+                    pump.flush(&mut log, stream, &mut asm).await?;
                     stream.send_status(status(pump.confirmed, false)).await?;
                 }
             }
         }
         let caught_up = !stream.has_buffered() || pump.batch.len() >= pump.max_batch;
         if !asm.in_transaction() && caught_up {
-            pump.flush(&mut log, stream).await?;
+            pump.flush(&mut log, stream, &mut asm).await?;
             progress.logged.send_if_modified(|l| {
                 let moved = *l < pump.confirmed;
                 *l = (*l).max(pump.confirmed);
@@ -429,15 +429,20 @@ impl Pump {
         self.pending_end = self.pending_end.max(end_lsn);
     }
 
-    /// Appends the batch durably, then confirms its end to the slot.
+    /// Appends the batch durably, then confirms its end to the slot. The append may
+    /// raise events' HLCs (see `versions::advance_local`); `asm` continues above them.
     async fn flush(
         &mut self,
         log: &mut TableLog,
         stream: &mut ReplStream,
+        asm: &mut Assembler,
     ) -> Result<(), CaptureError> {
         if !self.batch.is_empty() {
             let started = std::time::Instant::now();
             let logged = log.append_local(&mut self.batch).await?;
+            if let Some(h) = logged.iter().map(|l| l.event.hlc).max() {
+                asm.observe_applied(h);
+            }
             debug!(
                 events = logged.len(),
                 us = started.elapsed().as_micros() as u64,

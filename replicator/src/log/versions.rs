@@ -200,9 +200,32 @@ pub fn keys_of(events: &[ChangeEvent]) -> Vec<(String, String)> {
 
 /// Stamps each local change with the version it overwrote and returns the versions
 /// the rows have afterwards (only the touched keys).
+///
+/// An event whose row already has a newer version than the event's HLC gets an HLC
+/// above it (and the events after it above that): a remote change was applied after
+/// the local write committed without seeing it. That happens when the row was absent
+/// when apply locked it, and the write an insert still uncommitted then; apply wrote
+/// no row (a delete of an absent row leaves only a tombstone), so nothing ordered
+/// the two. The local row stands here on top of the remote version, so it must win
+/// everywhere. The caller raises its HLC clock to the last event's.
 pub fn advance_local(events: &mut [ChangeEvent], mut current: VersionMap) -> VersionMap {
     let mut touched = HashMap::new();
+    let mut last = Hlc::ZERO;
     for e in events.iter_mut() {
+        let over = e
+            .changes
+            .iter()
+            .filter(|c| !c.pk.is_empty() && matches!(c.op, Op::Insert | Op::Update | Op::Delete))
+            .filter_map(|c| current.get(&(c.table.clone(), c.key_json())))
+            .map(|v| v.version.hlc)
+            .max();
+        if let Some(over) = over.filter(|o| *o >= e.hlc) {
+            e.hlc = over.saturating_next();
+        }
+        if e.hlc <= last {
+            e.hlc = last.saturating_next();
+        }
+        last = e.hlc;
         let version = Version {
             hlc: e.hlc,
             origin: origin_id_for(&e.origin),
