@@ -47,7 +47,7 @@ fn now_ms() -> u64 {
 }
 
 /// A remote change to `id` (a delete when `val` is None).
-fn remote_change(id: i32, val: Option<&str>) -> Change {
+pub(crate) fn remote_change(id: i32, val: Option<&str>) -> Change {
     let pk = vec![("id".to_string(), Some(id.to_string()))];
     let (op, new, types) = match val {
         Some(v) => (

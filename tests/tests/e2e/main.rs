@@ -7,6 +7,7 @@
 //! binary: run `cargo build -p pgmesh-proxy` before `cargo test -p pgmesh-tests
 //! --test e2e` (see `pgmesh_tests::pgmesh_bin`).
 
+mod apply_absent;
 mod apply_race;
 mod apply_stress;
 mod capture_backlog;
