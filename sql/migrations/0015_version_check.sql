@@ -8,8 +8,8 @@
 -- store its version) before apply stored the tombstone, which then overwrote it.
 -- Capture stores versions under the append lock; apply now takes it before the
 -- check, so capture either stored before the check (which fails, and apply resolves
--- the batch again, seeing the local write) or stores after apply's commit (and
--- raises the local write's HLC above the version it overwrites).
+-- the batch again, seeing the local write) or stores after apply's commit (and then
+-- raises the local write's HLC above the tombstone its row stands on).
 CREATE OR REPLACE FUNCTION mesh.versions_unchanged(append_lock bigint, tbls text[], pks text[],
                                                    hlcs bigint[], origins smallint[])
 RETURNS boolean LANGUAGE plpgsql AS $$

@@ -5,9 +5,11 @@
 //! to catch up past any local commit that touched them and that it has not logged
 //! yet (the capture race), versions are read, each change is resolved by
 //! last-writer-wins, winners are written, and the events (in the change log),
-//! versions, conflicts and the link checkpoint are recorded. A crash at any point applies the whole batch or none of
-//! it. An event that cannot be applied (a constraint or type error) is isolated in
-//! its own savepoint and sent to `mesh.dead_letters`; the link keeps going.
+//! versions, conflicts and the link checkpoint are recorded. A crash at any point
+//! applies the whole batch or none of it. When a batch fails on data (a constraint
+//! or type error), its events are applied again one per transaction, each with the
+//! checkpoint up to it, and one that fails is sent to `mesh.dead_letters` (logged and
+//! checkpointed in its own transaction); the link keeps going.
 //!
 //! The session uses a replication origin, so capture knows these writes are not
 //! local changes (loop prevention), and `session_replication_role = replica` when the
@@ -349,8 +351,9 @@ impl Applier {
         let wait = self.capture_wait;
         let mut progress = self.progress.clone();
         let st = &self.st;
-        for r in rows {
-            let id: i64 = r.get(0);
+        let mut ids: std::collections::VecDeque<(i64, u32)> =
+            rows.iter().map(|r| (r.get(0), 0)).collect();
+        while let Some((id, tries)) = ids.pop_front() {
             let tx = &self.client;
             tx.batch_execute("BEGIN").await?;
             // Locked, and still marked for retry: a skip that committed since the list
@@ -405,6 +408,11 @@ impl Applier {
             };
             if let Err(e) = settled {
                 let _ = tx.batch_execute("ROLLBACK").await;
+                // A local write raced it (see `raced_a_local_write`): resolve it again.
+                if e.raced_a_local_write() && tries < 3 {
+                    ids.push_front((id, tries + 1));
+                    continue;
+                }
                 return Err(e);
             }
             tx.batch_execute("COMMIT").await?;

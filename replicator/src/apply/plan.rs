@@ -265,6 +265,19 @@ pub(super) async fn plan_locked(
                         *v = tomb;
                     }
                 }
+                // The batch's own versions of the table's rows, as `truncate_older`
+                // left them: older ones are the tombstone now, stored (so the check
+                // expects it) or to be stored.
+                for (k, v) in out.touched.iter_mut() {
+                    if k.0 == c.table && k.1 != WATERMARK && v.version < remote {
+                        *v = tomb;
+                    }
+                }
+                for (k, e) in out.expected.iter_mut() {
+                    if k.0 == c.table && k.1 != WATERMARK && e.is_some_and(|v| v < remote) {
+                        *e = Some(remote);
+                    }
+                }
                 exists.retain(|k, _| {
                     k.0 != c.table || current.get(k).is_some_and(|v| v.version > remote)
                 });

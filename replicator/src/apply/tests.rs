@@ -295,20 +295,18 @@ async fn admin_views_read_the_clock() {
 /// newer HLC, and each read "no row" before the other wrote. The key locks make the
 /// second wait for the first; without them the insert stayed under the delete's
 /// tombstone (a row no other region has, once the tombstone is pruned).
-#[tokio::test]
-async fn two_links_on_an_absent_key_decide_one_after_the_other() {
-    let Some(url) = scratch::database("pgmesh_absent_key").await else {
-        return;
+/// A change of row 1 of `public.t (id int, v text)` (a TRUNCATE of the table when
+/// `op` is one).
+fn change(op: Op, new: Option<&str>) -> crate::event::Change {
+    let pk = if op == Op::Truncate {
+        Vec::new()
+    } else {
+        vec![("id".to_string(), Some("1".to_string()))]
     };
-    let admin = catalog::connect(&url).await.unwrap();
-    admin
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    let change = |op: Op, new: Option<&str>| crate::event::Change {
+    crate::event::Change {
         table: "public.t".into(),
         op,
-        pk: vec![("id".to_string(), Some("1".to_string()))],
+        pk,
         old: None,
         new: new.map(|v| {
             vec![
@@ -319,14 +317,73 @@ async fn two_links_on_an_absent_key_decide_one_after_the_other() {
         unchanged: Vec::new(),
         types: vec![23, 25],
         prev: None,
+    }
+}
+
+/// Event `n` of `origin`, at `seq` in its log, with one change.
+fn logged(origin: &str, n: u64, seq: i64, c: crate::event::Change) -> Logged {
+    let mut event = scratch::event(origin, n, false);
+    event.changes = vec![c];
+    Logged { seq, event }
+}
+
+/// The batch's TRUNCATE rewrites the stored version of a row the batch changed
+/// before it: the check of the versions the batch resolved against expects that.
+#[tokio::test]
+async fn a_batch_that_changes_a_row_then_truncates_its_table_applies() {
+    let Some(url) = scratch::database("pgmesh_change_then_truncate").await else {
+        return;
     };
-    let logged = |origin: &str, n: u64, c| {
-        let mut event = scratch::event(origin, n, false);
-        event.changes = vec![c];
-        Logged { seq: 1, event }
+    let admin = catalog::connect(&url).await.unwrap();
+    admin
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let mut a = Applier::connect(&url, "r1", "r10", &["r10".into()], None)
+        .await
+        .unwrap();
+    let first = logged("r10", 1, 1, change(Op::Insert, Some("x")));
+    a.apply_batch("r10", &[first], 1, 1).await.unwrap();
+    let batch = [
+        logged("r10", 2, 2, change(Op::Update, Some("y"))),
+        logged("r10", 3, 3, change(Op::Truncate, None)),
+    ];
+    let out = a.apply_batch("r10", &batch, 3, 3).await.unwrap();
+    assert_eq!(out.applied, 2);
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (hlc, deleted): (i64, bool) = {
+        let r = admin
+            .query_one(
+                "SELECT hlc, deleted FROM mesh.row_versions WHERE tbl = 'public.t' AND pk = '[[\"id\", \"1\"]]'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
     };
-    let insert = logged("r5", 1, change(Op::Insert, Some("x")));
-    let delete = logged("r6", 2, change(Op::Delete, None));
+    let truncate = scratch::event("r10", 3, false).hlc.as_u64() as i64;
+    assert_eq!((rows, hlc, deleted), (0, truncate, true));
+    drop(a);
+    drop(admin);
+    scratch::drop_database(&url).await;
+}
+
+#[tokio::test]
+async fn two_links_on_an_absent_key_decide_one_after_the_other() {
+    let Some(url) = scratch::database("pgmesh_absent_key").await else {
+        return;
+    };
+    let admin = catalog::connect(&url).await.unwrap();
+    admin
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let insert = logged("r5", 1, 1, change(Op::Insert, Some("x")));
+    let delete = logged("r6", 2, 1, change(Op::Delete, None));
     // Connecting takes the change log's append lock once, so both connect first.
     let mut appliers = Vec::new();
     for (peer, batch) in [("r6", delete), ("r5", insert)] {

@@ -185,42 +185,61 @@ pub async fn store<C: GenericClient>(
     Ok(())
 }
 
-/// The keys of every row change in `events`.
+/// The keys of every row change in `events`, and the TRUNCATE watermark of each
+/// table they change.
 pub fn keys_of(events: &[ChangeEvent]) -> Vec<(String, String)> {
-    let mut keys: Vec<(String, String)> = events
-        .iter()
-        .flat_map(|e| e.changes.iter())
-        .filter(|c| !c.pk.is_empty() && matches!(c.op, Op::Insert | Op::Update | Op::Delete))
-        .map(|c| (c.table.clone(), c.key_json()))
-        .collect();
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for c in events.iter().flat_map(|e| e.changes.iter()) {
+        if keyed(c) {
+            keys.push((c.table.clone(), c.key_json()));
+        }
+        if keyed(c) || c.op == Op::Truncate {
+            keys.push((c.table.clone(), WATERMARK.to_string()));
+        }
+    }
     keys.sort();
     keys.dedup();
     keys
 }
 
+/// A row change with a key (not a TRUNCATE, nor a change of a keyless table).
+fn keyed(c: &crate::event::Change) -> bool {
+    !c.pk.is_empty() && matches!(c.op, Op::Insert | Op::Update | Op::Delete)
+}
+
 /// Stamps each local change with the version it overwrote and returns the versions
-/// the rows have afterwards (only the touched keys).
+/// the rows have afterwards (only the touched keys). `current` holds the stored
+/// versions of [`keys_of`]`(events)`.
 ///
-/// An event whose row already has a newer version than the event's HLC gets an HLC
-/// above it (and the events after it above that): a remote change was applied after
-/// the local write committed without seeing it. That happens when the row was absent
-/// when apply locked it, and the write an insert still uncommitted then; apply wrote
-/// no row (a delete of an absent row leaves only a tombstone), so nothing ordered
-/// the two. The local row stands here on top of the remote version, so it must win
-/// everywhere. The caller raises its HLC clock to the last event's.
+/// A stored version newer than the event means a remote change was applied after
+/// the local write committed, without seeing it (apply waits for capture on every
+/// row it finds written since its version, so it saw no such row):
+/// - A tombstone (not a TRUNCATE's): the key was absent when apply locked it and
+///   the local write an insert still uncommitted then, and apply wrote no row (a
+///   delete of an absent row leaves only a tombstone). The local row stands here on
+///   top of it, so it must win everywhere: the event gets an HLC above it (and the
+///   events after it above that). The caller raises its HLC clock to the last
+///   event's.
+/// - A live version, or a TRUNCATE's tombstone: apply's write (an insert into a key
+///   the local writes had left absent, or the TRUNCATE's delete) stands here on top
+///   of the local one, and is newer, as it is everywhere. The stored version stays.
 pub fn advance_local(events: &mut [ChangeEvent], mut current: VersionMap) -> VersionMap {
     let mut touched = HashMap::new();
     let mut last = Hlc::ZERO;
     for e in events.iter_mut() {
-        let over = e
+        let under = e
             .changes
             .iter()
-            .filter(|c| !c.pk.is_empty() && matches!(c.op, Op::Insert | Op::Update | Op::Delete))
-            .filter_map(|c| current.get(&(c.table.clone(), c.key_json())))
-            .map(|v| v.version.hlc)
+            .filter(|c| keyed(c))
+            .filter_map(|c| {
+                let v = current.get(&(c.table.clone(), c.key_json()))?;
+                let wm = current.get(&(c.table.clone(), WATERMARK.to_string()));
+                let truncated = wm.is_some_and(|w| w.version == v.version);
+                (v.deleted && !truncated).then_some(v.version.hlc)
+            })
             .max();
-        if let Some(over) = over.filter(|o| *o >= e.hlc) {
-            e.hlc = over.saturating_next();
+        if let Some(under) = under.filter(|u| *u >= e.hlc) {
+            e.hlc = under.saturating_next();
         }
         if e.hlc <= last {
             e.hlc = last.saturating_next();
@@ -231,24 +250,21 @@ pub fn advance_local(events: &mut [ChangeEvent], mut current: VersionMap) -> Ver
             origin: origin_id_for(&e.origin),
         };
         for c in e.changes.iter_mut() {
-            if c.op == Op::Truncate {
-                let wm = RowVersion {
-                    version,
-                    deleted: true,
-                    xid: Some(e.xid as i64),
-                };
-                current.insert((c.table.clone(), WATERMARK.to_string()), wm);
-                touched.insert((c.table.clone(), WATERMARK.to_string()), wm);
+            let key = match c.op {
+                Op::Truncate => (c.table.clone(), WATERMARK.to_string()),
+                _ if keyed(c) => (c.table.clone(), c.key_json()),
+                _ => continue,
+            };
+            let stored = current.get(&key).copied();
+            if c.op != Op::Truncate {
+                c.prev = stored.map(|v| v.version);
+            }
+            if stored.is_some_and(|v| v.version > version) {
                 continue;
             }
-            if c.pk.is_empty() || !matches!(c.op, Op::Insert | Op::Update | Op::Delete) {
-                continue;
-            }
-            let key = (c.table.clone(), c.key_json());
-            c.prev = current.get(&key).map(|v| v.version);
             let next = RowVersion {
                 version,
-                deleted: c.op == Op::Delete,
+                deleted: matches!(c.op, Op::Delete | Op::Truncate),
                 xid: Some(e.xid as i64),
             };
             current.insert(key.clone(), next);
@@ -257,3 +273,7 @@ pub fn advance_local(events: &mut [ChangeEvent], mut current: VersionMap) -> Ver
     }
     touched
 }
+
+#[cfg(test)]
+#[path = "versions_tests.rs"]
+mod tests;
