@@ -320,6 +320,16 @@ fn change(op: Op, new: Option<&str>) -> crate::event::Change {
     }
 }
 
+/// A session on `url`, where it created `public.t (id int PRIMARY KEY, v text)`.
+async fn table_t(url: &str) -> Client {
+    let admin = catalog::connect(url).await.unwrap();
+    admin
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    admin
+}
+
 /// Event `n` of `origin`, at `seq` in its log, with one change.
 fn logged(origin: &str, n: u64, seq: i64, c: crate::event::Change) -> Logged {
     let mut event = scratch::event(origin, n, false);
@@ -334,11 +344,7 @@ async fn a_batch_that_changes_a_row_then_truncates_its_table_applies() {
     let Some(url) = scratch::database("pgmesh_change_then_truncate").await else {
         return;
     };
-    let admin = catalog::connect(&url).await.unwrap();
-    admin
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
+    let admin = table_t(&url).await;
     let mut a = Applier::connect(&url, "r1", "r10", &["r10".into()], None)
         .await
         .unwrap();
@@ -377,11 +383,7 @@ async fn two_links_on_an_absent_key_decide_one_after_the_other() {
     let Some(url) = scratch::database("pgmesh_absent_key").await else {
         return;
     };
-    let admin = catalog::connect(&url).await.unwrap();
-    admin
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
+    let admin = table_t(&url).await;
     let insert = logged("r5", 1, 1, change(Op::Insert, Some("x")));
     let delete = logged("r6", 2, 1, change(Op::Delete, None));
     // Connecting takes the change log's append lock once, so both connect first.
