@@ -17,7 +17,7 @@ use super::records::{conflict_literals, dead_letter, logged_params, not_logged};
 use super::sql::{quote, quote_array};
 use super::{Applier, ApplyError, BatchOutcome, ORIGIN_SETUP};
 use crate::capture::APPLIED_PREFIX;
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, Op};
 use crate::hlc::Hlc;
 use crate::log::table::append_params;
 use crate::log::versions;
@@ -109,8 +109,8 @@ impl Applier {
             ..BatchOutcome::default()
         };
         let mut planned = Plan::default();
+        let mut progress = self.progress.clone();
         if let (false, Some(locks)) = (fresh.is_empty(), locks) {
-            let mut progress = self.progress.clone();
             planned = plan_locked(
                 tx,
                 &mut self.cache,
@@ -144,6 +144,30 @@ impl Applier {
             quote(Some(&book.max_hlc.to_string())),
             quote(book.max_commit_ts_us.map(|t| t.to_string()).as_deref()),
         ];
+        // A batch that truncated holds row versions capture may need to store, so it
+        // does not wait for capture (see the README's known limits).
+        let truncated = fresh
+            .iter()
+            .any(|e| e.changes.iter().any(|c| c.op == Op::Truncate));
+        if let (true, false, Some(p)) = (planned.inserts_absent, truncated, progress.as_mut()) {
+            // A local insert and delete of a key the batch inserts, both committed
+            // between the locks and the insert, left no row to see. Once capture has
+            // logged every commit below the insert (it reads only flushed WAL, and
+            // this transaction's own writes are not, so a second session flushes
+            // them), the check below finds their versions.
+            let at = second.raw("SELECT pg_current_wal_insert_lsn()::text");
+            let answers = std::mem::take(&mut second).run(tx).await?;
+            let lsn = answers
+                .get(at)
+                .and_then(|rows| rows.first())
+                .and_then(|r| r.get(0))
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(Lsn(u64::MAX));
+            super::flush_wal(&mut self.flusher, &self.url).await?;
+            if !p.wait_for(lsn, self.capture_wait).await {
+                return Err(ApplyError::CaptureBehind(lsn));
+            }
+        }
         // After the writes, which may wait on a local transaction: the check takes the
         // append lock, which capture needs, and holds it to the commit.
         let expected = ExpectedParams::new(&planned);

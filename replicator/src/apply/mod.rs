@@ -191,6 +191,11 @@ pub struct Applier {
     capture_wait: Duration,
     /// Whether appends of applied events notify the log's readers.
     notify_appends: bool,
+    /// The database, for [`Self::flusher`].
+    url: String,
+    /// A second session, opened on first use, that flushes the WAL (see
+    /// [`flush_wal`]).
+    flusher: Option<Client>,
 }
 
 impl Applier {
@@ -261,6 +266,8 @@ impl Applier {
             progress,
             capture_wait: Duration::from_secs(10),
             notify_appends: true,
+            url: url.to_string(),
+            flusher: None,
         })
     }
 
@@ -419,6 +426,22 @@ impl Applier {
         }
         Ok(done)
     }
+}
+
+/// Flushes the WAL up to now, through `flusher` (connected to `url` on first use): a
+/// transaction that writes a logical message (which capture ignores) and commits
+/// synchronously. Capture reads only flushed WAL, and an apply transaction that waits
+/// for capture past its own writes cannot flush them itself before it commits.
+async fn flush_wal(flusher: &mut Option<Client>, url: &str) -> Result<(), ApplyError> {
+    if flusher.as_ref().is_none_or(|c| c.is_closed()) {
+        let c = catalog::connect_as(url, "pgmesh-apply-flush").await?;
+        c.batch_execute("SET synchronous_commit = on").await?;
+        *flusher = Some(c);
+    }
+    let c = flusher.as_ref().expect("connected above");
+    c.batch_execute("SELECT pg_logical_emit_message(true, 'pgmesh_flush', '')")
+        .await?;
+    Ok(())
 }
 
 /// Runs a plan's writes, then checks (under the append lock, see

@@ -76,6 +76,10 @@ pub(super) struct Plan {
     /// is stored ([`VERSIONS_UNCHANGED`]).
     pub expected: HashMap<(String, String), Option<Version>>,
     pub conflicts: Vec<ConflictRow>,
+    /// Whether a write inserts a keyed row that was absent when locked: a local
+    /// insert and delete of that key could have committed since, unseen (see
+    /// `Applier::scripted_body`).
+    pub inserts_absent: bool,
 }
 
 /// Takes the change log's append lock (`$1`), then fails with 40001 unless every
@@ -331,6 +335,7 @@ pub(super) async fn plan_locked(
             match plan(c.op, d, here) {
                 Action::Skip => {}
                 Action::Insert => {
+                    out.inserts_absent = true;
                     out.writes
                         .push(insert_op(&c.table, c.new.as_deref().unwrap_or_default()));
                     exists.insert(key.clone(), (own_xid, 0));

@@ -203,20 +203,23 @@ async fn rows_end_as_their_newest_change_with_local_and_remote_writers_racing() 
             });
         }
         // As a link does, the batch is tried again, after a pause, when capture kept
-        // falling behind the local writers (they churn these very rows without
-        // pause, so a key absent at one lock is back at the next).
-        let mut tries = 0;
+        // falling behind the local writers: they churn these very rows without
+        // pause, so a key absent at one lock can be back at the next. Once the
+        // writing time is up the writers stop, and then the batch must go through.
         while let Err(e) = applier.apply_batch("far", &batch, seq, seq).await {
-            tries += 1;
             behind += 1;
             ensure!(
-                matches!(e, ApplyError::CaptureBehind(_)) && tries < 100,
+                matches!(e, ApplyError::CaptureBehind(_))
+                    && started.elapsed() < Duration::from_secs(secs + 60),
                 "batch {seq}: {e}"
             );
+            if started.elapsed() >= Duration::from_secs(secs) {
+                stop.send_replace(true);
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    stop.send(true)?;
+    stop.send_replace(true);
     let mut local_writes = 0;
     for w in writers {
         local_writes += w.await??;
