@@ -324,3 +324,62 @@ async fn a_row_inserted_while_apply_waits_for_capture_is_locked_and_resolved() -
     tokio::time::timeout(Duration::from_secs(30), capture.stop()).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_insert_and_delete_between_the_locks_and_the_insert_are_seen() -> Result<()> {
+    pgmesh_tests::init_tracing();
+    let (cluster, admin, capture) = near().await?;
+    let url = cluster.url("postgres");
+    let blocker = Blocker::begin(&cluster, 5).await?;
+    let (lock, capture) = capture_down(&cluster, capture).await?;
+    let regions = vec!["far".to_string()];
+    let mut applier =
+        Applier::connect(&url, "near", "far", &regions, Some(capture.progress())).await?;
+    // Remote inserts of keys 5 and 1, a minute old: the batch finds both absent, then
+    // waits on the local transaction holding 5 before it inserts 1.
+    let old = Hlc::from_u64(future()?.as_u64() - (120_000 << 16));
+    let batch = [
+        remote(1, old, vec![remote_change(5, Some("remote"))]),
+        remote(
+            2,
+            old.saturating_next(),
+            vec![remote_change(1, Some("remote"))],
+        ),
+    ];
+    let apply = tokio::spawn(async move { applier.apply_batch("far", &batch, 2, 2).await });
+    blocker.waited_on_by_apply(&admin).await?;
+    // Meanwhile key 1 is inserted and deleted locally (newer than the batch), and
+    // capture, down, logs neither: the batch's insert finds the key absent again.
+    admin
+        .batch_execute("INSERT INTO kv VALUES (1, 'local'); DELETE FROM kv WHERE id = 1")
+        .await?;
+    blocker.rollback().await?;
+    // The batch waits for capture before it checks its versions...
+    wait_row(
+        &admin,
+        DEFAULT_TIMEOUT,
+        "the batch to wait for capture past its insert",
+        "SELECT 1 FROM pg_stat_activity WHERE application_name = 'pgmesh-apply-far'
+           AND state = 'idle in transaction' AND query LIKE '%pg_current_wal_insert_lsn%'",
+        &[],
+    )
+    .await?;
+    // ...which logs the local pair once it is up: the check finds the key's version
+    // changed, and the batch, resolved again, loses to the newer local delete.
+    lock.execute("SELECT pg_advisory_unlock($1)", &[&leader_key("near")])
+        .await?;
+    apply.await??;
+    assert_eq!(
+        row(&admin, 1).await?,
+        None,
+        "the local delete is the newest"
+    );
+    let (deleted, origin): (bool, i16) = {
+        let v = version(&admin, 1).await?.expect("a version");
+        (v.2, v.1)
+    };
+    assert_eq!((deleted, origin), (true, origin_id_for("near")));
+    assert_eq!(row(&admin, 5).await?.as_deref(), Some("remote"));
+    capture.stop().await;
+    Ok(())
+}
