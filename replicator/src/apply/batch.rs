@@ -1,6 +1,7 @@
 //! The body of one batch's transaction, in two forms.
 //!
-//! The usual one ([`Applier::scripted_body`]) takes two round trips, each one simple
+//! The usual one ([`Applier::scripted_body`]) takes two round trips (three when it
+//! inserts a key it found absent, and waits for capture before the check), each one simple
 //! query (see `script`): BEGIN, the origin setup, the applied-events check, the row
 //! locks and the versions; then, once the changes are resolved, the writes, the
 //! conflict records, the check of the versions resolved against (under the append
@@ -60,7 +61,8 @@ impl Applier {
             .collect()
     }
 
-    /// One batch in two round trips of one simple query each (see the module doc).
+    /// One batch in two or three round trips of one simple query each (see the
+    /// module doc).
     /// On an error the transaction may be open: the caller rolls it back.
     pub(super) async fn scripted_body(
         &mut self,
@@ -163,7 +165,7 @@ impl Applier {
                 .and_then(|r| r.get(0))
                 .and_then(|t| t.parse().ok())
                 .unwrap_or(Lsn(u64::MAX));
-            super::flush_wal(&mut self.flusher, &self.url).await?;
+            super::flush_wal(&mut self.flusher, &self.url, self.capture_wait).await?;
             if !p.wait_for(lsn, self.capture_wait).await {
                 return Err(ApplyError::CaptureBehind(lsn));
             }

@@ -430,18 +430,31 @@ impl Applier {
 
 /// Flushes the WAL up to now, through `flusher` (connected to `url` on first use): a
 /// transaction that writes a logical message (which capture ignores) and commits
-/// synchronously. Capture reads only flushed WAL, and an apply transaction that waits
-/// for capture past its own writes cannot flush them itself before it commits.
-async fn flush_wal(flusher: &mut Option<Client>, url: &str) -> Result<(), ApplyError> {
+/// synchronously, within `timeout`. Capture reads only flushed WAL, and an apply
+/// transaction that waits for capture past its own writes cannot flush them itself
+/// before it commits.
+async fn flush_wal(
+    flusher: &mut Option<Client>,
+    url: &str,
+    timeout: Duration,
+) -> Result<(), ApplyError> {
     if flusher.as_ref().is_none_or(|c| c.is_closed()) {
         let c = catalog::connect_as(url, "pgmesh-apply-flush").await?;
-        c.batch_execute("SET synchronous_commit = on").await?;
+        // `local`: flushed here, without waiting for a synchronous standby.
+        c.batch_execute("SET synchronous_commit = local").await?;
         *flusher = Some(c);
     }
     let c = flusher.as_ref().expect("connected above");
-    c.batch_execute("SELECT pg_logical_emit_message(true, 'pgmesh_flush', '')")
-        .await?;
-    Ok(())
+    let flush = c.batch_execute("SELECT pg_logical_emit_message(true, 'pgmesh_flush', '')");
+    match tokio::time::timeout(timeout, flush).await {
+        Ok(r) => Ok(r?),
+        Err(_) => {
+            *flusher = None;
+            Err(ApplyError::Internal(format!(
+                "the WAL flush took over {timeout:?}; retrying the batch"
+            )))
+        }
+    }
 }
 
 /// Runs a plan's writes, then checks (under the append lock, see
