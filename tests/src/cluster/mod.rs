@@ -362,7 +362,22 @@ impl PgCluster {
     /// Start a stopped or killed server again on the same port and data.
     pub fn start_again(&self) -> Result<()> {
         self.remove_stale_pid_file()?;
-        self.pg_ctl_start()
+        // A killed server's orphaned backends can still hold its shared memory a
+        // moment after their process group is gone, and PostgreSQL refuses to start
+        // while they do ("pre-existing shared memory block ... is still in use").
+        let deadline = std::time::Instant::now() + EXIT_TIMEOUT;
+        loop {
+            match self.pg_ctl_start() {
+                Err(e)
+                    if std::time::Instant::now() < deadline
+                        && format!("{e:#}").contains("pre-existing shared memory block") =>
+                {
+                    // Polling for the old memory to be released, with a deadline.
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// After a SIGKILL in a container whose init never reaps, the postmaster
