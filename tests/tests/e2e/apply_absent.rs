@@ -64,6 +64,12 @@ async fn near() -> Result<(PgCluster, tokio_postgres::Client, CaptureHandle)> {
     Ok((cluster, admin, capture))
 }
 
+/// The apply session of the link from `far`, waiting for `capture` as a node's does.
+async fn applier(url: &str, capture: &CaptureHandle) -> Result<Applier> {
+    let regions = vec!["far".to_string()];
+    Ok(Applier::connect(url, "near", "far", &regions, Some(capture.progress())).await?)
+}
+
 /// The value of `kv` row `id`, if any.
 async fn row(c: &tokio_postgres::Client, id: i32) -> Result<Option<String>> {
     Ok(c.query_opt("SELECT val FROM kv WHERE id = $1", &[&id])
@@ -170,9 +176,7 @@ async fn a_local_insert_committed_unseen_under_a_newer_remote_delete_wins() -> R
     // A session of ours holds the change log's append lock. The batch, which found
     // key 1 absent and resolved its delete (a tombstone, no row written), waits for
     // it to store its versions...
-    let regions = vec!["far".to_string()];
-    let mut applier =
-        Applier::connect(&url, "near", "far", &regions, Some(capture.progress())).await?;
+    let mut applier = applier(&url, &capture).await?;
     let holder = cluster.connect().await?;
     let holder_pid: i32 = holder
         .query_one("SELECT pg_backend_pid()", &[])
@@ -228,9 +232,7 @@ async fn a_batch_resolves_again_when_a_local_write_was_logged_while_it_ran() -> 
     // A local transaction holds key 5 (an uncommitted insert), so the batch's insert
     // of 5 waits on it, after the batch has resolved key 1 as absent.
     let blocker = Blocker::begin(&cluster, 5).await?;
-    let regions = vec!["far".to_string()];
-    let mut applier =
-        Applier::connect(&url, "near", "far", &regions, Some(capture.progress())).await?;
+    let mut applier = applier(&url, &capture).await?;
     let hlc = future()?;
     let batch = [
         remote(1, hlc, vec![remote_change(5, Some("remote"))]),
@@ -284,9 +286,7 @@ async fn a_row_inserted_while_apply_waits_for_capture_is_locked_and_resolved() -
     // the batch waits for capture.
     let (lock, capture) = capture_down(&cluster, capture).await?;
     admin.execute("DELETE FROM kv WHERE id = 1", &[]).await?;
-    let regions = vec!["far".to_string()];
-    let mut applier =
-        Applier::connect(&url, "near", "far", &regions, Some(capture.progress())).await?;
+    let mut applier = applier(&url, &capture).await?;
     let delete = future()?;
     let apply = tokio::spawn(async move {
         let batch = [remote(1, delete, vec![remote_change(1, None)])];
@@ -332,9 +332,7 @@ async fn a_local_insert_and_delete_between_the_locks_and_the_insert_are_seen() -
     let url = cluster.url("postgres");
     let blocker = Blocker::begin(&cluster, 5).await?;
     let (lock, capture) = capture_down(&cluster, capture).await?;
-    let regions = vec!["far".to_string()];
-    let mut applier =
-        Applier::connect(&url, "near", "far", &regions, Some(capture.progress())).await?;
+    let mut applier = applier(&url, &capture).await?;
     // Remote inserts of keys 5 and 1, a minute old: the batch finds both absent, then
     // waits on the local transaction holding 5 before it inserts 1.
     let old = Hlc::from_u64(future()?.as_u64() - (120_000 << 16));
