@@ -31,6 +31,7 @@ pub mod faultnet;
 pub mod mesh;
 pub mod netns;
 pub mod node;
+pub mod ports;
 pub mod regions;
 pub mod wait;
 

@@ -13,10 +13,9 @@
 //! other regions dial them. It never asserts (tests do) and never sleeps for a
 //! fixed time: every wait has a condition and a deadline.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{SocketAddr, TcpListener};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -28,6 +27,7 @@ use tokio_postgres::Client;
 
 use crate::cluster::{ClusterOptions, PgCluster};
 use crate::node::PgmeshProcess;
+use crate::ports::free_port;
 use crate::wait::wait_until;
 
 mod check;
@@ -558,19 +558,6 @@ impl Mesh {
             .await?;
         Ok(())
     }
-}
-
-/// A loopback port that was free a moment ago and was not handed out before by
-/// this process (for ports that must be known before a node starts).
-pub fn free_port() -> Result<u16> {
-    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    for _ in 0..100 {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
-            return Ok(port);
-        }
-    }
-    bail!("no fresh free port")
 }
 
 /// The in-process configuration of a node of `region` run as `spec` says, but for

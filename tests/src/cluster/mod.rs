@@ -15,7 +15,6 @@ mod options;
 mod process;
 mod template;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -28,6 +27,7 @@ pub use binaries::{PgBin, PG_BIN_ENV};
 pub use options::{AuthMethod, ClusterOptions, PasswordUser, BASE_SETTINGS};
 
 use crate::client::{self, CmdOutput};
+use crate::ports::free_port;
 use crate::wait::wait_until_blocking;
 
 /// Seconds `pg_ctl -w` may wait for a start, stop or restart.
@@ -447,25 +447,6 @@ impl Drop for PgCluster {
     }
 }
 
-/// A port on 127.0.0.1 that was free a moment ago. Ports handed out earlier in
-/// this process are skipped, so parallel starts never race each other for one.
-fn free_port() -> Result<u16> {
-    use std::collections::HashSet;
-    use std::sync::Mutex;
-    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    for _ in 0..100 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("binding 127.0.0.1:0")?
-            .port();
-        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if given.get_or_insert_with(HashSet::new).insert(port) {
-            return Ok(port);
-        }
-    }
-    bail!("the OS keeps offering ports this process already used")
-}
-
 /// `Ok` if the command succeeded, else an error with its output.
 fn check(out: Output, what: &str) -> Result<()> {
     if out.status.success() {
@@ -498,12 +479,5 @@ mod tests {
         assert_eq!(conn_value("a b"), "'a b'");
         assert_eq!(conn_value("it's"), "'it\\'s'");
         assert_eq!(conn_value(""), "''");
-    }
-
-    #[test]
-    fn free_ports_are_not_repeated() {
-        let a = free_port().unwrap();
-        let b = free_port().unwrap();
-        assert_ne!(a, b);
     }
 }

@@ -16,7 +16,8 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use pgmesh_replicator::capture::Role;
-use pgmesh_tests::regions::{free_port, Mesh, NodeSpec, CONVERGE_TIMEOUT, READY_TIMEOUT};
+use pgmesh_tests::ports::free_port;
+use pgmesh_tests::regions::{Mesh, NodeSpec, CONVERGE_TIMEOUT, READY_TIMEOUT};
 use pgmesh_tests::wait_row;
 
 async fn wait_item(mesh: &Mesh, i: usize, id: i32) -> Result<()> {
