@@ -133,6 +133,21 @@ pub struct Change {
 }
 
 impl Change {
+    /// A TRUNCATE of `table` (`schema.table`); with another `op`, a change of that
+    /// kind with nothing filled in yet.
+    pub fn truncate(table: String) -> Self {
+        Self {
+            table,
+            op: Op::Truncate,
+            pk: Vec::new(),
+            old: None,
+            new: None,
+            unchanged: Vec::new(),
+            types: Vec::new(),
+            prev: None,
+        }
+    }
+
     /// The row key as stored in `mesh.row_versions.pk`: a JSON array of
     /// `[column, text value]` pairs, printed exactly as PostgreSQL prints it as jsonb
     /// (`, ` between elements, the same string escapes), so keys stored before the

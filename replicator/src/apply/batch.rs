@@ -1,7 +1,8 @@
 //! The body of one batch's transaction, in two forms.
 //!
 //! The usual one ([`Applier::scripted_body`]) takes two round trips (three when it
-//! inserts a key it found absent, and waits for capture before the check), each one simple
+//! inserts a key it found absent, and waits for capture before the check; one more
+//! first when it truncates, see `quiesce`), each one simple
 //! query (see `script`): BEGIN, the origin setup, the applied-events check, the row
 //! locks and the versions; then, once the changes are resolved, the writes, the
 //! conflict records, the check of the versions resolved against (under the append
@@ -16,9 +17,9 @@ use super::locks::ScriptedLocks;
 use super::plan::{plan_locked, ExpectedParams, Plan, Xids, VERSIONS_UNCHANGED};
 use super::records::{conflict_literals, dead_letter, logged_params, not_logged};
 use super::sql::{quote, quote_array};
-use super::{Applier, ApplyError, BatchOutcome, ORIGIN_SETUP};
+use super::{quiesce, Applier, ApplyError, BatchOutcome, ORIGIN_SETUP};
 use crate::capture::APPLIED_PREFIX;
-use crate::event::{ChangeEvent, Op};
+use crate::event::ChangeEvent;
 use crate::hlc::Hlc;
 use crate::log::table::append_params;
 use crate::log::versions;
@@ -72,9 +73,26 @@ impl Applier {
         head: i64,
     ) -> Result<BatchOutcome, ApplyError> {
         let remote = self.remote(events);
-        let tx = &self.client;
         let mut first = Script::default();
-        first.raw("BEGIN");
+        // A batch that truncates holds row versions capture may need to store, so it
+        // cannot wait for capture after its writes: it holds local writes off instead.
+        let holds = quiesce::truncates(&remote);
+        if holds {
+            let mut progress = self.progress.clone();
+            quiesce::hold_local_writes(
+                &self.client,
+                true,
+                &remote,
+                &mut self.flusher,
+                &self.url,
+                progress.as_mut(),
+                self.capture_wait,
+            )
+            .await?;
+        } else {
+            first.raw("BEGIN");
+        }
+        let tx = &self.client;
         let mut setup = None;
         let mut locks = None;
         if let Some(last) = remote.last() {
@@ -146,12 +164,7 @@ impl Applier {
             quote(Some(&book.max_hlc.to_string())),
             quote(book.max_commit_ts_us.map(|t| t.to_string()).as_deref()),
         ];
-        // A batch that truncated holds row versions capture may need to store, so it
-        // does not wait for capture (see the README's known limits).
-        let truncated = fresh
-            .iter()
-            .any(|e| e.changes.iter().any(|c| c.op == Op::Truncate));
-        if let (true, false, Some(p)) = (planned.inserts_absent, truncated, progress.as_mut()) {
+        if let (true, false, Some(p)) = (planned.inserts_absent, holds, progress.as_mut()) {
             // A local insert and delete of a key the batch inserts, both committed
             // between the locks and the insert, left no row to see. Once capture has
             // logged every commit below the insert (it reads only flushed WAL, and

@@ -21,6 +21,7 @@ mod batch;
 pub mod exec;
 mod locks;
 mod plan;
+mod quiesce;
 mod records;
 pub mod sql;
 mod truncate;
@@ -385,11 +386,24 @@ impl Applier {
             };
             tx.batch_execute("SAVEPOINT retry").await?;
             let one = std::slice::from_ref(&event);
-            let applied = match plan_events(tx, &mut self.cache, one, progress.as_mut(), wait).await
-            {
-                Ok(p) => run_plan(tx, st, &mut self.cache, &p, &names).await,
-                Err(e) => Err(e),
-            };
+            // Run without waiting for capture after its writes, it holds local writes
+            // off its tables instead (see `quiesce`).
+            let applied = async {
+                let url = &self.url;
+                quiesce::hold_local_writes(
+                    tx,
+                    false,
+                    one,
+                    &mut self.flusher,
+                    url,
+                    progress.as_mut(),
+                    wait,
+                )
+                .await?;
+                let p = plan_events(tx, &mut self.cache, one, progress.as_mut(), wait).await?;
+                run_plan(tx, st, &mut self.cache, &p, &names).await
+            }
+            .await;
             let settled = match applied {
                 Ok(_) => {
                     done += 1;

@@ -251,6 +251,9 @@ pub(super) async fn plan_locked(
         // Rows this event already wrote: a second change to the same row in one
         // transaction carries the same version and must still apply.
         let mut written: HashSet<(String, String)> = HashSet::new();
+        // Tables this event truncated: the tombstones it left carry its own version,
+        // and its later changes to those tables (TRUNCATE, then INSERT) must apply.
+        let mut truncated: HashSet<&str> = HashSet::new();
         for c in &e.changes {
             if c.op == Op::Truncate {
                 exec::execute_all(tx, cache, &std::mem::take(&mut out.writes)).await?;
@@ -259,6 +262,7 @@ pub(super) async fn plan_locked(
                     continue;
                 }
                 truncate_older(tx, &c.table, remote, own_xid).await?;
+                truncated.insert(&c.table);
                 let tomb = RowVersion {
                     version: remote,
                     deleted: true,
@@ -310,7 +314,9 @@ pub(super) async fn plan_locked(
                 (None, w) => w,
                 (r, _) => r,
             };
-            let d = if written.contains(&key) {
+            let own_tombstone =
+                truncated.contains(c.table.as_str()) && local.is_some_and(|v| v.version == remote);
+            let d = if written.contains(&key) || own_tombstone {
                 Decision {
                     winner: Winner::Remote,
                     duplicate: false,

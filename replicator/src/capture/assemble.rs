@@ -174,16 +174,7 @@ impl Assembler {
                 let mut changes = Vec::new();
                 for oid in &t.relation_oids {
                     let rel = self.relations.require(*oid)?;
-                    changes.push(Change {
-                        table: qualified(rel),
-                        op: Op::Truncate,
-                        pk: Vec::new(),
-                        old: None,
-                        new: None,
-                        unchanged: Vec::new(),
-                        types: Vec::new(),
-                        prev: None,
-                    });
+                    changes.push(Change::truncate(qualified(rel)));
                 }
                 self.open("Truncate")?.changes.extend(changes);
             }
@@ -271,14 +262,8 @@ fn row_change(
             .expect("a row change has a tuple"),
     )?;
     let mut change = Change {
-        table: qualified(rel),
         op,
-        pk: Vec::new(),
-        old: None,
-        new: None,
-        unchanged: Vec::new(),
-        types: Vec::new(),
-        prev: None,
+        ..Change::truncate(qualified(rel))
     };
     if let Some(o) = old {
         change.pk = key_of(rel, o.tuple())?;

@@ -23,7 +23,7 @@ use pgmesh_tests::{wait_for, wait_row, wait_until, ClusterOptions, PgCluster, DE
 use crate::apply_stress::remote_change;
 
 /// A minute from now: newer than any local write of these tests.
-fn future() -> Result<Hlc> {
+pub(crate) fn future() -> Result<Hlc> {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as u64;
@@ -31,7 +31,7 @@ fn future() -> Result<Hlc> {
 }
 
 /// An event from region `far` at `hlc`, logged at `seq` in its log.
-fn remote(seq: i64, hlc: Hlc, changes: Vec<Change>) -> Logged {
+pub(crate) fn remote(seq: i64, hlc: Hlc, changes: Vec<Change>) -> Logged {
     Logged {
         seq,
         event: ChangeEvent {
@@ -48,7 +48,7 @@ fn remote(seq: i64, hlc: Hlc, changes: Vec<Change>) -> Logged {
 }
 
 /// A database of region `near` with table `kv`, and capture running.
-async fn near() -> Result<(PgCluster, tokio_postgres::Client, CaptureHandle)> {
+pub(crate) async fn near() -> Result<(PgCluster, tokio_postgres::Client, CaptureHandle)> {
     let cluster = PgCluster::start_async(ClusterOptions::default()).await?;
     let admin = cluster.connect().await?;
     admin
@@ -65,20 +65,25 @@ async fn near() -> Result<(PgCluster, tokio_postgres::Client, CaptureHandle)> {
 }
 
 /// The apply session of the link from `far`, waiting for `capture` as a node's does.
-async fn applier(url: &str, capture: &CaptureHandle) -> Result<Applier> {
+pub(crate) async fn applier(url: &str, capture: &CaptureHandle) -> Result<Applier> {
     let regions = vec!["far".to_string()];
     Ok(Applier::connect(url, "near", "far", &regions, Some(capture.progress())).await?)
 }
 
-/// The value of `kv` row `id`, if any.
-async fn row(c: &tokio_postgres::Client, id: i32) -> Result<Option<String>> {
-    Ok(c.query_opt("SELECT val FROM kv WHERE id = $1", &[&id])
-        .await?
-        .map(|r| r.get(0)))
+/// The value of `kv` row `id` (`NULL` when null), if any.
+pub(crate) async fn row(c: &tokio_postgres::Client, id: i32) -> Result<Option<String>> {
+    Ok(
+        c.query_opt("SELECT coalesce(val, 'NULL') FROM kv WHERE id = $1", &[&id])
+            .await?
+            .map(|r| r.get(0)),
+    )
 }
 
 /// The stored version of `kv` row `id`: (hlc, origin, deleted).
-async fn version(c: &tokio_postgres::Client, id: i32) -> Result<Option<(i64, i16, bool)>> {
+pub(crate) async fn version(
+    c: &tokio_postgres::Client,
+    id: i32,
+) -> Result<Option<(i64, i16, bool)>> {
     Ok(c.query_opt(
         "SELECT hlc, origin, deleted FROM mesh.row_versions
           WHERE tbl = 'public.kv' AND pk = jsonb_build_array(jsonb_build_array('id', $1::text))::text",
@@ -90,7 +95,10 @@ async fn version(c: &tokio_postgres::Client, id: i32) -> Result<Option<(i64, i16
 
 /// The HLC and the `prev` hlc of the local event that changed `kv` row `id`, once
 /// capture has logged it.
-async fn logged_local(c: &tokio_postgres::Client, id: i32) -> Result<(i64, Option<i64>)> {
+pub(crate) async fn logged_local(
+    c: &tokio_postgres::Client,
+    id: i32,
+) -> Result<(i64, Option<i64>)> {
     wait_for(DEFAULT_TIMEOUT, "the local write logged", || async {
         let r = c
             .query_opt(
@@ -112,7 +120,7 @@ async fn logged_local(c: &tokio_postgres::Client, id: i32) -> Result<(i64, Optio
 
 /// Stops `capture` and starts it again held down: a session of ours (returned) holds
 /// the region's leader lock, so the new capture waits as standby until it lets go.
-async fn capture_down(
+pub(crate) async fn capture_down(
     cluster: &PgCluster,
     capture: CaptureHandle,
 ) -> Result<(tokio_postgres::Client, CaptureHandle)> {
@@ -125,7 +133,7 @@ async fn capture_down(
 }
 
 /// Waits until the session named `app` waits on backend `pid`.
-async fn waits_on(admin: &tokio_postgres::Client, app: &str, pid: i32) -> Result<()> {
+pub(crate) async fn waits_on(admin: &tokio_postgres::Client, app: &str, pid: i32) -> Result<()> {
     wait_row(
         admin,
         DEFAULT_TIMEOUT,
@@ -138,13 +146,13 @@ async fn waits_on(admin: &tokio_postgres::Client, app: &str, pid: i32) -> Result
 }
 
 /// A local transaction holding a key with an uncommitted insert.
-struct Blocker {
+pub(crate) struct Blocker {
     client: tokio_postgres::Client,
-    pid: i32,
+    pub(crate) pid: i32,
 }
 
 impl Blocker {
-    async fn begin(cluster: &PgCluster, id: i32) -> Result<Self> {
+    pub(crate) async fn begin(cluster: &PgCluster, id: i32) -> Result<Self> {
         let client = cluster.connect().await?;
         let pid = client
             .query_one("SELECT pg_backend_pid()", &[])
@@ -158,12 +166,17 @@ impl Blocker {
     }
 
     /// Waits until the apply session waits on this transaction.
-    async fn waited_on_by_apply(&self, admin: &tokio_postgres::Client) -> Result<()> {
+    pub(crate) async fn waited_on_by_apply(&self, admin: &tokio_postgres::Client) -> Result<()> {
         waits_on(admin, "pgmesh-apply-far", self.pid).await
     }
 
-    async fn rollback(self) -> Result<()> {
+    pub(crate) async fn rollback(self) -> Result<()> {
         self.client.batch_execute("ROLLBACK").await?;
+        Ok(())
+    }
+
+    pub(crate) async fn commit(self) -> Result<()> {
+        self.client.batch_execute("COMMIT").await?;
         Ok(())
     }
 }

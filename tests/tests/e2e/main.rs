@@ -8,6 +8,7 @@
 //! --test e2e` (see `pgmesh_tests::pgmesh_bin`).
 
 mod apply_absent;
+mod apply_held;
 mod apply_race;
 mod apply_stress;
 mod capture_backlog;
