@@ -338,6 +338,9 @@ async fn session(
                 }
                 LinkEvent::Heartbeat { head, floors } => {
                     heartbeat(&applier, cfg, head, unsaved.take(), floors).await?;
+                    if applier.retry_deferred() {
+                        applier.retry_dead_letters().await?;
+                    }
                 }
             },
             s = signals.recv() => match s.as_deref() {

@@ -136,13 +136,28 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
-    /// An error a concurrent local write explains, after which the batch is resolved
+    /// An error a concurrent write explains, after which the batch is resolved
     /// again: a unique violation (23505: a local insert of a key the batch inserts
-    /// committed while ours waited on it), or a serialization failure (40001: a row
+    /// committed while ours waited on it), a serialization failure (40001: a row
     /// version the batch resolved against changed before it stored its own, see
-    /// [`plan::VERSIONS_UNCHANGED`]).
+    /// [`plan::VERSIONS_UNCHANGED`]), or a deadlock (40P01: with a local transaction
+    /// or another link's batch, over the table locks of a batch that truncates, see
+    /// `quiesce`).
     pub fn raced_a_local_write(&self) -> bool {
-        matches!(self, ApplyError::Db(e) if e.code().is_some_and(|c| ["23505", "40001"].contains(&c.code())))
+        matches!(self, ApplyError::Db(e) if e.code().is_some_and(|c| ["23505", "40001", "40P01"].contains(&c.code())))
+    }
+
+    /// An error after which a retried dead letter is left marked for retry, to be
+    /// tried again later ([`Applier::retry_deferred`]), rather than ending the link's
+    /// session: capture is behind, or the tables it writes stayed locked.
+    fn defers_a_retry(&self) -> bool {
+        match self {
+            ApplyError::CaptureBehind(_) => true,
+            ApplyError::Db(e) => {
+                e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+            }
+            _ => self.raced_a_local_write(),
+        }
     }
 
     /// Whether the error is about the data of one event (so it belongs in dead
@@ -197,6 +212,8 @@ pub struct Applier {
     /// A second session, opened on first use, that flushes the WAL (see
     /// [`flush_wal`]).
     flusher: Option<Client>,
+    /// See [`Self::retry_deferred`].
+    retry_deferred: bool,
 }
 
 impl Applier {
@@ -218,6 +235,7 @@ impl Applier {
         client
             .batch_execute(&format!(
                 "SET synchronous_commit = off; SET standard_conforming_strings = on; \
+                 SET default_transaction_isolation = 'read committed'; \
                  SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3; \
                  SET TimeZone = 'UTC'; {}",
                 catalog::GENERIC_PLANS
@@ -269,7 +287,14 @@ impl Applier {
             notify_appends: true,
             url: url.to_string(),
             flusher: None,
+            retry_deferred: false,
         })
+    }
+
+    /// How long a batch waits for capture (10 s by default) before it fails with
+    /// [`ApplyError::CaptureBehind`].
+    pub fn set_capture_wait(&mut self, wait: Duration) {
+        self.capture_wait = wait;
     }
 
     /// Whether the appends of applied events `NOTIFY` the log's readers (the default).
@@ -344,8 +369,17 @@ impl Applier {
         }
     }
 
-    /// Re-applies dead letters marked for retry (`mesh.retry_dead_letter`).
+    /// Whether a retry of dead letters was deferred (capture behind, tables locked):
+    /// the link calls [`Self::retry_dead_letters`] again on its next heartbeat.
+    pub fn retry_deferred(&self) -> bool {
+        self.retry_deferred
+    }
+
+    /// Re-applies dead letters marked for retry (`mesh.retry_dead_letter`). One that
+    /// cannot be applied yet ([`ApplyError::CaptureBehind`], its tables locked) stays
+    /// marked, ends the pass, and sets [`Self::retry_deferred`].
     pub async fn retry_dead_letters(&mut self) -> Result<usize, ApplyError> {
+        self.retry_deferred = false;
         // Only this link's dead letters; another link never retries them.
         let rows = self
             .client
@@ -433,6 +467,11 @@ impl Applier {
                 if e.raced_a_local_write() && tries < 3 {
                     ids.push_front((id, tries + 1));
                     continue;
+                }
+                if e.defers_a_retry() {
+                    warn!(error = %e, dead_letter = id, "dead-letter retry deferred; it stays marked for retry");
+                    self.retry_deferred = true;
+                    return Ok(done);
                 }
                 return Err(e);
             }

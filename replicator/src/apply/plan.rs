@@ -258,10 +258,23 @@ pub(super) async fn plan_locked(
             if c.op == Op::Truncate {
                 exec::execute_all(tx, cache, &std::mem::take(&mut out.writes)).await?;
                 let wm_key = (c.table.clone(), WATERMARK.to_string());
-                if current.get(&wm_key).is_some_and(|w| w.version >= remote) {
+                // A second TRUNCATE of the table in this event finds its own
+                // watermark, and removes what the event wrote since the first.
+                let again = truncated.contains(c.table.as_str());
+                if !again && current.get(&wm_key).is_some_and(|w| w.version >= remote) {
                     continue;
                 }
-                truncate_older(tx, &c.table, remote, own_xid).await?;
+                let removed = |v: Version| v < remote || (again && v == remote);
+                // Rows this batch wrote newer than the TRUNCATE (an earlier event, in
+                // a batch that arrived out of order) survive it, though their
+                // versions are not stored yet.
+                let keep: Vec<&str> = out
+                    .touched
+                    .iter()
+                    .filter(|(k, v)| k.0 == c.table && k.1 != WATERMARK && !removed(v.version))
+                    .map(|(k, _)| k.1.as_str())
+                    .collect();
+                truncate_older(tx, &c.table, remote, &keep, own_xid).await?;
                 truncated.insert(&c.table);
                 let tomb = RowVersion {
                     version: remote,
@@ -269,7 +282,7 @@ pub(super) async fn plan_locked(
                     xid: Some(own_xid),
                 };
                 for (k, v) in current.iter_mut() {
-                    if k.0 == c.table && v.version < remote {
+                    if k.0 == c.table && removed(v.version) {
                         *v = tomb;
                     }
                 }
@@ -277,7 +290,7 @@ pub(super) async fn plan_locked(
                 // left them: older ones are the tombstone now, stored (so the check
                 // expects it) or to be stored.
                 for (k, v) in out.touched.iter_mut() {
-                    if k.0 == c.table && k.1 != WATERMARK && v.version < remote {
+                    if k.0 == c.table && k.1 != WATERMARK && removed(v.version) {
                         *v = tomb;
                     }
                 }

@@ -23,6 +23,9 @@ use crate::capture::Progress;
 use crate::event::{ChangeEvent, Op};
 use crate::pgoutput::Lsn;
 
+/// How long a batch waits for its table locks (SQLSTATE 55P03 after that).
+const LOCK_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Whether a batch of `events` must hold local writes off ([`hold_local_writes`])
 /// rather than wait for capture after its writes: it truncates a table.
 pub(super) fn truncates(events: &[ChangeEvent]) -> bool {
@@ -66,9 +69,13 @@ pub(super) async fn hold_local_writes(
         tx.batch_execute(begin).await?;
         return Ok(());
     };
+    // Local writers queue behind a waiting LOCK: it waits a bounded time, and the
+    // link tries again with backoff.
     let answers = tx
         .simple_query(&format!(
-            "{begin}{lock}; SELECT pg_current_wal_insert_lsn()::text"
+            "{begin}SET LOCAL lock_timeout = {}; {lock}; SET LOCAL lock_timeout TO DEFAULT;
+             SELECT pg_current_wal_insert_lsn()::text",
+            LOCK_TIMEOUT.as_millis()
         ))
         .await?;
     let Some(p) = progress else {

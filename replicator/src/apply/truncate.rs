@@ -6,14 +6,17 @@ use tokio_postgres::Client;
 use super::{sql, ApplyError};
 use crate::resolve::Version;
 
-/// A replicated TRUNCATE at version `v`: deletes every row of `tbl` whose version is
-/// older (or unknown) and turns those versions into tombstones at `v`. Rows written
-/// after the TRUNCATE survive, as they would anywhere else, so the result does not
-/// depend on arrival order.
+/// A replicated TRUNCATE at version `v`: deletes every row of `tbl` whose stored
+/// version is not newer (or unknown: rows the same batch wrote, their versions not
+/// stored yet, go too), but for the rows keyed `keep` (`mesh.row_versions.pk` text:
+/// written newer than `v` by the same batch), and turns the older stored versions
+/// into tombstones at `v`. Rows written after the TRUNCATE survive, as they would
+/// anywhere else, so the result does not depend on arrival order.
 pub(super) async fn truncate_older(
     tx: &Client,
     tbl: &str,
     v: Version,
+    keep: &[&str],
     own_xid: i64,
 ) -> Result<(), ApplyError> {
     let pk: Vec<String> = tx
@@ -47,14 +50,17 @@ pub(super) async fn truncate_older(
         .join(", ");
     tx.execute(
         &format!(
-            "DELETE FROM {} x WHERE NOT EXISTS (
+            "DELETE FROM {} x WHERE jsonb_build_array({key})::text <> ALL($4::text[])
+               AND NOT EXISTS (
                 SELECT 1 FROM mesh.row_versions v
                 WHERE v.tbl = $1 AND v.pk = jsonb_build_array({key})::text AND (v.hlc, v.origin) > ($2::int8, $3::int2))",
             sql::table(tbl)
         ),
-        &[&tbl, &hlc, &v.origin],
+        &[&tbl, &hlc, &v.origin, &keep],
     )
     .await?;
+    // The kept rows' stored versions are older too: they become the tombstone here,
+    // as the check expects, and the batch stores their new versions over it.
     tx.execute(
         "UPDATE mesh.row_versions SET hlc = $2, origin = $3, deleted = true, xid = $4
          WHERE tbl = $1 AND pk LIKE '[%' AND (hlc, origin) < ($2::int8, $3::int2)",

@@ -7,6 +7,8 @@
 //! locks its tables against local writes first and waits for capture to log every
 //! commit below the lock.
 
+use std::time::Duration;
+
 use anyhow::Result;
 use pgmesh_replicator::catalog::origin_id_for;
 use pgmesh_replicator::event::Change;
@@ -68,7 +70,13 @@ async fn a_local_insert_uncommitted_when_a_newer_truncate_applies_is_truncated()
     let at = future()?;
     let apply = tokio::spawn(async move {
         let batch = [remote(1, at, vec![truncate()])];
-        applier.apply_batch("far", &batch, 1, 1).await
+        // As the link does, it tries again when its table lock waited too long.
+        loop {
+            match applier.apply_batch("far", &batch, 1, 1).await {
+                Err(e) if e.to_string().contains("lock timeout") => continue,
+                other => return other,
+            }
+        }
     });
     // The batch waits for it to end before it reads anything, then for capture to
     // log it: the TRUNCATE removes it, as in every region where it arrives later.
@@ -175,6 +183,17 @@ async fn a_retried_dead_letter_sees_a_local_insert_and_delete_capture_has_not_lo
     )
     .await?;
     let mut applier = applier(&url, &capture).await?;
+    // While capture stays down past the wait, the retry is deferred: the letter
+    // stays marked, and the session goes on.
+    applier.set_capture_wait(Duration::from_millis(500));
+    assert_eq!(applier.retry_dead_letters().await?, 0);
+    assert!(applier.retry_deferred());
+    let status: String = admin
+        .query_one("SELECT status FROM mesh.dead_letters", &[])
+        .await?
+        .get(0);
+    assert_eq!(status, "retry");
+    applier.set_capture_wait(Duration::from_secs(30));
     let retry = tokio::spawn(async move { applier.retry_dead_letters().await });
     holds_and_waits(&admin, &retry).await?;
     lock.execute(
@@ -220,6 +239,62 @@ async fn a_transaction_that_truncates_then_inserts_applies_both() -> Result<()> 
     assert_eq!(
         version(&admin, 2).await?,
         Some((at.as_u64() as i64, origin_id_for("far"), false))
+    );
+    capture.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_that_truncates_twice_keeps_what_it_wrote_after_the_second() -> Result<()> {
+    pgmesh_tests::init_tracing();
+    let (cluster, admin, capture) = near().await?;
+    let url = cluster.url("postgres");
+    let mut applier = applier(&url, &capture).await?;
+    let at = future()?;
+    let batch = [remote(
+        1,
+        at,
+        vec![
+            truncate(),
+            remote_change(1, Some("first")),
+            truncate(),
+            remote_change(2, Some("second")),
+        ],
+    )];
+    applier.apply_batch("far", &batch, 1, 1).await?;
+    // As in the region it came from.
+    assert_eq!(
+        row(&admin, 1).await?,
+        None,
+        "the second TRUNCATE removes it"
+    );
+    assert_eq!(
+        version(&admin, 1).await?,
+        Some((at.as_u64() as i64, origin_id_for("far"), true))
+    );
+    assert_eq!(row(&admin, 2).await?.as_deref(), Some("second"));
+    capture.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_keeps_a_newer_row_written_earlier_in_its_batch() -> Result<()> {
+    pgmesh_tests::init_tracing();
+    let (cluster, admin, capture) = near().await?;
+    let url = cluster.url("postgres");
+    let mut applier = applier(&url, &capture).await?;
+    // A relay can deliver a newer insert before an older TRUNCATE, in one batch.
+    let newer = future()?;
+    let older = past()?;
+    let batch = [
+        remote(1, newer, vec![remote_change(1, Some("newer"))]),
+        remote(2, older, vec![truncate()]),
+    ];
+    applier.apply_batch("far", &batch, 2, 2).await?;
+    assert_eq!(row(&admin, 1).await?.as_deref(), Some("newer"));
+    assert_eq!(
+        version(&admin, 1).await?,
+        Some((newer.as_u64() as i64, origin_id_for("far"), false))
     );
     capture.stop().await;
     Ok(())
