@@ -281,6 +281,10 @@ pub(super) async fn plan_locked(
                     deleted: true,
                     xid: Some(own_xid),
                 };
+                // The watermark it resolved against, before it becomes this one.
+                out.expected
+                    .entry(wm_key.clone())
+                    .or_insert(current.get(&wm_key).map(|v| v.version));
                 for (k, v) in current.iter_mut() {
                     if k.0 == c.table && removed(v.version) {
                         *v = tomb;
@@ -302,9 +306,6 @@ pub(super) async fn plan_locked(
                 exists.retain(|k, _| {
                     k.0 != c.table || current.get(k).is_some_and(|v| v.version > remote)
                 });
-                out.expected
-                    .entry(wm_key.clone())
-                    .or_insert(current.get(&wm_key).map(|v| v.version));
                 current.insert(wm_key.clone(), tomb);
                 out.touched.insert(wm_key, tomb);
                 continue;

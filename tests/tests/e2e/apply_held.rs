@@ -219,17 +219,21 @@ async fn a_transaction_that_truncates_then_inserts_applies_both() -> Result<()> 
     pgmesh_tests::init_tracing();
     let (cluster, admin, capture) = near().await?;
     let url = cluster.url("postgres");
+    let mut applier = applier(&url, &capture).await?;
+    // An older TRUNCATE first: the table has a watermark.
+    applier
+        .apply_batch("far", &[remote(1, past()?, vec![truncate()])], 1, 1)
+        .await?;
     admin
         .execute("INSERT INTO kv VALUES (1, 'old'), (2, 'old')", &[])
         .await?;
-    let mut applier = applier(&url, &capture).await?;
     let at = future()?;
     let batch = [remote(
-        1,
+        2,
         at,
         vec![truncate(), remote_change(2, Some("new"))],
     )];
-    applier.apply_batch("far", &batch, 1, 1).await?;
+    applier.apply_batch("far", &batch, 2, 2).await?;
     assert_eq!(row(&admin, 1).await?, None, "truncated");
     assert_eq!(
         row(&admin, 2).await?.as_deref(),

@@ -256,15 +256,26 @@ async fn a_truncate_does_not_remove_rows_written_after_it() -> Result<()> {
     mesh.resume_link(1, "trunc_a").await?;
     mesh.wait_quiescent(CONVERGE_TIMEOUT).await?;
     for r in &mesh.regions {
-        let ids: Vec<i32> = r
-            .admin
-            .query("SELECT id FROM kv ORDER BY id", &[])
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        let ids = ids(&r.admin).await?;
         assert_eq!(ids, [10], "rows in {}", r.name);
+    }
+    // A transaction that truncates and then inserts keeps its insert everywhere.
+    a.batch_execute("BEGIN; TRUNCATE kv; INSERT INTO kv VALUES (20, 'after'); COMMIT")
+        .await?;
+    mesh.wait_quiescent(CONVERGE_TIMEOUT).await?;
+    for r in &mesh.regions {
+        let ids = ids(&r.admin).await?;
+        assert_eq!(ids, [20], "rows in {} after TRUNCATE; INSERT", r.name);
     }
     mesh.shutdown().await;
     Ok(())
+}
+
+/// The ids in `kv`, in order.
+async fn ids(c: &tokio_postgres::Client) -> Result<Vec<i32>> {
+    Ok(c.query("SELECT id FROM kv ORDER BY id", &[])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect())
 }
