@@ -2,7 +2,7 @@
 //!
 //! The usual one ([`Applier::scripted_body`]) takes two round trips (three when it
 //! inserts a key it found absent, and waits for capture before the check; one more
-//! first when it truncates, see `quiesce`), each one simple
+//! first when it truncates, see `quiesce`, and a few per TRUNCATE), each one simple
 //! query (see `script`): BEGIN, the origin setup, the applied-events check, the row
 //! locks and the versions; then, once the changes are resolved, the writes, the
 //! conflict records, the check of the versions resolved against (under the append

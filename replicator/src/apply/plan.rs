@@ -151,11 +151,12 @@ fn stale(
     since_init: Option<i64>,
 ) -> bool {
     keys.iter().any(|k| match (exists.get(k), current.get(k)) {
-        // A row truncated here (its table's watermark is newer) is not stale.
+        // A row truncated here (its table's watermark is newer, or the same
+        // transaction's: it wrote the row, then truncated) is not stale.
         (None, Some(v))
             if current
                 .get(&(k.0.clone(), WATERMARK.to_string()))
-                .is_some_and(|w| w.version > v.version) =>
+                .is_some_and(|w| w.version >= v.version) =>
         {
             false
         }
@@ -264,7 +265,9 @@ pub(super) async fn plan_locked(
                 if !again && current.get(&wm_key).is_some_and(|w| w.version >= remote) {
                     continue;
                 }
-                let removed = |v: Version| v < remote || (again && v == remote);
+                // Older rows go, and so do the rows this event wrote before (they
+                // carry its own version, which no other write has).
+                let removed = |v: Version| v <= remote;
                 // Rows this batch wrote newer than the TRUNCATE (an earlier event, in
                 // a batch that arrived out of order) survive it, though their
                 // versions are not stored yet.
@@ -322,9 +325,10 @@ pub(super) async fn plan_locked(
             let watermark = current
                 .get(&(c.table.clone(), WATERMARK.to_string()))
                 .copied();
-            // A TRUNCATE newer than the row's own version is the row's version.
+            // A TRUNCATE newer than the row's own version (or of the transaction
+            // that wrote it, after it) is the row's version.
             let local = match (row, watermark) {
-                (Some(r), Some(w)) if w.version > r.version => Some(w),
+                (Some(r), Some(w)) if w.version >= r.version => Some(w),
                 (None, w) => w,
                 (r, _) => r,
             };
@@ -387,6 +391,11 @@ pub(super) async fn plan_locked(
                 out.expected
                     .entry(key.clone())
                     .or_insert(current.get(&key).map(|v| v.version));
+                // And the table's watermark: a local TRUNCATE that capture logs
+                // meanwhile must win over an older change written here.
+                out.expected
+                    .entry((c.table.clone(), WATERMARK.to_string()))
+                    .or_insert(watermark.map(|w| w.version));
                 current.insert(key.clone(), v);
                 out.touched.insert(key.clone(), v);
                 written.insert(key);

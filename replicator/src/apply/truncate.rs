@@ -19,12 +19,21 @@ pub(super) async fn truncate_older(
     keep: &[&str],
     own_xid: i64,
 ) -> Result<(), ApplyError> {
+    // The replica identity's columns, in attribute order, as capture keys rows.
     let pk: Vec<String> = tx
         .query(
-            "SELECT a.attname FROM pg_index i
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-             WHERE i.indrelid = $1::text::regclass AND i.indisprimary
-             ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            "SELECT a.attname FROM pg_class c
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+                                  AND NOT a.attisdropped AND a.attgenerated = ''
+              WHERE c.oid = $1::text::regclass
+                AND (c.relreplident = 'f'
+                     OR a.attnum = ANY (ARRAY(
+                          SELECT unnest(i.indkey::int2[]) FROM pg_index i
+                           WHERE i.indrelid = c.oid
+                             AND CASE c.relreplident WHEN 'd' THEN i.indisprimary
+                                                     WHEN 'i' THEN i.indisreplident
+                                                     ELSE false END)))
+              ORDER BY a.attnum",
             &[&sql::table(tbl)],
         )
         .await?
@@ -40,8 +49,10 @@ pub(super) async fn truncate_older(
     let key = pk
         .iter()
         .map(|c| {
+            // `format`: the type's output function, as capture prints keys (a
+            // cast to text would trim char(n) and spell booleans out).
             format!(
-                "jsonb_build_array({}, x.{}::text)",
+                "jsonb_build_array({}, format('%s', x.{}))",
                 literal_text(c),
                 sql::ident(c)
             )

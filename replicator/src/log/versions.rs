@@ -224,7 +224,7 @@ fn keyed(c: &crate::event::Change) -> bool {
 ///   the local writes had left absent, or the TRUNCATE's delete) stands here on top
 ///   of the local one, and is newer, as it is everywhere. The stored version stays.
 pub fn advance_local(events: &mut [ChangeEvent], mut current: VersionMap) -> VersionMap {
-    let mut touched = HashMap::new();
+    let mut touched: VersionMap = HashMap::new();
     let mut last = Hlc::ZERO;
     for e in events.iter_mut() {
         let under = e
@@ -250,6 +250,15 @@ pub fn advance_local(events: &mut [ChangeEvent], mut current: VersionMap) -> Ver
             origin: origin_id_for(&e.origin),
         };
         for c in e.changes.iter_mut() {
+            if c.op == Op::Truncate {
+                // Rows this transaction wrote before it truncated their table are gone.
+                for (k, v) in touched.iter_mut() {
+                    if k.0 == c.table && k.1 != WATERMARK && v.version == version {
+                        v.deleted = true;
+                        current.insert(k.clone(), *v);
+                    }
+                }
+            }
             let key = match c.op {
                 Op::Truncate => (c.table.clone(), WATERMARK.to_string()),
                 _ if keyed(c) => (c.table.clone(), c.key_json()),

@@ -118,5 +118,23 @@ fn an_older_stored_version_is_overwritten_and_a_local_truncate_older_than_the_wa
     let touched = advance_local(&mut events, current);
     assert_eq!(events[0].hlc, Hlc::from_u64(100));
     assert_eq!(touched[&key("1")].version.hlc, Hlc::from_u64(100));
+    assert!(touched[&key("1")].deleted, "the row went with the TRUNCATE");
     assert!(!touched.contains_key(&wm()), "the newer watermark stays");
+}
+
+#[test]
+fn rows_written_before_a_truncate_in_the_same_transaction_are_tombstones() {
+    let mut events = [local(
+        100,
+        vec![
+            change(Op::Insert, "1"),
+            change(Op::Truncate, ""),
+            change(Op::Insert, "2"),
+        ],
+    )];
+    let touched = advance_local(&mut events, VersionMap::new());
+    assert!(touched[&key("1")].deleted, "inserted, then truncated");
+    assert!(!touched[&key("2")].deleted, "inserted after the TRUNCATE");
+    assert!(touched[&wm()].deleted);
+    assert_eq!(touched[&wm()].version.hlc, Hlc::from_u64(100));
 }

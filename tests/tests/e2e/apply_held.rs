@@ -20,19 +20,19 @@ use crate::apply_absent::{applier, capture_down, future, near, remote, row, vers
 use crate::apply_stress::remote_change;
 
 /// A remote TRUNCATE of `kv`.
-fn truncate() -> Change {
+pub(crate) fn truncate() -> Change {
     Change::truncate("public.kv".into())
 }
 
 /// Two minutes ago: older than any local write of these tests.
-fn past() -> Result<Hlc> {
+pub(crate) fn past() -> Result<Hlc> {
     Ok(Hlc::from_u64(future()?.as_u64() - (180_000 << 16)))
 }
 
 /// Waits until the apply session of the link from `far` waits in the state `sql`
 /// selects (a row of `pg_stat_activity` as `a`), or `task` (the batch) ended without
 /// waiting: then the outcome shows what its not waiting did.
-async fn waits_or_ends<T>(
+pub(crate) async fn waits_or_ends<T>(
     admin: &tokio_postgres::Client,
     task: &JoinHandle<T>,
     what: &str,
@@ -210,96 +210,6 @@ async fn a_retried_dead_letter_sees_a_local_insert_and_delete_capture_has_not_lo
     );
     let v = version(&admin, 1).await?.expect("a version");
     assert_eq!((v.1, v.2), (origin_id_for("near"), true));
-    capture.stop().await;
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transaction_that_truncates_then_inserts_applies_both() -> Result<()> {
-    pgmesh_tests::init_tracing();
-    let (cluster, admin, capture) = near().await?;
-    let url = cluster.url("postgres");
-    let mut applier = applier(&url, &capture).await?;
-    // An older TRUNCATE first: the table has a watermark.
-    applier
-        .apply_batch("far", &[remote(1, past()?, vec![truncate()])], 1, 1)
-        .await?;
-    admin
-        .execute("INSERT INTO kv VALUES (1, 'old'), (2, 'old')", &[])
-        .await?;
-    let at = future()?;
-    let batch = [remote(
-        2,
-        at,
-        vec![truncate(), remote_change(2, Some("new"))],
-    )];
-    applier.apply_batch("far", &batch, 2, 2).await?;
-    assert_eq!(row(&admin, 1).await?, None, "truncated");
-    assert_eq!(
-        row(&admin, 2).await?.as_deref(),
-        Some("new"),
-        "inserted after"
-    );
-    assert_eq!(
-        version(&admin, 2).await?,
-        Some((at.as_u64() as i64, origin_id_for("far"), false))
-    );
-    capture.stop().await;
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transaction_that_truncates_twice_keeps_what_it_wrote_after_the_second() -> Result<()> {
-    pgmesh_tests::init_tracing();
-    let (cluster, admin, capture) = near().await?;
-    let url = cluster.url("postgres");
-    let mut applier = applier(&url, &capture).await?;
-    let at = future()?;
-    let batch = [remote(
-        1,
-        at,
-        vec![
-            truncate(),
-            remote_change(1, Some("first")),
-            truncate(),
-            remote_change(2, Some("second")),
-        ],
-    )];
-    applier.apply_batch("far", &batch, 1, 1).await?;
-    // As in the region it came from.
-    assert_eq!(
-        row(&admin, 1).await?,
-        None,
-        "the second TRUNCATE removes it"
-    );
-    assert_eq!(
-        version(&admin, 1).await?,
-        Some((at.as_u64() as i64, origin_id_for("far"), true))
-    );
-    assert_eq!(row(&admin, 2).await?.as_deref(), Some("second"));
-    capture.stop().await;
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_truncate_keeps_a_newer_row_written_earlier_in_its_batch() -> Result<()> {
-    pgmesh_tests::init_tracing();
-    let (cluster, admin, capture) = near().await?;
-    let url = cluster.url("postgres");
-    let mut applier = applier(&url, &capture).await?;
-    // A relay can deliver a newer insert before an older TRUNCATE, in one batch.
-    let newer = future()?;
-    let older = past()?;
-    let batch = [
-        remote(1, newer, vec![remote_change(1, Some("newer"))]),
-        remote(2, older, vec![truncate()]),
-    ];
-    applier.apply_batch("far", &batch, 2, 2).await?;
-    assert_eq!(row(&admin, 1).await?.as_deref(), Some("newer"));
-    assert_eq!(
-        version(&admin, 1).await?,
-        Some((newer.as_u64() as i64, origin_id_for("far"), false))
-    );
     capture.stop().await;
     Ok(())
 }

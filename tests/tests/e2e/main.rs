@@ -11,6 +11,7 @@ mod apply_absent;
 mod apply_held;
 mod apply_race;
 mod apply_stress;
+mod apply_truncate;
 mod capture_backlog;
 mod capture_cli;
 mod capture_crash;
