@@ -6,6 +6,9 @@
 //! applied over a local write that capture had not yet logged, or a version stored
 //! over a newer one, breaks this for some row.
 //!
+//! Now and then a local writer truncates the table, and a remote event truncates it
+//! and inserts a row: a TRUNCATE is a change to every row older than it.
+//!
 //! `PGMESH_STRESS_SECS` sets how long it writes (default 4).
 
 use std::collections::HashMap;
@@ -36,8 +39,20 @@ fn key(started: Instant, rng: &mut StdRng) -> i32 {
     (started.elapsed().as_millis() / ROUND_MS) as i32 * KEYS + rng.gen_range(0..KEYS)
 }
 
-/// One version of a row: (hlc, origin id), and the value it left (None: deleted).
-type Written = ((u64, i16), Option<String>);
+/// A version, and the place of the change in its transaction: (hlc, origin id,
+/// index in the event's changes). A TRUNCATE and an insert after it in one
+/// transaction share the version; the insert comes later.
+type At = (u64, i16, usize);
+
+/// One version of a row and the value it left (None: deleted).
+type Written = (At, Option<String>);
+
+/// What happened to the table: each row's versions, and the TRUNCATEs.
+#[derive(Default)]
+struct History {
+    rows: HashMap<i32, Vec<Written>>,
+    truncates: Vec<At>,
+}
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -98,6 +113,7 @@ async fn local_writer(
                 c.execute("UPDATE kv SET val = $2 WHERE id = $1", &[&key, &val])
                     .await
             }
+            _ if rng.gen_range(0..150) == 0 => c.execute("TRUNCATE kv", &[]).await,
             _ => c.execute("DELETE FROM kv WHERE id = $1", &[&key]).await,
         };
         // Deadlocks between local writers are theirs, not ours.
@@ -110,11 +126,8 @@ async fn local_writer(
     Ok(n)
 }
 
-/// Versions each key went through: the remote ones sent and the local ones logged.
-async fn local_versions(
-    admin: &tokio_postgres::Client,
-    into: &mut HashMap<i32, Vec<Written>>,
-) -> Result<()> {
+/// Adds the local changes capture logged to `into`.
+async fn local_versions(admin: &tokio_postgres::Client, into: &mut History) -> Result<()> {
     let near = origin_id_for("near");
     for r in admin
         .query(
@@ -125,7 +138,15 @@ async fn local_versions(
     {
         let hlc: i64 = r.get(0);
         let changes: Vec<Change> = serde_json::from_str(r.get(1))?;
-        for c in changes.iter().filter(|c| c.table == "public.kv") {
+        for (i, c) in changes.iter().enumerate() {
+            if c.table != "public.kv" {
+                continue;
+            }
+            let at = (hlc as u64, near, i);
+            if c.op == Op::Truncate {
+                into.truncates.push(at);
+                continue;
+            }
             let id: i32 = c.pk[0].1.as_deref().unwrap_or_default().parse()?;
             let val = match c.op {
                 Op::Delete => None,
@@ -135,7 +156,7 @@ async fn local_versions(
                     .and_then(|n| n.iter().find(|(k, _)| k == "val"))
                     .and_then(|(_, v)| v.clone()),
             };
-            into.entry(id).or_default().push(((hlc as u64, near), val));
+            into.rows.entry(id).or_default().push((at, val));
         }
     }
     Ok(())
@@ -172,7 +193,7 @@ async fn rows_end_as_their_newest_change_with_local_and_remote_writers_racing() 
     // Remote changes with versions around now (some older than the local writes
     // they meet, some newer), in batches of one to three events, in HLC order.
     let far = origin_id_for("far");
-    let mut sent: HashMap<i32, Vec<Written>> = HashMap::new();
+    let mut sent = History::default();
     let mut rng = StdRng::seed_from_u64(7);
     let mut last = 0u64;
     let mut seq = 0i64;
@@ -186,8 +207,14 @@ async fn rows_end_as_their_newest_change_with_local_and_remote_writers_racing() 
             last = hlc;
             let id = key(started, &mut rng);
             let val = (rng.gen_range(0..4) != 0).then(|| format!("R-{seq}"));
-            let change = remote_change(id, val.as_deref());
-            sent.entry(id).or_default().push(((hlc, far), val));
+            let mut changes = vec![remote_change(id, val.as_deref())];
+            if rng.gen_range(0..40) == 0 {
+                // TRUNCATE kv, then the change.
+                changes.insert(0, Change::truncate("public.kv".into()));
+                sent.truncates.push((hlc, far, 0));
+            }
+            let at = (hlc, far, changes.len() - 1);
+            sent.rows.entry(id).or_default().push((at, val));
             batch.push(Logged {
                 seq,
                 event: ChangeEvent {
@@ -198,7 +225,7 @@ async fn rows_end_as_their_newest_change_with_local_and_remote_writers_racing() 
                     commit_ts_us: (ms * 1000) as i64,
                     stamp: None,
                     local_only: false,
-                    changes: vec![change],
+                    changes,
                 },
             });
         }
@@ -208,9 +235,14 @@ async fn rows_end_as_their_newest_change_with_local_and_remote_writers_racing() 
         // writing time is up the writers stop, and then the batch must go through.
         while let Err(e) = applier.apply_batch("far", &batch, seq, seq).await {
             behind += 1;
+            // A TRUNCATE's table lock may also time out behind a local writer, or
+            // deadlock with one more often than apply resolves again.
+            let transient = matches!(e, ApplyError::CaptureBehind(_))
+                || ["lock timeout", "deadlock detected"]
+                    .iter()
+                    .any(|m| e.to_string().contains(m));
             ensure!(
-                matches!(e, ApplyError::CaptureBehind(_))
-                    && started.elapsed() < Duration::from_secs(secs + 60),
+                transient && started.elapsed() < Duration::from_secs(secs + 60),
                 "batch {seq}: {e}"
             );
             if started.elapsed() >= Duration::from_secs(secs) {
@@ -235,24 +267,38 @@ async fn rows_end_as_their_newest_change_with_local_and_remote_writers_racing() 
         progress.wait_for(end, Duration::from_secs(30)).await,
         "capture did not log everything"
     );
-    let mut versions = sent;
-    local_versions(&admin, &mut versions).await?;
+    let mut history = sent;
+    local_versions(&admin, &mut history).await?;
+    let truncated = history.truncates.iter().max().copied();
+    // The watermark stored: (hlc, origin).
+    let watermark: Option<(u64, i16)> = admin
+        .query_opt(
+            "SELECT hlc, origin FROM mesh.row_versions WHERE tbl = 'public.kv' AND pk = '\"*\"'",
+            &[],
+        )
+        .await?
+        .map(|r| (r.get::<_, i64>(0) as u64, r.get(1)));
     let conflicts: i64 = admin
         .query_one("SELECT count(*) FROM mesh.conflicts", &[])
         .await?
         .get(0);
     eprintln!(
         "{seq} remote events, {local_writes} local writes, {conflicts} conflicts, {} rows, \
-         {behind} batches tried again",
-        versions.len()
+         {} truncates, {behind} batches tried again",
+        history.rows.len(),
+        history.truncates.len()
     );
     let mut wrong = Vec::new();
-    let mut keys: Vec<i32> = versions.keys().copied().collect();
+    let mut keys: Vec<i32> = history.rows.keys().copied().collect();
     keys.sort_unstable();
     for id in keys {
-        let Some(newest) = versions[&id].iter().max_by_key(|w| w.0).cloned() else {
+        let Some(mut newest) = history.rows[&id].iter().max_by_key(|w| w.0).cloned() else {
             continue;
         };
+        // A newer TRUNCATE (or the same transaction's, after the change) removed it.
+        if let Some(t) = truncated.filter(|t| *t > newest.0) {
+            newest = (t, None);
+        }
         let row: Option<String> = admin
             .query_opt("SELECT val FROM kv WHERE id = $1", &[&id])
             .await?
@@ -265,10 +311,16 @@ async fn rows_end_as_their_newest_change_with_local_and_remote_writers_racing() 
             )
             .await?
             .map(|r| ((r.get::<_, i64>(0) as u64, r.get::<_, i16>(1)), r.get::<_, bool>(2)));
-        let expected_version = (newest.0, newest.1.is_none());
+        // The row's own version, or the watermark when that is newer.
+        let stored = match (stored, watermark) {
+            (Some((v, _)), Some(w)) if w > v => Some((w, true)),
+            (None, Some(w)) => Some((w, true)),
+            (s, _) => s,
+        };
+        let expected_version = ((newest.0 .0, newest.0 .1), newest.1.is_none());
         if row != newest.1 || stored != Some(expected_version) {
-            let mut history = versions[&id].clone();
-            history.sort();
+            let mut changes = history.rows[&id].clone();
+            changes.sort();
             let conflicts: Vec<String> = admin
                 .query(
                     "SELECT format('%s %s %s / %s %s %s -> %s', local_origin, local_hlc, local_op,
@@ -283,7 +335,8 @@ async fn rows_end_as_their_newest_change_with_local_and_remote_writers_racing() 
                 .collect();
             wrong.push(format!(
                 "key {id}: row {row:?}, version {stored:?}; newest change {newest:?}\n  \
-                 history {history:?}\n  conflicts {conflicts:#?}"
+                 history {changes:?}, truncates {:?}\n  conflicts {conflicts:#?}",
+                history.truncates
             ));
         }
     }
