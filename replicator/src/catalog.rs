@@ -6,14 +6,24 @@
 //! It never drops user data and never installs anything but plain SQL objects in
 //! schema `mesh` (no extension, no superuser-only feature it cannot do without).
 
+use std::time::Duration;
+
 use pgmesh_sql::migrations::{self, MIGRATIONS};
 use thiserror::Error;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
+use tracing::warn;
 
 /// Name of the publication capture reads.
 pub const PUBLICATION: &str = "pgmesh";
 /// Advisory-lock key that serialises migrations (`'pgmesh'` as an integer).
 const MIGRATION_LOCK: i64 = 0x7067_6d65_7368_0001;
+/// How long one migration waits for a lock before it lets go and tries again, so
+/// that the sessions queued behind its lock request (capture, apply, clients on
+/// `mesh` tables) are not held up by a transaction it waits for.
+const MIGRATION_LOCK_WAIT_MS: u64 = 2_000;
+/// How long [`migrate`] keeps trying before [`CatalogError::MigrationLocked`].
+pub const MIGRATION_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Errors of catalog setup.
 #[derive(Debug, Error)]
@@ -38,6 +48,11 @@ pub enum CatalogError {
     RegionName(String),
     #[error("{0} is in schema mesh, pgmesh's own catalog, which never replicates (capture logs into it): leave it out of --schemas and --tables")]
     MeshSelected(String),
+    #[error(
+        "the catalog migration waited {0:?} for locks on schema mesh that other sessions hold \
+         (SQLSTATE 55P03): end the transactions holding them (see pg_locks) and run it again"
+    )]
+    MigrationLocked(Duration),
     #[error("{}", pg_error(.0))]
     Sql(#[from] tokio_postgres::Error),
 }
@@ -289,30 +304,61 @@ pub async fn check_prerequisites(c: &Client, region: &str) -> Result<(), Catalog
 /// Each migration commits on its own, under the migration lock, so a long upgrade
 /// releases each migration's table locks as it goes instead of holding them all to
 /// the end; one that fails leaves the versions before it applied, and the next run
-/// goes on from there.
+/// goes on from there. A migration that waits more than 2 s for a lock lets go and
+/// tries again, for up to [`MIGRATION_DEADLINE`].
 pub async fn migrate(c: &mut Client) -> Result<Vec<i32>, CatalogError> {
+    migrate_within(c, MIGRATION_DEADLINE).await
+}
+
+/// [`migrate`], trying for up to `deadline`.
+pub async fn migrate_within(c: &mut Client, deadline: Duration) -> Result<Vec<i32>, CatalogError> {
+    let give_up = tokio::time::Instant::now() + deadline;
     let mut applied = Vec::new();
     loop {
-        let tx = c.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await?;
-        let current = catalog_version(&tx).await?;
-        if current > migrations::latest() {
-            return Err(CatalogError::TooNew {
-                found: current,
-                supported: migrations::latest(),
-            });
+        match migrate_next(c, &mut applied).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(applied),
+            Err(CatalogError::Sql(e)) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                if tokio::time::Instant::now() >= give_up {
+                    return Err(CatalogError::MigrationLocked(deadline));
+                }
+                warn!(
+                    "a catalog migration waits for a lock another session holds on schema mesh; trying again"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
         }
-        // Past what this loop applied too, so a file that failed to record its
-        // version cannot make it loop.
-        let done = current.max(applied.last().copied().unwrap_or(0));
-        let Some(m) = MIGRATIONS.iter().find(|m| m.version > done) else {
-            return Ok(applied);
-        };
-        tx.batch_execute(m.sql).await?;
-        tx.commit().await?;
-        applied.push(m.version);
     }
+}
+
+/// Applies the next migration the database lacks, if any (`false`: none), and adds
+/// its version to `applied`.
+async fn migrate_next(c: &mut Client, applied: &mut Vec<i32>) -> Result<bool, CatalogError> {
+    let tx = c.transaction().await?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = {MIGRATION_LOCK_WAIT_MS}"
+    ))
+    .await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let current = catalog_version(&tx).await?;
+    if current > migrations::latest() {
+        return Err(CatalogError::TooNew {
+            found: current,
+            supported: migrations::latest(),
+        });
+    }
+    // Past what this loop applied too, so a file that failed to record its
+    // version cannot make it loop.
+    let done = current.max(applied.last().copied().unwrap_or(0));
+    let Some(m) = MIGRATIONS.iter().find(|m| m.version > done) else {
+        return Ok(false);
+    };
+    tx.batch_execute(m.sql).await?;
+    tx.commit().await?;
+    applied.push(m.version);
+    Ok(true)
 }
 
 /// The catalog's version: the highest in `mesh.schema_versions`, 0 without one.

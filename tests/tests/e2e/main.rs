@@ -21,6 +21,7 @@ mod capture_nopk;
 mod capture_partition;
 mod capture_stamps;
 mod capture_values;
+mod catalog_locks;
 mod harness;
 mod log_reads;
 mod mesh_chaos;
