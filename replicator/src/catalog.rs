@@ -53,6 +53,12 @@ pub enum CatalogError {
          (SQLSTATE 55P03): end the transactions holding them (see pg_locks) and run it again"
     )]
     MigrationLocked(Duration),
+    #[error(
+        "schema mesh exists and is not pgmesh's catalog (it has {0} objects and no \
+         mesh.schema_versions; SQLSTATE 42P06): pgmesh keeps its catalog in schema mesh, so \
+         rename that schema before pgmesh init"
+    )]
+    ForeignSchema(i64),
     #[error("{}", pg_error(.0))]
     Sql(#[from] tokio_postgres::Error),
 }
@@ -371,6 +377,21 @@ async fn catalog_version(tx: &tokio_postgres::Transaction<'_>) -> Result<i32, Ca
         .await?
         .get(0);
     if !exists {
+        // Not ours, unless empty (say, created by hand for pgmesh to fill).
+        let objects: i64 = tx
+            .query_opt(
+                "SELECT (SELECT count(*) FROM pg_class WHERE relnamespace = n.oid)
+                      + (SELECT count(*) FROM pg_proc WHERE pronamespace = n.oid)
+                      + (SELECT count(*) FROM pg_type WHERE typnamespace = n.oid
+                                                       AND typrelid = 0 AND typelem = 0)
+                   FROM (SELECT to_regnamespace('mesh') AS oid) n WHERE n.oid IS NOT NULL",
+                &[],
+            )
+            .await?
+            .map_or(0, |r| r.get(0));
+        if objects > 0 {
+            return Err(CatalogError::ForeignSchema(objects));
+        }
         return Ok(0);
     }
     Ok(tx

@@ -131,6 +131,35 @@ async fn init_refuses_to_publish_schema_mesh() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn init_refuses_a_schema_mesh_that_is_not_its_catalog() -> Result<()> {
+    let region = Region::start("foreign").await?;
+    let url = region.url();
+    let init = ["init", "--upstream", &url, "--region", "foreign"];
+    region
+        .admin
+        .batch_execute("CREATE SCHEMA mesh; CREATE TABLE mesh.orders (id int)")
+        .await?;
+    let out = pgmesh_output(&init).await?;
+    assert!(!out.success(), "init must fail: {}", out.stdout);
+    assert!(
+        out.stderr.contains("not pgmesh's catalog"),
+        "{}",
+        out.stderr
+    );
+    let ours: bool = region
+        .admin
+        .query_one("SELECT to_regclass('mesh.changelog') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    assert!(!ours, "a refused init creates nothing in the schema");
+    // An empty schema mesh is taken.
+    region.admin.batch_execute("DROP TABLE mesh.orders").await?;
+    let out = pgmesh_output(&init).await?;
+    assert!(out.success(), "{}", out.stderr);
+    Ok(())
+}
+
 /// The line `log tail` prints must name this change's hlc, origin, table, op, key.
 fn expect_line(line: &str, e: &LogEvent, i: usize) -> Result<()> {
     let c = &e.changes[i];
