@@ -252,17 +252,13 @@ pub(super) async fn plan_locked(
         // Rows this event already wrote: a second change to the same row in one
         // transaction carries the same version and must still apply.
         let mut written: HashSet<(String, String)> = HashSet::new();
-        // Tables this event truncated: the tombstones it left carry its own version,
-        // and its later changes to those tables (TRUNCATE, then INSERT) must apply.
-        let mut truncated: HashSet<&str> = HashSet::new();
         for c in &e.changes {
             if c.op == Op::Truncate {
                 exec::execute_all(tx, cache, &std::mem::take(&mut out.writes)).await?;
                 let wm_key = (c.table.clone(), WATERMARK.to_string());
-                // A second TRUNCATE of the table in this event finds its own
-                // watermark, and removes what the event wrote since the first.
-                let again = truncated.contains(c.table.as_str());
-                if !again && current.get(&wm_key).is_some_and(|w| w.version >= remote) {
+                // A watermark at this event's own version (no other write has it) is
+                // its earlier TRUNCATE: this one removes what it wrote since.
+                if current.get(&wm_key).is_some_and(|w| w.version > remote) {
                     continue;
                 }
                 // Older rows go, and so do the rows this event wrote before (they
@@ -278,7 +274,6 @@ pub(super) async fn plan_locked(
                     .map(|(k, _)| k.1.as_str())
                     .collect();
                 truncate_older(tx, &c.table, remote, &keep, own_xid).await?;
-                truncated.insert(&c.table);
                 let tomb = RowVersion {
                     version: remote,
                     deleted: true,
@@ -332,8 +327,10 @@ pub(super) async fn plan_locked(
                 (None, w) => w,
                 (r, _) => r,
             };
-            let own_tombstone =
-                truncated.contains(c.table.as_str()) && local.is_some_and(|v| v.version == remote);
+            // The tombstone of this event's own TRUNCATE (TRUNCATE, then INSERT):
+            // it carries the event's version, and the change after it applies.
+            let own_tombstone = watermark.is_some_and(|w| w.version == remote)
+                && local.is_some_and(|v| v.version == remote);
             let d = if written.contains(&key) || own_tombstone {
                 Decision {
                     winner: Winner::Remote,

@@ -132,6 +132,26 @@ pub(crate) async fn capture_down(
     Ok((lock, capture))
 }
 
+/// Lets the capture that [`capture_down`] held down lead.
+pub(crate) async fn capture_up(lock: &tokio_postgres::Client) -> Result<()> {
+    lock.execute("SELECT pg_advisory_unlock($1)", &[&leader_key("near")])
+        .await?;
+    Ok(())
+}
+
+/// Checks that `kv` row `id` ended deleted by a local delete: no row, and a local
+/// tombstone as its version.
+pub(crate) async fn local_delete_won(admin: &tokio_postgres::Client, id: i32) -> Result<()> {
+    assert_eq!(
+        row(admin, id).await?,
+        None,
+        "the local delete is the newest"
+    );
+    let v = version(admin, id).await?.expect("a version");
+    assert_eq!((v.1, v.2), (origin_id_for("near"), true));
+    Ok(())
+}
+
 /// Waits until the session named `app` waits on backend `pid`.
 pub(crate) async fn waits_on(admin: &tokio_postgres::Client, app: &str, pid: i32) -> Result<()> {
     wait_row(
@@ -319,8 +339,7 @@ async fn a_row_inserted_while_apply_waits_for_capture_is_locked_and_resolved() -
     admin
         .execute("INSERT INTO kv VALUES (1, 'again')", &[])
         .await?;
-    lock.execute("SELECT pg_advisory_unlock($1)", &[&leader_key("near")])
-        .await?;
+    capture_up(&lock).await?;
     let (_applier, outcome) = apply.await?;
     outcome?;
     // The batch locked the new row after the wait: the remote delete (newer) wins
@@ -377,19 +396,9 @@ async fn a_local_insert_and_delete_between_the_locks_and_the_insert_are_seen() -
     .await?;
     // ...which logs the local pair once it is up: the check finds the key's version
     // changed, and the batch, resolved again, loses to the newer local delete.
-    lock.execute("SELECT pg_advisory_unlock($1)", &[&leader_key("near")])
-        .await?;
+    capture_up(&lock).await?;
     apply.await??;
-    assert_eq!(
-        row(&admin, 1).await?,
-        None,
-        "the local delete is the newest"
-    );
-    let (deleted, origin): (bool, i16) = {
-        let v = version(&admin, 1).await?.expect("a version");
-        (v.2, v.1)
-    };
-    assert_eq!((deleted, origin), (true, origin_id_for("near")));
+    local_delete_won(&admin, 1).await?;
     assert_eq!(row(&admin, 5).await?.as_deref(), Some("remote"));
     capture.stop().await;
     Ok(())

@@ -16,7 +16,10 @@ use pgmesh_replicator::hlc::Hlc;
 use pgmesh_tests::{wait_row, wait_until, DEFAULT_TIMEOUT};
 use tokio::task::JoinHandle;
 
-use crate::apply_absent::{applier, capture_down, future, near, remote, row, version, Blocker};
+use crate::apply_absent::{
+    applier, capture_down, capture_up, future, local_delete_won, near, remote, row, version,
+    Blocker,
+};
 use crate::apply_stress::remote_change;
 
 /// A remote TRUNCATE of `kv`.
@@ -123,19 +126,10 @@ async fn a_truncating_batch_sees_a_local_insert_and_delete_capture_has_not_logge
     // It waits for capture before it reads the versions, and once capture logs the
     // local pair, loses key 1 to the newer local delete.
     holds_and_waits(&admin, &apply).await?;
-    lock.execute(
-        "SELECT pg_advisory_unlock($1)",
-        &[&pgmesh_replicator::capture::leader::leader_key("near")],
-    )
-    .await?;
+    capture_up(&lock).await?;
     apply.await??;
-    assert_eq!(
-        row(&admin, 1).await?,
-        None,
-        "the local delete is the newest"
-    );
+    local_delete_won(&admin, 1).await?;
     let v = version(&admin, 1).await?.expect("a version");
-    assert_eq!((v.1, v.2), (origin_id_for("near"), true));
     assert!(v.0 > old.as_u64() as i64);
     capture.stop().await;
     Ok(())
@@ -196,20 +190,10 @@ async fn a_retried_dead_letter_sees_a_local_insert_and_delete_capture_has_not_lo
     applier.set_capture_wait(Duration::from_secs(30));
     let retry = tokio::spawn(async move { applier.retry_dead_letters().await });
     holds_and_waits(&admin, &retry).await?;
-    lock.execute(
-        "SELECT pg_advisory_unlock($1)",
-        &[&pgmesh_replicator::capture::leader::leader_key("near")],
-    )
-    .await?;
+    capture_up(&lock).await?;
     assert_eq!(retry.await??, 1, "the letter is applied");
     // Applied, it lost to the newer local delete.
-    assert_eq!(
-        row(&admin, 1).await?,
-        None,
-        "the local delete is the newest"
-    );
-    let v = version(&admin, 1).await?.expect("a version");
-    assert_eq!((v.1, v.2), (origin_id_for("near"), true));
+    local_delete_won(&admin, 1).await?;
     capture.stop().await;
     Ok(())
 }

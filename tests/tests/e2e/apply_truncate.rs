@@ -10,7 +10,7 @@ use pgmesh_replicator::event::{Change, Op};
 use pgmesh_replicator::hlc::Hlc;
 use pgmesh_tests::PgCluster;
 
-use crate::apply_absent::{applier, capture_down, future, near, remote, row, version};
+use crate::apply_absent::{applier, capture_down, capture_up, future, near, remote, row, version};
 use crate::apply_held::{past, truncate, waits_or_ends};
 use crate::apply_stress::remote_change;
 
@@ -149,11 +149,7 @@ async fn an_older_insert_loses_to_a_local_truncate_capture_had_not_logged() -> R
         "state = 'idle in transaction' AND query LIKE '%pg_current_wal_insert_lsn%'",
     )
     .await?;
-    lock.execute(
-        "SELECT pg_advisory_unlock($1)",
-        &[&pgmesh_replicator::capture::leader::leader_key("near")],
-    )
-    .await?;
+    capture_up(&lock).await?;
     apply.await??;
     assert_eq!(row(&admin, 1).await?, None, "the newer TRUNCATE wins");
     capture.stop().await;
