@@ -84,6 +84,8 @@ Environment:
   BENCH_STAGES         1: also split each lag run's lag into stages (see bench/stages.sh;
                        adds a timestamp column to every region's change log)  [0]
   BENCH_PG_CONF        extra postgresql.conf lines for every cluster, separated by ";"
+  BENCH_NODE_ARGS      extra `pgmesh run` flags for every node, separated by spaces
+                       (e.g. "--capture-linger-ms 0 --apply-linger-ms 0")  [none]
                        (profiling: "shared_preload_libraries = 'pg_stat_statements'")
   PGMESH_BIN           pgmesh binary to use; skips `cargo build --release -p pgmesh-proxy`
   PGMESH_PG_BIN        PostgreSQL bin dir  [dir of initdb on PATH, else /usr/lib/postgresql/*/bin]
@@ -130,6 +132,7 @@ SCALE="${BENCH_SCALE:-10}"
 RATE="${BENCH_RATE:-}"
 REPLMAX_RUN="${BENCH_REPLICATED_MAX_RUN:-1}"
 read -r -a EXTRA_RATES <<<"${BENCH_EXTRA_RATES:-}"
+read -r -a NODE_ARGS <<<"${BENCH_NODE_ARGS:-}"
 WORKLOAD="${BENCH_BACKLOG_WORKLOAD:-tpcb}"
 STALL="${BENCH_STALL_TIMEOUT:-60}"
 STAGES="${BENCH_STAGES:-0}"
@@ -211,6 +214,7 @@ PG_VERSION="$("$PGBIN/postgres" --version)"
 PGMESH_VERSION="$("$PGMESH_BIN" --version 2>/dev/null || echo unknown)"
 log "PostgreSQL: $PG_VERSION ($PGBIN)"
 log "pgmesh:     $PGMESH_VERSION ($PGMESH_BIN)"
+[[ ${#NODE_ARGS[@]} -eq 0 ]] || log "node flags: ${NODE_ARGS[*]}"
 
 # ---------------------------------------------------------------------------
 # Ports and the temp dir. /tmp rather than $TMPDIR: the postgres OS user must reach it.
@@ -354,7 +358,7 @@ for r in "${REGIONS[@]}"; do
         --region "$r" --node "$r-node" \
         --peer-listen "127.0.0.1:${PEER_PORT[$r]}" "${peers[@]}" \
         --metrics-listen "127.0.0.1:${METRICS_PORT[$r]}" \
-        --prune-interval-secs 0 \
+        --prune-interval-secs 0 "${NODE_ARGS[@]}" \
         --shutdown-grace-secs 2 >"$TMPD/node-$r.log" 2>&1 &
     NODE_PID[$r]=$!
 done

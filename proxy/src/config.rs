@@ -13,6 +13,14 @@ use thiserror::Error;
 
 use crate::upstream::{UpstreamError, UpstreamTarget};
 
+/// Default of `capture_linger_ms` and `apply_linger_ms`. On a busy mesh it halves the
+/// number of appends and apply transactions (and what each costs the databases);
+/// see the README's "Batching" section for the measurements.
+pub const DEFAULT_LINGER_MS: u64 = 2;
+
+/// Largest `capture_linger_ms` and `apply_linger_ms`.
+pub const MAX_LINGER_MS: u64 = 10_000;
+
 /// Errors in a configuration.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -44,6 +52,8 @@ pub enum ConfigError {
     },
     #[error("`{0}` must be greater than zero")]
     Zero(&'static str),
+    #[error("`{0}` must be at most {1}")]
+    TooLarge(&'static str, u64),
     #[error("invalid peer {0:?}: expected NAME=HOST:PORT[,HOST:PORT...] with NAME a region name, each region once")]
     Peer(String),
     #[error("peer_tls: `cert`, `key` and `ca` must be set together")]
@@ -106,6 +116,17 @@ pub struct Config {
     /// Tombstones (versions of deleted rows) are pruned with the log once below the
     /// frontier and older than this many seconds. Default: 3600.
     pub tombstone_retention_secs: u64,
+    /// Least time between two appends of capture to the change log, in milliseconds:
+    /// a transaction that commits sooner after the last append waits for the rest of
+    /// it, and the ones that commit meanwhile join its append. The first one after a
+    /// quiet spell is appended at once. 0 appends as soon as capture has caught up.
+    /// At most 10000. Default: 2.
+    pub capture_linger_ms: u64,
+    /// Least time between two apply transactions of a link, in milliseconds, the same
+    /// way: events that arrive sooner after the last apply wait for the rest of it and
+    /// are applied together. 0 applies what has arrived as soon as the last apply
+    /// ends. At most 10000. Default: 2.
+    pub apply_linger_ms: u64,
 }
 
 /// TLS of peer links: this node's certificate, and the mesh CA that every peer
@@ -154,6 +175,8 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             prune_interval_secs: 60,
             tombstone_retention_secs: 3600,
+            capture_linger_ms: DEFAULT_LINGER_MS,
+            apply_linger_ms: DEFAULT_LINGER_MS,
             max_message_bytes: crate::net::frame::PG_LARGE_MESSAGE_LIMIT,
             tls: TlsConfig::default(),
             mesh: "pgmesh".into(),
@@ -232,6 +255,14 @@ impl Config {
         }
         if self.max_message_bytes == 0 {
             return Err(ConfigError::Zero("max_message_bytes"));
+        }
+        for (name, v) in [
+            ("capture_linger_ms", self.capture_linger_ms),
+            ("apply_linger_ms", self.apply_linger_ms),
+        ] {
+            if v > MAX_LINGER_MS {
+                return Err(ConfigError::TooLarge(name, MAX_LINGER_MS));
+            }
         }
         match (&self.tls.cert, &self.tls.key) {
             (Some(c), Some(k)) => {
@@ -336,6 +367,32 @@ mod tests {
             ..Config::default()
         };
         assert!(matches!(c.validate(), Err(ConfigError::TlsHalf)));
+    }
+
+    #[test]
+    fn lingers_default_to_2_ms_and_stop_at_10_s() {
+        let base = Config {
+            listen: Some("127.0.0.1:1".into()),
+            upstream: Some("postgres://h/db".into()),
+            ..Config::default()
+        };
+        let v = base.clone().validate().unwrap();
+        assert_eq!(
+            (v.config.capture_linger_ms, v.config.apply_linger_ms),
+            (2, 2)
+        );
+        let c = Config::from_toml("capture_linger_ms = 0\napply_linger_ms = 10000\n").unwrap();
+        assert_eq!((c.capture_linger_ms, c.apply_linger_ms), (0, 10_000));
+        let c = Config {
+            apply_linger_ms: 10_001,
+            ..base
+        };
+        let e = c.validate().unwrap_err();
+        assert!(
+            matches!(e, ConfigError::TooLarge("apply_linger_ms", 10_000)),
+            "{e}"
+        );
+        assert_eq!(e.to_string(), "`apply_linger_ms` must be at most 10000");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod certs;
 pub mod event;
 pub mod hlc;
 pub mod keepalive;
+pub mod linger;
 pub mod link;
 pub mod log;
 pub mod pgoutput;

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::apply::{Applier, ApplyError, BatchOutcome};
 use crate::capture::Progress;
+use crate::linger::Linger;
 use crate::link::backoff::Backoff;
 use crate::link::client::{ClientConfig, LinkClient, LinkEvent};
 use crate::link::LinkError;
@@ -82,6 +83,11 @@ pub struct PullConfig {
     /// Every region name known to this node (for naming conflict origins).
     pub regions: Vec<String>,
     pub max_batch: u32,
+    /// Least time from the end of one apply to the start of the next: batches that
+    /// arrive sooner wait for the rest of it and are folded into one apply, so a busy
+    /// link applies fewer, larger transactions. A batch that arrives later is applied
+    /// at once. Zero folds only what has already arrived.
+    pub linger: Duration,
     /// Whether this node relays other origins' events (`--relay`): only then do the
     /// appends of applied events notify the log's readers.
     pub relay: bool,
@@ -280,6 +286,7 @@ async fn session(
     durable.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut acked, mut reported) = (after, 0);
     let mut last_saved = std::time::Instant::now();
+    let mut linger = Linger::new(cfg.linger);
     loop {
         tokio::select! {
             ev = client.next() => match ev? {
@@ -289,8 +296,16 @@ async fn session(
                     let mut beat = None;
                     let mut folded = 1;
                     let mut bytes: usize = events.iter().map(|l| l.event.value_bytes()).sum();
+                    // Until the linger since the last apply is over, wait for more.
+                    let linger_until = linger.deadline();
                     while events.len() < cfg.max_batch as usize && bytes < FOLD_BYTES {
-                        match client.try_next() {
+                        // `next` is cancel-safe; once the deadline has passed, this
+                        // only takes what has arrived.
+                        let next = tokio::time::timeout_at(linger_until, client.next())
+                            .await
+                            .ok()
+                            .or_else(|| client.try_next());
+                        match next {
                             Some(Ok(LinkEvent::Batch { events: more, upto: u, head: h })) => {
                                 bytes += more.iter().map(|l| l.event.value_bytes()).sum::<usize>();
                                 events.extend(more);
@@ -331,6 +346,7 @@ async fn session(
                             "batch applied"
                         );
                         on_batch(&cfg.peer, &out);
+                        linger.ended();
                     }
                     if let Some((head, floors)) = beat {
                         heartbeat(&applier, cfg, head, unsaved.take(), floors).await?;

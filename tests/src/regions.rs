@@ -72,6 +72,8 @@ pub struct NodeSpec {
     /// runs, tombstones are pruned too as soon as the frontier allows
     /// (`--tombstone-retention-secs 0`).
     pub prune_secs: Option<u64>,
+    /// `--capture-linger-ms` and `--apply-linger-ms`. Default: the node's defaults.
+    pub linger_ms: Option<(u64, u64)>,
 }
 
 /// A running node.
@@ -309,6 +311,10 @@ impl Mesh {
             args.extend(["--tombstone-retention-secs".into(), "0".into()]);
             if spec.metrics {
                 args.extend(["--metrics-listen".into(), format!("127.0.0.1:{metrics}")]);
+            }
+            if let Some((capture, apply)) = spec.linger_ms {
+                args.extend(["--capture-linger-ms".into(), capture.to_string()]);
+                args.extend(["--apply-linger-ms".into(), apply.to_string()]);
             }
             if let Some(t) = &spec.tls {
                 for (flag, path) in [
@@ -563,7 +569,13 @@ impl Mesh {
 /// The in-process configuration of a node of `region` run as `spec` says, but for
 /// its upstream, name, peer listener and peers.
 fn in_process_config(region: &str, spec: &NodeSpec) -> Config {
+    let defaults = Config::default();
+    let (capture_linger_ms, apply_linger_ms) = spec
+        .linger_ms
+        .unwrap_or((defaults.capture_linger_ms, defaults.apply_linger_ms));
     Config {
+        capture_linger_ms,
+        apply_linger_ms,
         listen: Some("127.0.0.1:0".into()),
         region: region.to_string(),
         relay: spec.relay,
@@ -579,6 +591,6 @@ fn in_process_config(region: &str, spec: &NodeSpec) -> Config {
         shutdown_grace_secs: 1,
         prune_interval_secs: spec.prune_secs.unwrap_or(0),
         tombstone_retention_secs: 0,
-        ..Config::default()
+        ..defaults
     }
 }

@@ -178,6 +178,15 @@ pub struct RunArgs {
     /// once older than this [default: 3600].
     #[arg(long)]
     pub tombstone_retention_secs: Option<u64>,
+    /// Least milliseconds between two appends of capture to the change log; commits
+    /// sooner after the last one wait and are appended together; 0 appends at once
+    /// [default: 2].
+    #[arg(long)]
+    pub capture_linger_ms: Option<u64>,
+    /// Least milliseconds between two apply transactions of a link; events that
+    /// arrive sooner wait and are applied together; 0 applies at once [default: 2].
+    #[arg(long)]
+    pub apply_linger_ms: Option<u64>,
 }
 
 impl RunArgs {
@@ -249,6 +258,12 @@ impl RunArgs {
         }
         if let Some(v) = self.tombstone_retention_secs {
             c.tombstone_retention_secs = v;
+        }
+        if let Some(v) = self.capture_linger_ms {
+            c.capture_linger_ms = v;
+        }
+        if let Some(v) = self.apply_linger_ms {
+            c.apply_linger_ms = v;
         }
         Ok(c)
     }
@@ -394,6 +409,8 @@ pub fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
         "  tombstone_retention_secs = {}",
         v.config.tombstone_retention_secs
     );
+    println!("  capture_linger_ms  = {}", v.config.capture_linger_ms);
+    println!("  apply_linger_ms    = {}", v.config.apply_linger_ms);
     println!(
         "  client tls         = {}",
         if v.config.tls.cert.is_some() {

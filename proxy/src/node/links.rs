@@ -101,6 +101,7 @@ pub(super) async fn supervise_links(
                 targets,
                 regions: regions.clone(),
                 max_batch: 500,
+                linger: Duration::from_millis(v.config.apply_linger_ms),
                 relay: v.config.relay,
             };
             links.push(tokio::spawn(pull::run(

@@ -313,6 +313,7 @@ async fn start_replication(p: Parts, mut c: tokio_postgres::Client) -> anyhow::R
     let mut cfg = CaptureConfig::new(&p.url, &v.config.region, &v.config.node_name());
     cfg.tail = p.tail.clone();
     cfg.relay = v.config.relay;
+    cfg.linger = Duration::from_millis(v.config.capture_linger_ms);
     let capture = spawn_on(cfg, &p.rt);
     let links = (!v.peers.is_empty()).then(|| {
         p.rt.spawn(links::supervise_links(

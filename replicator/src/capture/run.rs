@@ -8,13 +8,18 @@
 //!   durable in the log, so a crash at any point re-delivers, never loses.
 //! - Re-delivered transactions (commit LSN at or below the log's resume point) are
 //!   skipped, so a crash never duplicates either.
-//! - Appends batch whatever is already received; nothing waits on a timer.
+//! - Appends batch whatever is already received. With a linger
+//!   ([`CaptureConfig::linger`]), a transaction that commits less than the linger
+//!   after the last append waits for the rest of it, and the ones that commit
+//!   meanwhile join it; no other wait is on a timer. A lingering batch is not
+//!   confirmed to the slot, so a crash during the wait re-delivers it.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::assemble::{AssembleError, Assembler};
@@ -24,6 +29,7 @@ use crate::catalog::{self, CatalogError, PUBLICATION};
 use crate::event::ChangeEvent;
 use crate::hlc::Hlc;
 use crate::keepalive;
+use crate::linger::Linger;
 use crate::log::tail::Tail;
 use crate::log::{fence, floors};
 use crate::log::{ChangeLog, LogError, TableLog};
@@ -67,6 +73,11 @@ pub struct CaptureConfig {
     /// Whether this node relays other regions' events (`--relay`); recorded in
     /// `mesh.node_state`, where every node of the region must agree. Default: false.
     pub relay: bool,
+    /// Least time from the end of one append to the start of the next: transactions
+    /// that commit sooner wait for the rest of it and share an append, so a busy
+    /// region appends fewer, larger batches. One that commits later is appended as
+    /// soon as capture has caught up. Default: zero (always at once).
+    pub linger: Duration,
 }
 
 impl CaptureConfig {
@@ -79,6 +90,7 @@ impl CaptureConfig {
             status_interval: Duration::from_secs(1),
             tail: None,
             relay: false,
+            linger: Duration::ZERO,
         }
     }
 }
@@ -274,6 +286,8 @@ async fn lead(
         skip_upto,
         max_batch: cfg.max_batch,
         tail: cfg.tail.clone(),
+        linger: Linger::new(cfg.linger),
+        append_at: None,
     };
     let beat_stmt = lock.prepare(&BEAT).await?;
     let mut tick = tokio::time::interval(cfg.status_interval);
@@ -312,6 +326,16 @@ async fn lead(
                 next_floor = next_floor.or(Some(mark));
                 continue;
             }
+            _ = sleep_until(pump.append_at), if pump.append_at.is_some() => {
+                // The linger is over. In the middle of a transaction, its end appends
+                // (the deadline, from the last append, has passed for good).
+                pump.append_at = None;
+                if !asm.in_transaction() {
+                    pump.flush(&mut log, stream, &mut asm).await?;
+                    pump.report(progress);
+                }
+                continue;
+            }
             m = stream.next() => m?,
         };
         match msg {
@@ -336,13 +360,9 @@ async fn lead(
             }
         }
         let caught_up = !stream.has_buffered() || pump.batch.len() >= pump.max_batch;
-        if !asm.in_transaction() && caught_up {
+        if !asm.in_transaction() && caught_up && !pump.lingers() {
             pump.flush(&mut log, stream, &mut asm).await?;
-            progress.logged.send_if_modified(|l| {
-                let moved = *l < pump.confirmed;
-                *l = (*l).max(pump.confirmed);
-                moved
-            });
+            pump.report(progress);
         }
     }
 }
@@ -415,6 +435,10 @@ struct Pump {
     skip_upto: Lsn,
     max_batch: usize,
     tail: Option<Arc<Tail>>,
+    /// [`CaptureConfig::linger`], since the last append.
+    linger: Linger,
+    /// When the batch that waits for the linger is to be appended.
+    append_at: Option<Instant>,
 }
 
 impl Pump {
@@ -427,6 +451,23 @@ impl Pump {
             debug!(commit_lsn = %commit_lsn, "skipping a transaction already in the log");
         }
         self.pending_end = self.pending_end.max(end_lsn);
+    }
+
+    /// Whether the batch should wait for more transactions: it has room, and the
+    /// linger since the last append is not over. Sets [`Self::append_at`] then.
+    fn lingers(&mut self) -> bool {
+        let room = !self.batch.is_empty() && self.batch.len() < self.max_batch;
+        self.append_at = room.then(|| self.linger.wait_until()).flatten();
+        self.append_at.is_some()
+    }
+
+    /// Tells apply sessions waiting for capture how far it has logged.
+    fn report(&self, progress: &ProgressTx) {
+        progress.logged.send_if_modified(|l| {
+            let moved = *l < self.confirmed;
+            *l = (*l).max(self.confirmed);
+            moved
+        });
     }
 
     /// Appends the batch durably, then confirms its end to the slot. The append may
@@ -452,7 +493,9 @@ impl Pump {
                 tail.publish(logged);
             }
             self.batch.clear();
+            self.linger.ended();
         }
+        self.append_at = None;
         if self.pending_end > self.confirmed {
             self.confirmed = self.pending_end;
             stream.send_status(status(self.confirmed, false)).await?;
@@ -505,5 +548,13 @@ async fn start_with_retry(
             Err(e) if e.sqlstate() == Some("42704") => return Err(CaptureError::NotInitialized),
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// Sleeps until `at`; never wakes without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(a) => tokio::time::sleep_until(a).await,
+        None => std::future::pending().await,
     }
 }

@@ -30,6 +30,7 @@ mod mesh_crash;
 mod mesh_dead_letters;
 mod mesh_demo;
 mod mesh_failover;
+mod mesh_linger;
 mod mesh_link_faults;
 mod mesh_metrics;
 mod mesh_outage;
