@@ -84,9 +84,9 @@ Environment:
   BENCH_STAGES         1: also split each lag run's lag into stages (see bench/stages.sh;
                        adds a timestamp column to every region's change log)  [0]
   BENCH_PG_CONF        extra postgresql.conf lines for every cluster, separated by ";"
+                       (profiling: "shared_preload_libraries = 'pg_stat_statements'")
   BENCH_NODE_ARGS      extra `pgmesh run` flags for every node, separated by spaces
                        (e.g. "--capture-linger-ms 0 --apply-linger-ms 0")  [none]
-                       (profiling: "shared_preload_libraries = 'pg_stat_statements'")
   PGMESH_BIN           pgmesh binary to use; skips `cargo build --release -p pgmesh-proxy`
   PGMESH_PG_BIN        PostgreSQL bin dir  [dir of initdb on PATH, else /usr/lib/postgresql/*/bin]
 

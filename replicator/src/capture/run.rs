@@ -11,8 +11,8 @@
 //! - Appends batch whatever is already received. With a linger
 //!   ([`CaptureConfig::linger`]), a transaction that commits less than the linger
 //!   after the last append waits for the rest of it, and the ones that commit
-//!   meanwhile join it; no other wait is on a timer. A lingering batch is not
-//!   confirmed to the slot, so a crash during the wait re-delivers it.
+//!   meanwhile join it; the status tick appends a waiting batch early. A lingering
+//!   batch is not confirmed to the slot, so a crash during the wait re-delivers it.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -308,6 +308,14 @@ async fn lead(
                 continue;
             }
             _ = tick.tick() => {
+                // A batch waiting for its linger goes now: the floor below needs an
+                // empty batch, and a busy region lingers much of the time. (The batch
+                // holds finished transactions only, so the middle of another one does
+                // not matter, as for a keepalive that asks for a reply.)
+                if !pump.batch.is_empty() {
+                    pump.flush(&mut log, stream, &mut asm).await?;
+                    pump.report(progress);
+                }
                 // The answer (a keepalive) moves `confirmed` on while idle.
                 stream.send_status(status(pump.confirmed, true)).await?;
                 // A floor mark is taken when every commit below its WAL position is
@@ -327,13 +335,10 @@ async fn lead(
                 continue;
             }
             _ = sleep_until(pump.append_at), if pump.append_at.is_some() => {
-                // The linger is over. In the middle of a transaction, its end appends
-                // (the deadline, from the last append, has passed for good).
-                pump.append_at = None;
-                if !asm.in_transaction() {
-                    pump.flush(&mut log, stream, &mut asm).await?;
-                    pump.report(progress);
-                }
+                // The linger is over: append, even in the middle of the next
+                // transaction (a large one could take minutes to arrive).
+                pump.flush(&mut log, stream, &mut asm).await?;
+                pump.report(progress);
                 continue;
             }
             m = stream.next() => m?,

@@ -5,8 +5,10 @@
 //! one, `lc` lingers nowhere. After a quiet spell, one write in `la` and one in `lc`
 //! must be logged and applied in `lb` well within the linger. Right after them, a
 //! burst of transactions in each: `la` must log its burst in one append (one
-//! transaction of its change log), `lc` in several, and `lb` must apply `lc`'s burst
-//! in one transaction although it arrived in several batches. Every row arrives.
+//! transaction of its change log; two when its status tick falls inside), `lc` in
+//! several, and `lb` must apply `lc`'s burst in one transaction (two when a
+//! heartbeat falls inside) although it arrived in several batches. Every row
+//! arrives.
 
 use std::time::Duration;
 
@@ -111,26 +113,29 @@ async fn a_burst_joins_one_batch_and_a_write_after_a_quiet_spell_goes_at_once() 
             .await?;
         lc.execute("INSERT INTO notes VALUES ($1, 'burst')", &[&(200 + n)])
             .await?;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
     }
     for id in (100..100 + BURST).chain(200..200 + BURST) {
         wait_note(lb_admin, "lb", id).await?;
     }
+    // One batch each, or two: capture's status tick (once a second) appends a
+    // lingering batch early, and a peer's heartbeat (once a second) ends a fold; either
+    // may fall inside the burst. Without the lingers, each takes one per transaction.
     let la_appends = log_transactions(&mesh.region(0).admin, "la", 100, 100 + BURST - 1).await?;
     ensure!(
-        la_appends == 1,
-        "la logged its burst in {la_appends} appends, not one"
+        la_appends <= 2,
+        "la logged its burst in {la_appends} appends"
     );
     let lc_appends = log_transactions(&mesh.region(2).admin, "lc", 200, 200 + BURST - 1).await?;
     ensure!(
-        lc_appends >= 2,
+        lc_appends >= 3,
         "lc (no linger) logged its burst in {lc_appends} append(s): the burst was too quick to \
          show lb's apply linger"
     );
     let lb_applies = log_transactions(lb_admin, "lc", 200, 200 + BURST - 1).await?;
     ensure!(
-        lb_applies == 1,
-        "lb applied lc's burst ({lc_appends} appends) in {lb_applies} transactions, not one"
+        lb_applies <= 2,
+        "lb applied lc's burst ({lc_appends} appends) in {lb_applies} transactions"
     );
     mesh.wait_converged(CONVERGE_TIMEOUT).await?;
     mesh.shutdown().await;
