@@ -75,6 +75,10 @@ Environment:
   BENCH_BACKLOG_WORKLOAD  tpcb: pgbench TPC-B transactions         [tpcb]
                        insert: single-row INSERT transactions into a table bench_events
   BENCH_SCALE          pgbench -i scale factor                     [10]
+  BENCH_WAL_POOL_MB    recycled WAL segments every cluster starts with, in MB, as on a
+                       server that has run a while (min_wal_size keeps them); 0: none,
+                       so every new 16 MB segment is created and zero-filled while
+                       commits wait, as in a fresh cluster  [768; 128 with BENCH_FAST=1]
   BENCH_FAST           1: fsync=off and the short defaults above (CI form) [0: fsync on]
                        synchronous_commit stays on either way: with it off, walsenders
                        only see a commit once the WAL writer flushes it, which would
@@ -87,6 +91,7 @@ Environment:
                        (profiling: "shared_preload_libraries = 'pg_stat_statements'")
   BENCH_NODE_ARGS      extra `pgmesh run` flags for every node, separated by spaces
                        (e.g. "--capture-linger-ms 0 --apply-linger-ms 0")  [none]
+  BENCH_KEEP           1: keep the clusters' and nodes' directory (and logs) afterwards [0]
   PGMESH_BIN           pgmesh binary to use; skips `cargo build --release -p pgmesh-proxy`
   PGMESH_PG_BIN        PostgreSQL bin dir  [dir of initdb on PATH, else /usr/lib/postgresql/*/bin]
 
@@ -129,6 +134,10 @@ else
     PROBE_SECS="${BENCH_PROBE_SECONDS:-10}"
 fi
 SCALE="${BENCH_SCALE:-10}"
+WAL_POOL_MB="${BENCH_WAL_POOL_MB:-768}"
+[[ "$FAST" != 1 ]] || WAL_POOL_MB="${BENCH_WAL_POOL_MB:-128}"
+[[ "$WAL_POOL_MB" =~ ^[0-9]+$ ]] && { ((WAL_POOL_MB == 0 || WAL_POOL_MB >= 32)); } ||
+    die "BENCH_WAL_POOL_MB must be 0 or at least 32 (MB), not '$WAL_POOL_MB'"
 RATE="${BENCH_RATE:-}"
 REPLMAX_RUN="${BENCH_REPLICATED_MAX_RUN:-1}"
 read -r -a EXTRA_RATES <<<"${BENCH_EXTRA_RATES:-}"
@@ -177,8 +186,10 @@ cleanup() {
     for ((i = ${#CLUSTERS[@]} - 1; i >= 0; i--)); do
         pg_cluster_stop "$PGBIN" "${CLUSTERS[$i]}"
     done
-    if [[ -n "$TMPD" && -d "$TMPD" ]]; then
+    if [[ -n "$TMPD" && -d "$TMPD" && "${BENCH_KEEP:-0}" != 1 ]]; then
         rm -rf "$TMPD"
+    elif [[ -n "$TMPD" ]]; then
+        echo "kept $TMPD (cluster and node logs)" >&2
     fi
     exit "$rc"
 }
@@ -241,6 +252,9 @@ if [[ "$FAST" == 1 ]]; then
 else
     FSYNC_DESC="fsync=on, synchronous_commit=on"
 fi
+if ((WAL_POOL_MB > 0)); then
+    COMMON_CONF+=("min_wal_size = ${WAL_POOL_MB}MB")
+fi
 LOGICAL_CONF=("wal_level = logical" "max_wal_senders = 20" "max_replication_slots = 20")
 
 # psql_at PORT SQL: one query as postgres through 127.0.0.1:PORT; unaligned, tuples only.
@@ -256,6 +270,20 @@ sql_true() {
 # rsql REGION SQL: psql_at on REGION's cluster (directly, not through its proxy).
 rsql() {
     psql_at "${PG_PORT[$1]}" "$2"
+}
+
+# wal_pool PORT: gives the cluster WAL_POOL_MB of recycled WAL segments, as a server
+# that has been running a while has (min_wal_size keeps them through checkpoints).
+# A fresh cluster instead creates, and zero-fills, every 16 MB segment it reaches,
+# holding up its commits (tens of ms on a busy shared machine) - a cost of a new
+# cluster, not of replication. Run before `pgmesh init`, so no slot decodes it.
+wal_pool() {
+    ((WAL_POOL_MB > 0)) || return 0
+    psql_at "$1" "DO \$\$ BEGIN FOR i IN 1..$((WAL_POOL_MB / 16)) LOOP
+        PERFORM pg_logical_emit_message(false, 'pgmesh-bench-wal-pool', '');
+        PERFORM pg_switch_wal();
+    END LOOP; END \$\$" >/dev/null
+    psql_at "$1" "CHECKPOINT" >/dev/null
 }
 
 # pgbench_init PORT LABEL: pgbench -i -s SCALE, quietly; dies showing its output.
@@ -277,6 +305,10 @@ done
 for r in "${REGIONS[@]}"; do
     CLUSTERS+=("$TMPD/$r")
     pg_cluster_start "$PGBIN" "$TMPD/$r" "$TMPD/$r.log"
+done
+((WAL_POOL_MB == 0)) || log "a pool of ${WAL_POOL_MB} MB of recycled WAL segments in each cluster"
+for r in "${REGIONS[@]}"; do
+    wal_pool "${PG_PORT[$r]}"
 done
 
 # DDL does not replicate: the same schema in every region, before `pgmesh init`.
@@ -518,6 +550,13 @@ settle() {
     checkpoint_all "$@"
 }
 
+# wal_per_tx PORT LSN0 N: the WAL written since LSN0 in the cluster at PORT, in MB
+# and in KB for each of N transactions.
+wal_per_tx() {
+    psql_at "$1" "SELECT round(d / 1048576, 1) || ' MB, ' || round(d / 1024 / greatest($3, 1), 1) || ' KB per transaction'
+        FROM (SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '$2')::numeric AS d) s"
+}
+
 # STATS_SQL: p50|p99|max (ms, 2 decimals) over column ms of a subquery named s.
 stats_select() {
     echo "count(*),
@@ -650,10 +689,11 @@ lag_stats() {
 }
 
 lag_run() {
-    local key="$1" rate="$2" seq0 t0 T0 T1 mark r n p50 p99 mx series sampler span here there
+    local key="$1" rate="$2" seq0 t0 T0 T1 mark r n p50 p99 mx series sampler span here there wal0
     seq0="$(origin_head)"
     settle "${ALL_PG[@]}"
     T0="$(rsql "$ORIGIN" "SELECT clock_timestamp()")"
+    wal0="$(rsql "$ORIGIN" "SELECT pg_current_wal_insert_lsn()")"
     mark="$(cpu_mark)"
     # The middle of the run: from a second in to a second before its end.
     span=$((SECS > 3 ? SECS - 2 : 1))
@@ -662,6 +702,7 @@ lag_run() {
     run_pgbench "pgmesh lag at $rate tps" "$ORIGIN_PROXY" -b tpcb-like -R "$rate" -T "$SECS"
     read -r "BUSY[$key]" "WAIT[$key]" < <(cpu_since "$mark")
     log "      machine during the run: CPU busy ${BUSY[$key]}, some task waiting for a CPU ${WAIT[$key]} of the time"
+    log "      WAL written in $ORIGIN: $(wal_per_tx "${PG_PORT[$ORIGIN]}" "$wal0" "$LAST_PROCESSED")"
     PARTS[$key]=""
     if wait "$sampler" && [[ -s "$TMPD/parts-$key" ]]; then
         PARTS[$key]="$(parts_report "$TMPD/parts-$key" "$span" "$LAST_TPS")"
@@ -838,6 +879,8 @@ CLUSTERS+=("$TMPD/pub")
 pg_cluster_start "$PGBIN" "$TMPD/pub" "$TMPD/pub.log"
 CLUSTERS+=("$TMPD/sub")
 pg_cluster_start "$PGBIN" "$TMPD/sub" "$TMPD/sub.log"
+wal_pool "$PUB_PORT"
+wal_pool "$SUB_PORT"
 log "pgbench -i -s $SCALE on the publisher and the subscriber"
 pgbench_init "$PUB_PORT" pub
 pgbench_init "$SUB_PORT" sub
@@ -871,9 +914,11 @@ END;
 EOF
 settle "$PUB_PORT" "$SUB_PORT"
 mark="$(cpu_mark)"
+wal0="$(psql_at "$PUB_PORT" "SELECT pg_current_wal_insert_lsn()")"
 run_pgbench "native lag at $RATE tps" "$PUB_PORT" -f "$TMPD/tpcb-probe.sql" -s "$SCALE" -R "$RATE" -T "$SECS"
 read -r NATIVE_BUSY NATIVE_WAIT < <(cpu_since "$mark")
 log "      machine during the run: CPU busy $NATIVE_BUSY, some task waiting for a CPU $NATIVE_WAIT of the time"
+log "      WAL written in the publisher: $(wal_per_tx "$PUB_PORT" "$wal0" "$LAST_PROCESSED")"
 NATIVE_TPS="$LAST_TPS"
 NATIVE_PROCESSED="$LAST_PROCESSED"
 want="$(psql_at "$PUB_PORT" "SELECT count(*) FROM lagprobe")"
