@@ -89,6 +89,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "version_check",
         sql: include_str!("../migrations/0015_version_check.sql"),
     },
+    Migration {
+        version: 16,
+        name: "hot_row_versions",
+        sql: include_str!("../migrations/0016_hot_row_versions.sql"),
+    },
 ];
 
 /// The newest catalog version this binary knows.

@@ -203,3 +203,75 @@ async fn regions_heard_of_count_until_forgotten() {
     assert_eq!(total, 1);
     scratch::drop_database(&url).await;
 }
+
+/// `(tuples updated, of which HOT)` in `mesh.row_versions` by the open transaction.
+async fn updates_here(c: &Client) -> (i64, i64) {
+    let r = c
+        .query_one(
+            "SELECT pg_stat_get_xact_tuples_updated('mesh.row_versions'::regclass),
+                    pg_stat_get_xact_tuples_hot_updated('mesh.row_versions'::regclass)",
+            &[],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+#[tokio::test]
+async fn a_version_that_stays_live_is_updated_in_place_and_a_tombstone_is_indexed() {
+    let Some(url) = scratch::database("pgmesh_hot_versions").await else {
+        return;
+    };
+    let c = catalog::connect(&url).await.unwrap();
+    version(&c, "a", ago(90), false).await;
+    let store = |hlc: i64, deleted: bool| {
+        let c = &c;
+        async move {
+            c.execute(
+                super::super::versions::STORE,
+                &[
+                    &vec!["public.t"],
+                    &vec!["a"],
+                    &vec![hlc],
+                    &vec![2i16],
+                    &vec![deleted],
+                    &vec![None::<i64>],
+                ],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    c.batch_execute("BEGIN").await.unwrap();
+    // A newer live version over a live one: every transaction does this to the rows
+    // it changes, in its origin and in every peer. No index entry for it (HOT).
+    store(ago(80), false).await;
+    assert_eq!(updates_here(&c).await, (1, 1));
+    // A delete turns it into a tombstone, which the tombstone index must then hold.
+    store(ago(70), true).await;
+    assert_eq!(updates_here(&c).await, (2, 1));
+    c.batch_execute("COMMIT").await.unwrap();
+    c.batch_execute("SET enable_seqscan = off").await.unwrap();
+    let plan: Vec<String> = c
+        .query(
+            "EXPLAIN SELECT pk FROM mesh.row_versions WHERE deleted AND hlc < 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        plan.iter().any(|l| l.contains("row_versions_deleted")),
+        "{plan:?}"
+    );
+    c.batch_execute("RESET enable_seqscan").await.unwrap();
+    // And pruning, which now reads the tombstones through it, still finds it.
+    scratch::logged(&c, "r2", ago(50)).await;
+    let pruned = prune(&c, "r1", &["r2".to_string()], Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(pruned.deleted, 1, "{pruned:?}");
+    assert_eq!(left(&c).await, Vec::<String>::new());
+}
