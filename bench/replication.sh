@@ -91,7 +91,7 @@ Environment:
                        (profiling: "shared_preload_libraries = 'pg_stat_statements'")
   BENCH_NODE_ARGS      extra `pgmesh run` flags for every node, separated by spaces
                        (e.g. "--capture-linger-ms 0 --apply-linger-ms 0")  [none]
-  BENCH_KEEP           1: keep the clusters' and nodes' directory (and logs) afterwards [0]
+  BENCH_KEEP           1: keep the run's directory (clusters, logs) afterwards [0]
   PGMESH_BIN           pgmesh binary to use; skips `cargo build --release -p pgmesh-proxy`
   PGMESH_PG_BIN        PostgreSQL bin dir  [dir of initdb on PATH, else /usr/lib/postgresql/*/bin]
 
@@ -866,7 +866,7 @@ for r in "${REGIONS[@]}"; do
 done
 CLUSTERS=()
 for r in "${REGIONS[@]}"; do
-    rm -rf "${TMPD:?}/$r"
+    [[ "${BENCH_KEEP:-0}" == 1 ]] || rm -rf "${TMPD:?}/$r"
 done
 
 # ---------------------------------------------------------------------------

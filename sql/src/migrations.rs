@@ -94,6 +94,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "hot_row_versions",
         sql: include_str!("../migrations/0016_hot_row_versions.sql"),
     },
+    Migration {
+        version: 17,
+        name: "cheap_analyze",
+        sql: include_str!("../migrations/0017_cheap_analyze.sql"),
+    },
 ];
 
 /// The newest catalog version this binary knows.

@@ -102,3 +102,31 @@ async fn prunes_below_the_lowest_durable_ack_and_keeps_what_apply_and_capture_ne
     drop((c, log));
     scratch::drop_database(&url).await;
 }
+
+#[tokio::test]
+async fn the_log_and_the_versions_are_analyzed_from_small_samples() {
+    let Some(url) = scratch::database("pgmesh_analyze_sample").await else {
+        return;
+    };
+    let c = catalog::connect(&url).await.unwrap();
+    // ANALYZE samples 300 rows per unit of a table's largest statistics target: the
+    // default (100, shown as -1) would make it 30,000.
+    for table in ["mesh.changelog", "mesh.row_versions"] {
+        let targets: Vec<(String, i32)> = c
+            .query(
+                "SELECT attname::text, attstattarget::int4 FROM pg_attribute
+                  WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped
+                  ORDER BY attnum",
+                &[&table],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert!(targets.len() >= 6, "{table}: {targets:?}");
+        for (col, target) in &targets {
+            assert!((0..=10).contains(target), "{table}.{col}: {target}");
+        }
+    }
+}
