@@ -186,10 +186,12 @@ cleanup() {
     for ((i = ${#CLUSTERS[@]} - 1; i >= 0; i--)); do
         pg_cluster_stop "$PGBIN" "${CLUSTERS[$i]}"
     done
-    if [[ -n "$TMPD" && -d "$TMPD" && "${BENCH_KEEP:-0}" != 1 ]]; then
-        rm -rf "$TMPD"
-    elif [[ -n "$TMPD" ]]; then
-        echo "kept $TMPD (cluster and node logs)" >&2
+    if [[ -n "$TMPD" && -d "$TMPD" ]]; then
+        if [[ "${BENCH_KEEP:-0}" == 1 ]]; then
+            echo "kept $TMPD (clusters and logs)" >&2
+        else
+            rm -rf "$TMPD"
+        fi
     fi
     exit "$rc"
 }

@@ -228,7 +228,7 @@ async fn a_version_that_stays_live_is_updated_in_place_and_a_tombstone_is_indexe
         let c = &c;
         async move {
             c.execute(
-                super::super::versions::STORE,
+                crate::log::versions::STORE,
                 &[
                     &vec!["public.t"],
                     &vec!["a"],
